@@ -1,0 +1,1 @@
+"""Per-layer curvature blocks and the math they share (capture, adapters, factors, damping)."""

@@ -1,0 +1,176 @@
+r"""Layer adapters: what curvature needs from one module type, and the layer gradient as one matrix.
+
+A layer computes pre-activations :math:`h = W\bar a` with the homogeneous input
+:math:`\bar a = [a; 1]` (the 1 only when the layer has a bias). Each adapter turns a module's
+input and output (or output gradient) into *rows*: one row per sample, or per sample and spatial
+location, so that
+
+* ``activation_rows(x)`` is :math:`R \times d_a` (the rows :math:`\bar a^\top`),
+* ``output_rows(h)`` is :math:`R \times d_g` (pre-activations or their gradients),
+
+and it reads/writes the gradient as the single matrix :math:`[\nabla W \mid \nabla b]` of shape
+:math:`d_g \times d_a`, so that :math:`\nabla W = \sum_{\text{rows}} g\,\bar a^\top`.
+
+Adding a layer type means writing one adapter and registering it in :data:`ADAPTERS`.
+
+Kronecker factor convention (one formula for every adapter): with :math:`R = N T` rows from
+:math:`N` samples and :math:`T` rows per sample,
+:math:`A = \frac{c}{R}\sum \bar a\bar a^\top` and :math:`G = \frac1R\sum g g^\top`, where
+:math:`c = T` for Conv2d (KFC, Grosse & Martens 2016: :math:`\Omega = \frac1N\sum_i\sum_t \bar a\bar a^\top`,
+:math:`\Gamma = \frac1{NT}\sum_i\sum_t g g^\top`) and :math:`c = 1` for Linear, whose extra leading
+dimensions are treated as extra samples.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UnsupportedLayerError(TypeError):
+    """A module has no adapter (and the optimizer was told not to fall back)."""
+
+
+class LayerAdapter:
+    """Base adapter: subclasses implement the row extraction for one module type."""
+
+    #: Whether A sums over the locations of one sample (KFC) instead of averaging.
+    sums_over_locations: bool = False
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.has_bias = getattr(module, "bias", None) is not None
+
+    # --- sizes ---------------------------------------------------------------------------------
+    @property
+    def a_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def g_dim(self) -> int:
+        raise NotImplementedError
+
+    # --- rows ----------------------------------------------------------------------------------
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Rows of the input without the homogeneous coordinate, ``R × d_in``."""
+        raise NotImplementedError
+
+    def activation_rows(self, x: torch.Tensor) -> torch.Tensor:
+        r"""Rows :math:`\bar a^\top` of the homogeneous input, ``R × d_a``."""
+        rows = self.input_rows(x)
+        if self.has_bias:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return rows
+
+    def output_rows(self, h: torch.Tensor) -> torch.Tensor:
+        """Rows of the pre-activation (or of its gradient), ``R × d_g``."""
+        raise NotImplementedError
+
+    # --- gradient as one matrix -------------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        params = [self.module.weight]
+        if self.has_bias:
+            params.append(self.module.bias)
+        return params
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The parameters as one matrix ``[W | b]`` (``d_g × d_a``)."""
+        return self.to_matrix(self.module.weight.detach(), self.module.bias.detach() if self.has_bias else None)
+
+    def grad_matrix(self) -> torch.Tensor:
+        r"""The gradient as one matrix :math:`[\nabla W \mid \nabla b]`; zeros where a gradient is None."""
+        w = self.module.weight
+        gw = w.grad if w.grad is not None else torch.zeros_like(w)
+        gb = None
+        if self.has_bias:
+            b = self.module.bias
+            gb = b.grad if b.grad is not None else torch.zeros_like(b)
+        return self.to_matrix(gw, gb)
+
+    def to_matrix(self, weight_like: torch.Tensor, bias_like: torch.Tensor | None) -> torch.Tensor:
+        mat = weight_like.reshape(weight_like.shape[0], -1)
+        if bias_like is not None:
+            mat = torch.cat([mat, bias_like.reshape(-1, 1)], dim=1)
+        return mat
+
+    def split_matrix(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Inverse of :meth:`to_matrix`: ``(weight-shaped, bias-shaped or None)``."""
+        w = self.module.weight
+        if self.has_bias:
+            return matrix[:, :-1].reshape(w.shape), matrix[:, -1].reshape(self.module.bias.shape)
+        return matrix.reshape(w.shape), None
+
+    def rows_per_sample(self, x: torch.Tensor) -> int:
+        """T, the number of rows one sample contributes."""
+        return self.input_rows(x).shape[0] // x.shape[0]
+
+
+class LinearAdapter(LayerAdapter):
+    """``nn.Linear`` on ``[N, d_in]`` or ``[N, ..., d_in]`` inputs (leading dims become extra rows)."""
+
+    @property
+    def a_dim(self) -> int:
+        return self.module.in_features + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.out_features
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1])
+
+    def output_rows(self, h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(-1, h.shape[-1])
+
+
+class Conv2dAdapter(LayerAdapter):
+    """``nn.Conv2d`` (groups = 1, any stride/padding/dilation, zeros padding) via unfold patches."""
+
+    sums_over_locations = True
+
+    def __init__(self, module: nn.Conv2d) -> None:
+        if module.groups != 1:
+            raise UnsupportedLayerError(f"Conv2d with groups={module.groups} is not supported (groups must be 1)")
+        if module.padding_mode != "zeros":
+            raise UnsupportedLayerError(f"Conv2d with padding_mode={module.padding_mode!r} is not supported")
+        if isinstance(module.padding, str):
+            raise UnsupportedLayerError("Conv2d with string padding ('same'/'valid') is not supported; use integers")
+        super().__init__(module)
+
+    @property
+    def a_dim(self) -> int:
+        m = self.module
+        return m.in_channels * m.kernel_size[0] * m.kernel_size[1] + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.out_channels
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # [N*L, C_in*kh*kw]
+
+    def output_rows(self, h: torch.Tensor) -> torch.Tensor:
+        return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # [N*H'*W', C_out]
+
+
+#: Module type -> adapter factory. Exact type match first, then isinstance in insertion order.
+ADAPTERS: dict[type[nn.Module], Callable[[nn.Module], LayerAdapter]] = {
+    nn.Linear: LinearAdapter,
+    nn.Conv2d: Conv2dAdapter,
+}
+
+
+def adapter_for(module: nn.Module) -> LayerAdapter | None:
+    """The adapter for ``module``, or None if its type has none."""
+    factory = ADAPTERS.get(type(module))
+    if factory is None:
+        for cls, candidate in ADAPTERS.items():
+            if isinstance(module, cls):
+                factory = candidate
+                break
+    return None if factory is None else factory(module)

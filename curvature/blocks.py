@@ -1,0 +1,275 @@
+r"""Curvature blocks: one per layer, applying an approximate inverse curvature to the layer gradient.
+
+A block sees the layer's gradient as one matrix :math:`M = [\nabla W \mid \nabla b]`
+(``d_g × d_a``) and returns the preconditioned matrix :math:`P(M)`; the optimizer steps along
+:math:`-\alpha P(M)`. Every block can also
+
+* materialize :math:`P` as a dense matrix acting on :math:`\operatorname{vec}_c(M)` (column-major
+  vec, so that :math:`(H_a \otimes H_g)\operatorname{vec}_c(M) = \operatorname{vec}_c(H_g M H_a)`),
+* report the extreme eigenvalues of :math:`P` (for a Kronecker block the products of the factors'),
+* round-trip its state through ``state_dict``/``load_state_dict``.
+
+The statistics of one batch, from the captured rows (see :mod:`curvature.adapters` for the
+convention): :math:`A_k = \frac cR\sum\bar a\bar a^\top` and :math:`G_k = \frac1R\sum gg^\top`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from curvature.adapters import LayerAdapter
+from curvature.capture import LayerRecord
+from curvature.damping import DampingPolicy
+from curvature.factors import EMACovarianceFactor, Factor, HessianActionFactor, SecantFactor
+from curvature.inverter import BatchedInverter
+
+
+def a_statistic(record: LayerRecord, adapter: LayerAdapter) -> torch.Tensor:
+    r""":math:`A_k = \frac{c}{R}\sum_{\text{rows}} \bar a\bar a^\top` with :math:`c = T` for KFC layers, else 1."""
+    rows = _required(record.a_rows, "a")
+    scale = (record.rows_per_sample if adapter.sums_over_locations else 1) / rows.shape[0]
+    return (rows.T @ rows) * scale
+
+
+def g_statistic(record: LayerRecord) -> torch.Tensor:
+    r""":math:`G_k = \frac1R\sum_{\text{rows}} g g^\top` (per-sample scaled gradients)."""
+    rows = _required(record.g_rows, "g")
+    return (rows.T @ rows) / rows.shape[0]
+
+
+def _required(rows: torch.Tensor | None, what: str) -> torch.Tensor:
+    if rows is None:
+        raise RuntimeError(
+            f"no captured '{what}' rows for this layer: run forward and backward (or pass a closure) "
+            "before step(), with gradients enabled"
+        )
+    return rows
+
+
+def vec_c(matrix: torch.Tensor) -> torch.Tensor:
+    """Column-major vectorization (the math convention)."""
+    return matrix.T.reshape(-1)
+
+
+class CurvatureBlock:
+    """Interface: one layer's curvature approximation.
+
+    Class attributes say what the block consumes: ``needs_a``/``needs_g`` (rows from the normal
+    pass), ``needs_second_pass`` (pre-activations and their gradients at the new point on the same
+    batch, K-BFGS), ``has_quadratic_form`` (supports the adaptive LM model reduction).
+    """
+
+    needs_a = False
+    needs_g = False
+    needs_second_pass = False
+    has_quadratic_form = False
+    kind = "block"
+
+    def __init__(self, name: str, adapter: LayerAdapter) -> None:
+        self.name = name
+        self.adapter = adapter
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.adapter.g_dim, self.adapter.a_dim)
+
+    def update_statistics(self, record: LayerRecord, grad: torch.Tensor) -> None:
+        """Fold in the current batch (its captured rows and raw gradient matrix)."""
+
+    def warm_start(self, a_stat: torch.Tensor | None, g_stat: torch.Tensor | None) -> None:
+        """Set running statistics to full-pass averages (before training)."""
+
+    def request_inverses(self, inverter: BatchedInverter, policy: DampingPolicy) -> None:
+        """Ask for whatever (re)inversion the block needs; served in batches by ``inverter``."""
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def update_after_step(self, before: LayerRecord, after: LayerRecord) -> None:
+        """Consume the second pass (only called when ``needs_second_pass``)."""
+
+    def curvature_quadratic(self, delta: torch.Tensor) -> torch.Tensor:
+        r""":math:`\operatorname{vec}(\delta)^\top C \operatorname{vec}(\delta)` for the (undamped) curvature C."""
+        raise NotImplementedError(f"{type(self).__name__} has no quadratic model")
+
+    def to_dense(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def spectrum_bounds(self) -> tuple[float, float]:
+        raise NotImplementedError
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class KroneckerBlock(CurvatureBlock):
+    r"""Two independent factor strategies: :math:`P(M) = H_g\,M\,H_a`, i.e. :math:`P = H_a\otimes H_g`."""
+
+    def __init__(self, name: str, adapter: LayerAdapter, a_factor: Factor, g_factor: Factor, kind: str = "kronecker") -> None:
+        super().__init__(name, adapter)
+        if a_factor.dim != adapter.a_dim or g_factor.dim != adapter.g_dim:
+            raise ValueError(
+                f"factor sizes ({a_factor.dim}, {g_factor.dim}) do not match layer {name!r} "
+                f"(a_dim={adapter.a_dim}, g_dim={adapter.g_dim})"
+            )
+        self.a_factor, self.g_factor, self.kind = a_factor, g_factor, kind
+        self.needs_a = a_factor.uses_statistics or isinstance(a_factor, HessianActionFactor)
+        self.needs_g = g_factor.uses_statistics
+        self.needs_second_pass = isinstance(g_factor, SecantFactor)
+        self.has_quadratic_form = isinstance(a_factor, EMACovarianceFactor) and isinstance(g_factor, EMACovarianceFactor)
+
+    def update_statistics(self, record: LayerRecord, grad: torch.Tensor) -> None:
+        if self.a_factor.uses_statistics:
+            self.a_factor.observe(a_statistic(record, self.adapter))
+        if self.g_factor.uses_statistics:
+            self.g_factor.observe(g_statistic(record))
+
+    def warm_start(self, a_stat, g_stat) -> None:
+        if a_stat is not None and self.a_factor.uses_statistics:
+            self.a_factor.set_statistic(a_stat)
+        if g_stat is not None and self.g_factor.uses_statistics:
+            self.g_factor.set_statistic(g_stat)
+
+    def request_inverses(self, inverter: BatchedInverter, policy: DampingPolicy) -> None:
+        lam_a, lam_g = policy.factor_damping(self.a_factor.statistic, self.g_factor.statistic)
+        self.a_factor.request_inverse(inverter, lam_a)
+        self.g_factor.request_inverse(inverter, lam_g)
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        right = self.a_factor.apply(grad.T).T  # M H_a (H_a symmetric)
+        return self.g_factor.apply(right)  # H_g M H_a
+
+    def update_after_step(self, before: LayerRecord, after: LayerRecord) -> None:
+        if isinstance(self.g_factor, SecantFactor):
+            g_before = _required(before.g_rows, "g").mean(0)
+            s = _required(after.h_rows, "h").mean(0) - _required(before.h_rows, "h").mean(0)
+            y = _required(after.g_rows, "g").mean(0) - g_before
+            self.g_factor.observe_pair(s, y, reference_norm=float(g_before.norm()))
+        if isinstance(self.a_factor, HessianActionFactor):
+            self.a_factor.hessian_action_update(_required(before.a_rows, "a").mean(0))
+
+    def curvature_quadratic(self, delta: torch.Tensor) -> torch.Tensor:
+        if not self.has_quadratic_form:
+            return super().curvature_quadratic(delta)
+        A, G = self.a_factor.statistic, self.g_factor.statistic
+        return torch.sum((G @ delta) * (delta @ A))  # tr(δᵀ G δ A) = vec(δ)ᵀ (A⊗G) vec(δ)
+
+    def to_dense(self) -> torch.Tensor:
+        return torch.kron(self.a_factor.to_dense(), self.g_factor.to_dense())
+
+    def spectrum_bounds(self) -> tuple[float, float]:
+        a_lo, a_hi = self.a_factor.eigenvalue_bounds()
+        g_lo, g_hi = self.g_factor.eigenvalue_bounds()
+        products = [a_lo * g_lo, a_lo * g_hi, a_hi * g_lo, a_hi * g_hi]
+        return min(products), max(products)
+
+    def diagnostics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for side, factor in (("a", self.a_factor), ("g", self.g_factor)):
+            if isinstance(factor, SecantFactor):
+                out[f"{side}_damping"] = factor.counters.as_dict()
+                out[f"{side}_updates"] = factor.updates
+            if isinstance(factor, HessianActionFactor):
+                out[f"{side}_hessian_action_updates"] = factor.updates
+                out[f"{side}_hessian_action_skips"] = dict(factor.skips)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"a": self.a_factor.state_dict(), "g": self.g_factor.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.a_factor.load_state_dict(state["a"])
+        self.g_factor.load_state_dict(state["g"])
+
+    def describe(self) -> str:
+        return f"{self.kind}[A: {type(self.a_factor).__name__}, G: {type(self.g_factor).__name__}]"
+
+
+class DiagonalBlock(CurvatureBlock):
+    r"""Diagonal curvature :math:`v` (EMA), applied as :math:`P(M) = M \oslash (v + \lambda)^{p}`.
+
+    ``source="empirical_fisher"``: the batch statistic is the exact diagonal of the empirical Fisher,
+    :math:`\frac1N\sum_i (\nabla_i)^{\circ 2}` with the per-sample gradients
+    :math:`\nabla_i = \sum_t g_{i,t}\bar a_{i,t}^\top` (power 1 by default).
+    ``source="gradient"``: the square of the mini-batch gradient (RMSprop-like, use power 0.5).
+    """
+
+    kind = "diagonal"
+    has_quadratic_form = True
+
+    def __init__(self, name: str, adapter: LayerAdapter, decay: float = 0.9, power: float = 1.0,
+                 source: str = "empirical_fisher", *, dtype=torch.float32, device=None) -> None:
+        super().__init__(name, adapter)
+        if source not in ("empirical_fisher", "gradient"):
+            raise ValueError(f"source must be 'empirical_fisher' or 'gradient', got {source!r}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        if not power > 0:
+            raise ValueError(f"power must be > 0, got {power}")
+        self.source, self.decay, self.power = source, decay, power
+        self.needs_a = self.needs_g = source == "empirical_fisher"
+        self.v = torch.zeros(adapter.g_dim, adapter.a_dim, dtype=dtype, device=device)
+        self.scale: torch.Tensor | None = None
+        self.initialized = False
+
+    def batch_statistic(self, record: LayerRecord, grad: torch.Tensor) -> torch.Tensor:
+        if self.source == "gradient":
+            return grad * grad
+        a, g = _required(record.a_rows, "a"), _required(record.g_rows, "g")
+        n, t = record.batch_size, record.rows_per_sample
+        if t == 1:
+            return (g * g).T @ (a * a) / n
+        per_sample = torch.einsum("ntg,nta->nga", g.reshape(n, t, -1), a.reshape(n, t, -1))
+        return (per_sample * per_sample).mean(0)
+
+    def update_statistics(self, record: LayerRecord, grad: torch.Tensor) -> None:
+        stat = self.batch_statistic(record, grad).to(self.v)
+        if self.initialized:
+            self.v.mul_(self.decay).add_(stat, alpha=1.0 - self.decay)
+        else:
+            self.v.copy_(stat)
+            self.initialized = True
+
+    def request_inverses(self, inverter: BatchedInverter, policy: DampingPolicy) -> None:
+        self.scale = (self.v + policy.damping).pow(-self.power)
+
+    def precondition(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.scale is None:
+            raise RuntimeError("DiagonalBlock.precondition called before its damped inverse was computed")
+        return grad * self.scale
+
+    def curvature_quadratic(self, delta: torch.Tensor) -> torch.Tensor:
+        return torch.sum(self.v * delta * delta)
+
+    def to_dense(self) -> torch.Tensor:
+        if self.scale is None:
+            raise RuntimeError("DiagonalBlock has no damped inverse yet")
+        return torch.diag(vec_c(self.scale))
+
+    def spectrum_bounds(self) -> tuple[float, float]:
+        if self.scale is None:
+            raise RuntimeError("DiagonalBlock has no damped inverse yet")
+        return float(self.scale.min()), float(self.scale.max())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"v": self.v.clone(), "scale": None if self.scale is None else self.scale.clone(),
+                "initialized": self.initialized}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.v = state["v"].to(self.v)
+        self.scale = None if state["scale"] is None else state["scale"].to(self.v)
+        self.initialized = bool(state["initialized"])
+
+    def describe(self) -> str:
+        return f"diagonal[{self.source}, power={self.power}]"

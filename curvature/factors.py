@@ -1,0 +1,350 @@
+r"""Kronecker factor strategies: each is one side (input ``a`` or output ``g``) of a Kronecker block.
+
+A factor holds an approximation :math:`H` of the inverse of one Kronecker factor and applies it
+to the rows of a matrix (``apply(V) = H V``). Strategies:
+
+* :class:`EMACovarianceFactor`: :math:`F \leftarrow \beta F + (1-\beta) S_k` from batch statistics
+  :math:`S_k`, inverted as :math:`(F + \lambda I)^{-1}` every ``T_inv`` steps (KFAC's factor).
+* :class:`BFGSFactor`: dense inverse-BFGS matrix on damped secant pairs (K-BFGS's :math:`H_g`).
+* :class:`LBFGSFactor`: the same pairs in a limited memory, compact form (K-BFGS(L)'s :math:`H_g`).
+* :class:`HessianActionFactor`: inverse-BFGS with pairs from the exact action of a matrix,
+  :math:`y = M s` (K-BFGS's :math:`H_a` with :math:`M = A + \lambda_A I` and
+  :math:`s = H_a \bar{\bar a}`); any action callable may replace :math:`M`.
+
+The secant factors share :class:`SecantFactor`: an EMA of the raw pairs (decay 0.9 in the authors'
+code, starting at zero with no bias correction), then double damping against the current
+:math:`H`, then the strategy's own update. Every skipped pair is counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from curvature.bfgs import DEFAULT_CURVATURE_THRESHOLD, check_pair, guarded_bfgs_inverse_update
+from curvature.inverter import BatchedInverter
+from curvature.lbfgs import CompactLBFGS
+from curvature.linalg import add_to_diagonal, symmetric_eigenvalue_bounds
+from curvature.pair_damping import DampedPair, DampingCounters, DoubleDamping
+
+
+class Factor:
+    """Interface of one Kronecker factor strategy of dimension ``dim``."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    #: True when the factor consumes batch statistics (``observe``), false for secant pairs.
+    uses_statistics: bool = True
+
+    def observe(self, statistic: torch.Tensor) -> None:
+        """Fold in the current batch statistic (a ``dim × dim`` matrix). Default: ignored."""
+
+    def set_statistic(self, statistic: torch.Tensor) -> None:
+        """Overwrite the running statistic (warm start). Default: ignored."""
+
+    @property
+    def statistic(self) -> torch.Tensor | None:
+        """The running (undamped) statistic, if the strategy keeps one."""
+        return None
+
+    def request_inverse(self, inverter: BatchedInverter, damping: float) -> None:
+        """Ask ``inverter`` to (re)compute the damped inverse, if this strategy uses one."""
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_dense(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def eigenvalue_bounds(self) -> tuple[float, float]:
+        return symmetric_eigenvalue_bounds(self.to_dense())
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+def _tensor_state(obj: object, names: tuple[str, ...]) -> dict[str, Any]:
+    return {n: (v.clone() if isinstance(v := getattr(obj, n), torch.Tensor) else v) for n in names}
+
+
+class EMACovarianceFactor(Factor):
+    r"""EMA of batch covariance statistics with a damped inverse refreshed on request.
+
+    The first statistic observed initializes :math:`F` (no bias toward zero); after that
+    :math:`F \leftarrow \beta F + (1-\beta) S`.
+    """
+
+    def __init__(self, dim: int, decay: float = 0.9, *, dtype=torch.float32, device=None) -> None:
+        super().__init__(dim)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.F = torch.zeros(dim, dim, dtype=dtype, device=device)
+        self.inverse: torch.Tensor | None = None
+        self.initialized = False
+        self.updates = 0
+
+    @property
+    def statistic(self) -> torch.Tensor:
+        return self.F
+
+    def observe(self, statistic: torch.Tensor) -> None:
+        if self.initialized:
+            self.F.mul_(self.decay).add_(statistic.to(self.F), alpha=1.0 - self.decay)
+        else:
+            self.F.copy_(statistic)
+            self.initialized = True
+        self.updates += 1
+
+    def set_statistic(self, statistic: torch.Tensor) -> None:
+        self.F.copy_(statistic)
+        self.initialized = True
+
+    def request_inverse(self, inverter: BatchedInverter, damping: float) -> None:
+        inverter.request(self.F, damping, self._set_inverse)
+
+    def _set_inverse(self, inverse: torch.Tensor) -> None:
+        self.inverse = inverse
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        if self.inverse is None:
+            raise RuntimeError("EMACovarianceFactor.apply called before its inverse was computed")
+        return self.inverse @ V
+
+    def to_dense(self) -> torch.Tensor:
+        if self.inverse is None:
+            raise RuntimeError("EMACovarianceFactor has no inverse yet")
+        return self.inverse
+
+    def state_dict(self) -> dict[str, Any]:
+        return _tensor_state(self, ("F", "inverse", "initialized", "updates", "decay"))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.F = state["F"].to(self.F)
+        inv = state["inverse"]
+        self.inverse = None if inv is None else inv.to(self.F)
+        self.initialized, self.updates, self.decay = bool(state["initialized"]), int(state["updates"]), float(state["decay"])
+
+
+class SecantFactor(Factor):
+    r"""Common part of the quasi-Newton factors: pair EMA, double damping, skip counting.
+
+    Args:
+        dim: factor size.
+        damping: the double-damping policy (None: pairs are used undamped, skip rules only).
+        pair_decay: EMA decay of the raw pairs (0 disables the EMA).
+        curvature_threshold: the reference code's relative skip threshold on sᵀy.
+    """
+
+    uses_statistics = False
+
+    def __init__(self, dim: int, damping: DoubleDamping | None, pair_decay: float = 0.9,
+                 curvature_threshold: float = DEFAULT_CURVATURE_THRESHOLD, *, dtype=torch.float32, device=None) -> None:
+        super().__init__(dim)
+        if not 0.0 <= pair_decay < 1.0:
+            raise ValueError(f"pair_decay must be in [0, 1), got {pair_decay}")
+        self.damping = damping
+        self.pair_decay = pair_decay
+        self.curvature_threshold = curvature_threshold
+        self.s_avg = torch.zeros(dim, dtype=dtype, device=device)
+        self.y_avg = torch.zeros(dim, dtype=dtype, device=device)
+        self.counters = DampingCounters()
+        self.updates = 0
+        self.last_pair: DampedPair | None = None
+        self.last_raw_pair: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def observe_pair(self, s: torch.Tensor, y: torch.Tensor, reference_norm: float | None = None) -> DampedPair:
+        """EMA the raw pair, damp it against the current H, and update H (or count a skip)."""
+        s, y = s.to(self.s_avg), y.to(self.y_avg)
+        if not (torch.isfinite(s).all() and torch.isfinite(y).all()):
+            self.counters.pairs += 1
+            self.counters.skip("non-finite pair")
+            self.last_pair = DampedPair(s, y, skip_reason="non-finite pair")
+            return self.last_pair
+        if self.pair_decay > 0:
+            self.s_avg.mul_(self.pair_decay).add_(s, alpha=1.0 - self.pair_decay)
+            self.y_avg.mul_(self.pair_decay).add_(y, alpha=1.0 - self.pair_decay)
+            s, y = self.s_avg.clone(), self.y_avg.clone()
+        self.last_raw_pair = (s, y)
+        if self.damping is not None:
+            pair = self.damping(s, y, self.apply, self.counters)
+        else:
+            self.counters.pairs += 1
+            pair = DampedPair(s, y)
+        if not pair.skipped:
+            reason = self._incorporate(pair.s, pair.y, reference_norm)
+            if reason is not None:
+                self.counters.skip(reason)
+                pair = DampedPair(pair.s, pair.y, pair.theta1, pair.theta2, pair.step1_active,
+                                  pair.step2_active, skip_reason=reason)
+            else:
+                self.updates += 1
+        self.last_pair = pair
+        return pair
+
+    def _incorporate(self, s: torch.Tensor, y: torch.Tensor, reference_norm: float | None) -> str | None:
+        raise NotImplementedError
+
+    def _secant_state(self) -> dict[str, Any]:
+        return {"s_avg": self.s_avg.clone(), "y_avg": self.y_avg.clone(), "updates": self.updates,
+                "counters": self.counters.as_dict()}
+
+    def _load_secant_state(self, state: dict[str, Any]) -> None:
+        self.s_avg, self.y_avg = state["s_avg"].to(self.s_avg), state["y_avg"].to(self.y_avg)
+        self.updates = int(state["updates"])
+        c = state["counters"]
+        self.counters = DampingCounters(c["pairs"], c["step1"], c["step2"], c["step2_guard"], c["skipped"],
+                                        dict(c["skip_reasons"]))
+
+
+class BFGSFactor(SecantFactor):
+    """Dense inverse-BFGS factor, starting at ``init_scale · I`` (K-BFGS's H_g starts at I)."""
+
+    def __init__(self, dim: int, damping: DoubleDamping | None, pair_decay: float = 0.9, init_scale: float = 1.0,
+                 curvature_threshold: float = DEFAULT_CURVATURE_THRESHOLD, *, dtype=torch.float32, device=None) -> None:
+        super().__init__(dim, damping, pair_decay, curvature_threshold, dtype=dtype, device=device)
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        self.H = init_scale * torch.eye(dim, dtype=dtype, device=device)
+
+    def _incorporate(self, s, y, reference_norm):
+        self.H, reason = guarded_bfgs_inverse_update(self.H, s, y, reference_norm, self.curvature_threshold)
+        return reason
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        return self.H @ V
+
+    def to_dense(self) -> torch.Tensor:
+        return self.H
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"H": self.H.clone(), **self._secant_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.H = state["H"].to(self.H)
+        self._load_secant_state(state)
+
+
+class LBFGSFactor(SecantFactor):
+    """Limited-memory factor: ``memory`` damped pairs in compact form, ``H0 = gamma · I`` (γ = 1 as coded)."""
+
+    def __init__(self, dim: int, damping: DoubleDamping | None, pair_decay: float = 0.9, memory: int = 100,
+                 gamma: float = 1.0, curvature_threshold: float = DEFAULT_CURVATURE_THRESHOLD, *,
+                 dtype=torch.float32, device=None) -> None:
+        super().__init__(dim, damping, pair_decay, curvature_threshold, dtype=dtype, device=device)
+        self.lbfgs = CompactLBFGS(dim, memory, gamma, dtype=dtype, device=device)
+
+    def _incorporate(self, s, y, reference_norm):
+        check = check_pair(s, y, reference_norm, self.curvature_threshold)
+        if not check.ok:
+            return check.reason
+        self.lbfgs.append(s, y)
+        return None
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        return self.lbfgs.apply(V)
+
+    def to_dense(self) -> torch.Tensor:
+        return self.lbfgs.to_dense()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lbfgs": self.lbfgs.state_dict(), **self._secant_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lbfgs.load_state_dict(state["lbfgs"])
+        self._load_secant_state(state)
+
+
+class HessianActionFactor(Factor):
+    r"""Inverse-BFGS on pairs from the exact action of a matrix: :math:`y = M s`.
+
+    For K-BFGS's :math:`H_a`: the factor keeps :math:`A` (EMA of :math:`\bar a\bar a^\top`, first
+    observation initializes it), :math:`M = A + \lambda_A I`; it is initialized once as
+    :math:`H = M^{-1}` (on the first :meth:`request_inverse`), and after each step
+    :meth:`hessian_action_update` uses :math:`s = H\bar{\bar a}`, :math:`y = Ms` and the undamped
+    BFGS update (skip rules apply; :math:`s^\top y \ge \lambda_A\|s\|^2` so they never fire in
+    exact arithmetic). ``action`` replaces :math:`v \mapsto Mv` with any symmetric positive
+    definite action (e.g. an exact Hessian- or GGN-vector product of a small layer).
+    """
+
+    def __init__(self, dim: int, damping: float, decay: float = 0.9,
+                 action: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 curvature_threshold: float | None = DEFAULT_CURVATURE_THRESHOLD, *, dtype=torch.float32, device=None) -> None:
+        super().__init__(dim)
+        if not damping > 0:
+            raise ValueError(f"damping (lambda_A) must be > 0, got {damping}")
+        self.covariance = EMACovarianceFactor(dim, decay, dtype=dtype, device=device)
+        self.damping = float(damping)
+        self.action = action
+        self.curvature_threshold = curvature_threshold
+        self.H: torch.Tensor | None = None
+        self.updates = 0
+        self.skips: dict[str, int] = {}
+        self.last_pair: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def statistic(self) -> torch.Tensor:
+        return self.covariance.F
+
+    def observe(self, statistic: torch.Tensor) -> None:
+        self.covariance.observe(statistic)
+
+    def set_statistic(self, statistic: torch.Tensor) -> None:
+        self.covariance.set_statistic(statistic)
+
+    def damped_matrix(self) -> torch.Tensor:
+        r""":math:`M = A + \lambda_A I`."""
+        return add_to_diagonal(self.covariance.F, self.damping)
+
+    def matrix_action(self, v: torch.Tensor) -> torch.Tensor:
+        if self.action is not None:
+            return self.action(v)
+        return self.covariance.F @ v + self.damping * v
+
+    def request_inverse(self, inverter: BatchedInverter, damping: float | None = None) -> None:
+        """Initialize ``H = (A + λ_A I)^{-1}`` once; later calls do nothing (H_a is never re-inverted)."""
+        if self.H is None:
+            inverter.request(self.covariance.F, self.damping, self._set_inverse)
+
+    def _set_inverse(self, inverse: torch.Tensor) -> None:
+        self.H = inverse
+
+    def hessian_action_update(self, mean_activation: torch.Tensor) -> str | None:
+        r"""One Hessian-action BFGS update with :math:`s = H\bar{\bar a}`, :math:`y = Ms`; returns a skip reason or None."""
+        if self.H is None:
+            raise RuntimeError("HessianActionFactor.hessian_action_update called before H was initialized")
+        v = mean_activation.to(self.H)
+        s = self.H @ v
+        y = self.matrix_action(s)
+        self.last_pair = (s, y)
+        ref = None if self.curvature_threshold is None else float(v.norm())
+        self.H, reason = guarded_bfgs_inverse_update(self.H, s, y, ref, self.curvature_threshold or 0.0)
+        if reason is None:
+            self.updates += 1
+        else:
+            self.skips[reason] = self.skips.get(reason, 0) + 1
+        return reason
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        if self.H is None:
+            raise RuntimeError("HessianActionFactor.apply called before H was initialized")
+        return self.H @ V
+
+    def to_dense(self) -> torch.Tensor:
+        if self.H is None:
+            raise RuntimeError("HessianActionFactor has no H yet")
+        return self.H
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"covariance": self.covariance.state_dict(), "H": None if self.H is None else self.H.clone(),
+                "damping": self.damping, "updates": self.updates, "skips": dict(self.skips)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.covariance.load_state_dict(state["covariance"])
+        self.H = None if state["H"] is None else state["H"].to(self.covariance.F)
+        self.damping, self.updates, self.skips = float(state["damping"]), int(state["updates"]), dict(state["skips"])

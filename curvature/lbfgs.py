@@ -1,0 +1,103 @@
+r"""Limited-memory BFGS in the compact representation of Byrd, Nocedal & Schnabel (1994).
+
+With the ``m`` stored pairs as columns of :math:`S, Y \in \mathbb{R}^{d\times m}` (oldest first),
+:math:`H_0 = \gamma I`, :math:`R = \operatorname{triu}(S^\top Y)` (upper triangle, diagonal
+included) and :math:`D = \operatorname{diag}(s_i^\top y_i)`, the matrix obtained by applying the
+inverse BFGS update to :math:`H_0` with the pairs oldest to newest is
+
+.. math::
+
+    H = \gamma I + [S\ \ \gamma Y]
+        \begin{bmatrix} R^{-\top}(D + \gamma Y^\top Y) R^{-1} & -R^{-\top} \\ -R^{-1} & 0 \end{bmatrix}
+        \begin{bmatrix} S^\top \\ \gamma Y^\top \end{bmatrix}.
+
+:meth:`CompactLBFGS.apply` multiplies a whole matrix ``V`` (``d × n``) with two thin products,
+two triangular solves and no Python loop over columns or pairs: :math:`O(dmn + m^2 n)`.
+:math:`S^\top Y` and :math:`Y^\top Y` are updated incrementally (one new row and column) when a
+pair enters, and the oldest row and column are dropped when the memory is full.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class CompactLBFGS:
+    """A memory of at most ``memory`` secant pairs of dimension ``dim`` applied in compact form."""
+
+    def __init__(
+        self,
+        dim: int,
+        memory: int = 100,
+        gamma: float = 1.0,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be >= 1, got {dim}")
+        if memory < 1:
+            raise ValueError(f"memory must be >= 1, got {memory}")
+        if not gamma > 0:
+            raise ValueError(f"gamma (H0 = gamma*I) must be > 0, got {gamma}")
+        self.dim, self.memory, self.gamma = dim, memory, float(gamma)
+        kw = {"dtype": dtype, "device": device}
+        self.S = torch.zeros(0, dim, **kw)  # rows s_i, oldest first
+        self.Y = torch.zeros(0, dim, **kw)
+        self.SY = torch.zeros(0, 0, **kw)  # (S^T Y)_{ij} = s_i^T y_j
+        self.YY = torch.zeros(0, 0, **kw)
+
+    @property
+    def size(self) -> int:
+        """Number of pairs currently stored."""
+        return self.S.shape[0]
+
+    def append(self, s: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a pair (the caller has checked ``sᵀy > 0``); drop the oldest when the memory is full."""
+        s = s.to(self.S).reshape(1, self.dim)
+        y = y.to(self.Y).reshape(1, self.dim)
+        keep = slice(1, None) if self.size == self.memory else slice(0, None)
+        S, Y = self.S[keep], self.Y[keep]
+        SY, YY = self.SY[keep, keep], self.YY[keep, keep]
+        Sy = S @ y.T  # s_i^T y_new, column
+        sY = s @ Y.T  # s_new^T y_j, row
+        Yy = Y @ y.T
+        sy = s @ y.T
+        yy = y @ y.T
+        self.SY = torch.cat([torch.cat([SY, Sy], 1), torch.cat([sY, sy], 1)], 0)
+        self.YY = torch.cat([torch.cat([YY, Yy], 1), torch.cat([Yy.T, yy], 1)], 0)
+        self.S = torch.cat([S, s], 0)
+        self.Y = torch.cat([Y, y], 0)
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        """Return ``H @ V`` for ``V`` of shape ``[dim]`` or ``[dim, n]``."""
+        vector = V.dim() == 1
+        V2 = V.reshape(self.dim, -1)
+        out = self.gamma * V2
+        if self.size:
+            R = torch.triu(self.SY)
+            StV = self.S @ V2
+            gYtV = self.gamma * (self.Y @ V2)
+            X1 = torch.linalg.solve_triangular(R, StV, upper=True)  # R^{-1} S^T V
+            D = torch.diagonal(self.SY)
+            inner = D.unsqueeze(1) * X1 + self.gamma * (self.YY @ X1) - gYtV
+            top = torch.linalg.solve_triangular(R.T, inner, upper=False)  # R^{-T}[...]
+            out = out + self.S.T @ top - self.gamma * (self.Y.T @ X1)
+        return out.reshape(self.dim) if vector else out
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``dim × dim`` matrix H (by applying it to the identity)."""
+        return self.apply(torch.eye(self.dim, dtype=self.S.dtype, device=self.S.device))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"S": self.S.clone(), "Y": self.Y.clone(), "SY": self.SY.clone(), "YY": self.YY.clone(),
+                "gamma": self.gamma, "memory": self.memory}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["S"].shape[1:] != (self.dim,):
+            raise ValueError(f"L-BFGS state of dimension {state['S'].shape[1:]} does not match dim {self.dim}")
+        self.gamma, self.memory = float(state["gamma"]), int(state["memory"])
+        for key in ("S", "Y", "SY", "YY"):
+            setattr(self, key, state[key].to(self.S))

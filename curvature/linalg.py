@@ -1,0 +1,107 @@
+"""Dense symmetric linear algebra shared by every curvature block.
+
+One implementation of each routine: symmetrization, damped SPD inversion (Cholesky or
+eigendecomposition, batched over factors of one size, with a float64 retry on failure), and
+spectrum bounds of symmetric matrices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+InverseMethod = Literal["cholesky", "eigh"]
+
+
+def symmetrize(matrix: torch.Tensor) -> torch.Tensor:
+    r"""Return :math:`(M + M^\top)/2` (batched over leading dimensions)."""
+    return 0.5 * (matrix + matrix.transpose(-1, -2))
+
+
+def add_to_diagonal(matrix: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
+    r"""Return :math:`M + \lambda I` without modifying ``matrix``; ``value`` may be batched (shape ``[B]``)."""
+    n = matrix.shape[-1]
+    eye = torch.eye(n, dtype=matrix.dtype, device=matrix.device)
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        return matrix + value.reshape(*value.shape, 1, 1).to(matrix) * eye
+    return matrix + value * eye
+
+
+@dataclass
+class InversionStats:
+    """Counts of how damped inversions went: how many needed a float64 retry and how many failed."""
+
+    calls: int = 0
+    float64_retries: int = 0
+    failures: int = 0
+    failed_shapes: list[tuple[int, ...]] = field(default_factory=list)
+
+
+class InversionError(RuntimeError):
+    """A damped factor could not be inverted even in float64 (it is not finite or not SPD)."""
+
+
+def _inverse_once(matrices: torch.Tensor, method: InverseMethod) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert SPD matrices; returns (inverses, ok mask per batch entry)."""
+    if method == "cholesky":
+        chol, info = torch.linalg.cholesky_ex(matrices)
+        ok = info == 0
+        safe = torch.where(ok.reshape(*ok.shape, 1, 1), chol, torch.eye(matrices.shape[-1]).to(chol))
+        inv = torch.cholesky_inverse(safe)
+    else:
+        evals, evecs = torch.linalg.eigh(matrices)
+        ok = (evals > 0).all(dim=-1)
+        inv = (evecs / evals.clamp_min(torch.finfo(evals.dtype).tiny).unsqueeze(-2)) @ evecs.transpose(-1, -2)
+    ok = ok & torch.isfinite(inv).flatten(-2).all(dim=-1)
+    return symmetrize(inv), ok
+
+
+def damped_inverse(
+    matrices: torch.Tensor,
+    damping: torch.Tensor | float,
+    method: InverseMethod = "cholesky",
+    stats: InversionStats | None = None,
+) -> torch.Tensor:
+    r"""Return :math:`(F + \lambda I)^{-1}` for a batch ``[B, n, n]`` (or one ``[n, n]``) of symmetric PSD ``F``.
+
+    The computation runs in the input dtype; entries whose factorization fails (not finite or not
+    positive definite in that precision) are retried in float64, counted in ``stats``. If float64
+    fails too, :class:`InversionError` is raised: a silent wrong inverse is never returned.
+    """
+    if method not in ("cholesky", "eigh"):
+        raise ValueError(f"method must be 'cholesky' or 'eigh', got {method!r}")
+    single = matrices.dim() == 2
+    batch = matrices.unsqueeze(0) if single else matrices
+    if stats is not None:
+        stats.calls += batch.shape[0]
+    if not torch.isfinite(batch).all():
+        if stats is not None:
+            stats.failures += 1
+            stats.failed_shapes.append(tuple(batch.shape))
+        raise InversionError("cannot invert a curvature factor that contains NaN or inf")
+    damped = add_to_diagonal(symmetrize(batch), damping)
+    inv, ok = _inverse_once(damped, method)
+    if not bool(ok.all()):
+        bad = (~ok).nonzero().flatten()
+        if stats is not None:
+            stats.float64_retries += int(bad.numel())
+        inv64, ok64 = _inverse_once(damped[bad].double(), method)
+        if not bool(ok64.all()):
+            if stats is not None:
+                stats.failures += 1
+                stats.failed_shapes.append(tuple(batch.shape))
+            raise InversionError(
+                f"damped factor of size {batch.shape[-1]} is not positive definite even in float64; "
+                "increase the damping"
+            )
+        inv = inv.clone()
+        inv[bad] = inv64.to(inv.dtype)
+    return inv[0] if single else inv
+
+
+def symmetric_eigenvalue_bounds(matrix: torch.Tensor) -> tuple[float, float]:
+    """Smallest and largest eigenvalue of the symmetric part of ``matrix`` (computed in float64)."""
+    evals = torch.linalg.eigvalsh(symmetrize(matrix.detach().double()))
+    return float(evals[0]), float(evals[-1])

@@ -1,0 +1,71 @@
+"""K-BFGS and K-BFGS(L) (Goldfarb, Ren & Bahamou, NeurIPS 2020).
+
+Per layer :math:`\\tilde W \\leftarrow \\tilde W - \\alpha H_g M H_a` with
+
+* :math:`H_a`: Hessian-action BFGS on :math:`A + \\lambda_A I` (:math:`A` the EMA of
+  :math:`\\bar a\\bar a^\\top`, decay 0.9), initialized by one inversion and never re-inverted;
+* :math:`H_g`: BFGS (K-BFGS) or L-BFGS with ``memory`` pairs and :math:`H_0 = I` (K-BFGS(L)) on
+  the pairs :math:`s_g = \\bar h(w_{k+1}) - \\bar h(w_k)`, :math:`y_g = \\bar g(w_{k+1}) - \\bar g(w_k)`
+  from a second pass on the same batch, EMA-averaged (0.9) and double-damped (μ1 = 0.2, μ2 = √λ).
+
+Defaults: λ_A = μ2 = √λ, momentum 0.9 (EMA form), weight decay 1e-5, H_g starts at I. The H updates
+of step k happen after the direction p_k is formed, as in the authors' code; with
+``lag_factors=True`` the A statistics of batch k are also folded in only after the step.
+
+Conv2d layers follow the KFC convention for A (Ω = (1/N)ΣΣ_t āāᵀ) and use means over batch *and*
+spatial locations for h̄, ḡ and the mean activation ā̄ (our reading of Ren, Bahamou & Goldfarb,
+arXiv 2102.06737; see README).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from optimizers.driver import CurvatureOptimizer
+from optimizers.recipes import kbfgs_block
+
+
+class KBFGS(CurvatureOptimizer):
+    """K-BFGS: dense BFGS H_g. ``step(closure)`` is required (a second pass on the same batch)."""
+
+    _memory: int | None = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.3,
+        damping: float = 0.3,
+        *,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-5,
+        a_decay: float = 0.9,
+        pair_decay: float = 0.9,
+        mu1: float = 0.2,
+        mu2: float | None = None,
+        lambda_a: float | None = None,
+        damping_variant: str = "interpolate",
+        memory: int | None = None,
+        fallback: str = "sgd",
+        loss_reduction: str = "mean",
+        lag_factors: bool = False,
+        layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+        seed: int = 0,
+    ) -> None:
+        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
+            raise ValueError(f"damping (lambda) must be a number > 0, got {damping!r}")
+        memory = self._memory if memory is None else memory
+        if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
+            raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
+        recipe = kbfgs_block(a_decay=a_decay, pair_decay=pair_decay, mu1=mu1, mu2=mu2, lambda_a=lambda_a,
+                             variant=damping_variant, memory=memory)
+        super().__init__(
+            model, lr, {t: recipe for t in layer_types}, damping=float(damping), momentum=momentum,
+            weight_decay=weight_decay, curvature_update_freq=1, inverse_update_freq=1, fallback=fallback,
+            loss_reduction=loss_reduction, lag_factors=lag_factors, require_closure=True, seed=seed,
+        )
+
+
+class KBFGSL(KBFGS):
+    """K-BFGS(L): H_g in limited memory (default 100 pairs, compact form, H0 = I)."""
+
+    _memory = 100
