@@ -166,7 +166,7 @@ class KroneckerBlock(CurvatureBlock):
         return torch.sum((G @ delta) * (delta @ A))  # tr(δᵀ G δ A) = vec(δ)ᵀ (A⊗G) vec(δ)
 
     def to_dense(self) -> torch.Tensor:
-        return torch.kron(self.a_factor.to_dense(), self.g_factor.to_dense())
+        return torch.kron(self.a_factor.to_dense().contiguous(), self.g_factor.to_dense().contiguous())
 
     def spectrum_bounds(self) -> tuple[float, float]:
         a_lo, a_hi = self.a_factor.eigenvalue_bounds()
