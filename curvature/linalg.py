@@ -17,7 +17,7 @@ InverseMethod = Literal["cholesky", "eigh"]
 
 def symmetrize(matrix: torch.Tensor) -> torch.Tensor:
     r"""Return :math:`(M + M^\top)/2` (batched over leading dimensions)."""
-    return 0.5 * (matrix + matrix.transpose(-1, -2))
+    return (0.5 * (matrix + matrix.transpose(-1, -2))).contiguous()
 
 
 def add_to_diagonal(matrix: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:

@@ -82,6 +82,13 @@ class StepInfo:
     records: dict[str, LayerRecord] = field(default_factory=dict)
 
 
+def _as_float(value: torch.Tensor | float | None) -> float | None:
+    """A loss as a Python float (detached), or None."""
+    if value is None:
+        return None
+    return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -285,7 +292,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def _nonfinite_reason(self, loss: torch.Tensor | float | None) -> str | None:
-        if loss is not None and not math.isfinite(float(loss)):
+        if loss is not None and not math.isfinite(_as_float(loss)):
             return "non-finite loss"
         for group in self.param_groups:
             for p in group["params"]:
@@ -296,7 +303,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _skip(self, k: int, reason: str, loss) -> None:
         self.counters["skipped_steps"] += 1
         self.counters["skip_reasons"][reason] = self.counters["skip_reasons"].get(reason, 0) + 1
-        self._emit(StepInfo(step=k, lr=self.param_groups[0]["lr"], loss=None if loss is None else float(loss),
+        self._emit(StepInfo(step=k, lr=self.param_groups[0]["lr"], loss=_as_float(loss),
                             skipped=True, skip_reason=reason))
 
     def _emit(self, info: StepInfo) -> None:
@@ -368,7 +375,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if stats_due and self.lag_factors:
             self._update_statistics(records, grads)
 
-        info = StepInfo(step=k, lr=lr, loss=None if loss is None else float(loss), step_scale=scale,
+        info = StepInfo(step=k, lr=lr, loss=_as_float(loss), step_scale=scale,
                         grads=grads, inputs=inputs, directions=directions, records=records)
         if second_pass:
             self._second_pass(closure, records, loss, lr * scale, grads, directions, snapshot, info)
@@ -429,8 +436,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             loss_after = closure()
         after = self.capture.records
         self.capture.clear()
-        info.loss_after = None if loss_after is None else float(loss_after)
-        bad = loss_after is None or not math.isfinite(float(loss_after)) or any(
+        info.loss_after = _as_float(loss_after)
+        bad = loss_after is None or not math.isfinite(info.loss_after) or any(
             r.g_rows is not None and not bool(torch.isfinite(r.g_rows).all()) for r in after.values()
         )
         if bad:
@@ -451,7 +458,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 delta = -step_size * directions[name]
                 model_change += float(torch.sum(grads[name] * delta))
                 model_change += 0.5 * float(slot.block.curvature_quadratic(delta) + self.damping.damping * torch.sum(delta * delta))
-            rho = (float(loss_after) - float(loss)) / model_change if model_change < 0 else -math.inf
+            rho = (info.loss_after - _as_float(loss)) / model_change if model_change < 0 else -math.inf
             info.reduction_ratio = rho
             self.damping.observe_reduction_ratio(rho)
 
