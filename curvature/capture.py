@@ -68,7 +68,7 @@ class LayerCapture:
         if self.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
         self._handles = [
-            adapter.module.register_forward_hook(self._make_forward_hook(name, adapter))
+            adapter.module.register_forward_hook(InertOnCopy(self._make_forward_hook(name, adapter)))
             for name, adapter in self.layers.items()
         ]
 
@@ -118,6 +118,27 @@ class LayerCapture:
             return replaced
 
         return hook
+
+
+class InertOnCopy:
+    """A hook callable that becomes a no-op in a deep copy of the module it is registered on.
+
+    Optimizers register hooks on the user's model; ``copy.deepcopy(model)`` would otherwise copy
+    (or share) them, so the copy would write into the original optimizer's records.
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo) -> "InertOnCopy":
+        return InertOnCopy(_inert_hook)
+
+
+def _inert_hook(*args, **kwargs) -> None:
+    return None
 
 
 class frozen_parameters:

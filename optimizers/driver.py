@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from curvature.adapters import LayerAdapter, UnsupportedLayerError, adapter_for
 from curvature.blocks import CurvatureBlock, a_statistic, g_statistic
-from curvature.capture import LayerCapture, LayerRecord, frozen_parameters
+from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_parameters
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
 from curvature.linalg import InversionStats
@@ -202,7 +202,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._hooks: OrderedDict[int, Callable[[StepInfo], None]] = OrderedDict()
         self.capture = LayerCapture({n: s.adapter for n, s in self.slots.items()}, loss_reduction)
         self._last_inputs: tuple[tuple, dict] | None = None
-        self._root_hook = model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
+        self._root_hook = model.register_forward_pre_hook(InertOnCopy(self._record_inputs), with_kwargs=True)
         self._configure_capture(self.steps)
 
     # ------------------------------------------------------------------ assignment

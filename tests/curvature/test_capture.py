@@ -175,3 +175,16 @@ def test_capture_is_silent_without_grad_or_when_inactive(device):
     assert cap.records == {}
     with pytest.raises(ValueError, match="loss_reduction"):
         LayerCapture({}, loss_reduction="avg")
+
+
+def test_deep_copied_model_does_not_feed_the_original_capture(device):
+    import copy
+
+    model = _mlp(device)
+    cap = LayerCapture({"0": LinearAdapter(model[0])}, "mean")
+    cap.set(a=True)
+    twin = copy.deepcopy(model)
+    twin(torch.randn(3, 4, dtype=torch.float64, device=device))
+    assert cap.records == {}
+    model(torch.randn(3, 4, dtype=torch.float64, device=device))
+    assert cap.records["0"].a_rows.shape == (3, 5)

@@ -1,0 +1,423 @@
+r"""Spectral measurements of a symmetric operator known only through matrix-vector products.
+
+Every routine takes ``matvec`` (a callable ``v -> A v`` on flat 1-D tensors, or a
+:class:`~convergence.hessian.CurvatureOperator`) and the dimension ``n``; vectors live on
+``device`` in ``dtype`` (for an operator, its own by default; float64/CPU for a plain callable).
+Random probes are drawn on the CPU from a seeded ``torch.Generator`` and then moved to the device,
+so results are reproducible across devices.
+
+* :func:`hutchinson_trace` -- :math:`\operatorname{tr}A = \mathbb E[v^\top A v]` with Rademacher
+  :math:`v`; fixed budget, Student-t confidence interval (no relative-change stopping rule).
+* :func:`lanczos` -- Lanczos tridiagonalization with full reorthogonalization.
+* :func:`extreme_eigenvalues` -- both ends of the spectrum (``eigsh`` with ``which='LA'`` and
+  ``'SA'``), so a negative eigenvalue is found even when it is not the largest in magnitude.
+* :func:`slq_density` -- stochastic Lanczos quadrature (nodes = eigenvalues of :math:`T`, weights =
+  squared first components of its eigenvectors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from convergence.hessian import CurvatureOperator, as_matvec
+
+__all__ = [
+    "TraceEstimate",
+    "hutchinson_trace",
+    "LanczosResult",
+    "lanczos",
+    "ExtremeEigenvalues",
+    "extreme_eigenvalues",
+    "SLQResult",
+    "slq_density",
+    "rademacher",
+]
+
+Matvec = Callable[[torch.Tensor], torch.Tensor] | CurvatureOperator
+
+
+def _generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator:
+    if generator is not None:
+        if generator.device.type != "cpu":
+            raise ValueError("pass a CPU torch.Generator; probes are drawn on the CPU and moved to the device")
+        return generator
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(0 if seed is None else int(seed))
+    return gen
+
+
+def rademacher(n: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A vector of ``n`` independent ±1 entries (drawn on the CPU with ``generator``)."""
+    bits = torch.randint(0, 2, (n,), generator=generator, dtype=torch.int64)
+    return (2 * bits - 1).to(dtype=dtype, device=device)
+
+
+# ============================================================================== Hutchinson
+@dataclass(frozen=True)
+class TraceEstimate:
+    r"""Result of :func:`hutchinson_trace`.
+
+    ``samples[i]`` :math:`= v_i^\top A v_i`; ``mean`` is their average, ``std_error`` the sample
+    standard deviation (ddof=1) over :math:`\sqrt M` and ``[ci_low, ci_high]`` the two-sided
+    Student-t interval ``mean ± t_{(1+confidence)/2, M-1} * std_error`` (infinite for ``M = 1``).
+    """
+
+    mean: float
+    std_error: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    num_samples: int
+    samples: np.ndarray = field(repr=False)
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return (self.ci_low, self.ci_high)
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` lies in the confidence interval."""
+        return self.ci_low <= value <= self.ci_high
+
+
+def hutchinson_trace(
+    matvec: Matvec,
+    n: int,
+    num_samples: int,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    confidence: float = 0.99,
+) -> TraceEstimate:
+    r"""Hutchinson estimate of :math:`\operatorname{tr}A` from ``num_samples`` Rademacher probes.
+
+    For Rademacher :math:`v` (i.i.d. ±1), :math:`\mathbb E[v^\top A v] = \operatorname{tr}A` and
+    :math:`\operatorname{Var}[v^\top A v] = 2(\|A\|_F^2 - \sum_i A_{ii}^2)` (for symmetric
+    :math:`A`); in particular every sample equals the trace when :math:`A` is diagonal.  The
+    budget is fixed; the interval is ``mean ± t·s/√M`` with :math:`t` the Student-t quantile
+    (``scipy.stats.t``) with :math:`M-1` degrees of freedom.
+    """
+    from scipy import stats
+
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    op = as_matvec(matvec, n, dtype, device)
+    gen = _generator(generator, seed)
+    samples = np.empty(num_samples, dtype=np.float64)
+    for i in range(num_samples):
+        v = rademacher(n, gen, op.dtype, op.device)
+        samples[i] = float(torch.dot(v, op.matvec(v)))
+    mean = float(samples.mean())
+    if num_samples > 1:
+        std_error = float(samples.std(ddof=1) / math.sqrt(num_samples))
+        t = float(stats.t.ppf(0.5 * (1.0 + confidence), df=num_samples - 1))
+        half = t * std_error
+    else:
+        std_error = math.inf
+        half = math.inf
+    return TraceEstimate(
+        mean=mean,
+        std_error=std_error,
+        ci_low=mean - half,
+        ci_high=mean + half,
+        confidence=confidence,
+        num_samples=num_samples,
+        samples=samples,
+    )
+
+
+# ================================================================================= Lanczos
+@dataclass(frozen=True)
+class LanczosResult:
+    r"""Output of :func:`lanczos`: :math:`A Q_m = Q_m T_m + \beta_m q_{m+1} e_m^\top`.
+
+    ``alphas`` (length :math:`m`) is the diagonal and ``betas`` (length :math:`m-1`) the
+    off-diagonal of the symmetric tridiagonal :math:`T_m = Q_m^\top A Q_m`; ``basis`` is
+    :math:`Q_m` (``n × m``, orthonormal columns, first column = normalized start vector);
+    ``residual_norm`` is :math:`\beta_m`.  ``m`` can be smaller than the requested number of steps
+    when an invariant subspace is found (breakdown), in which case ``breakdown`` is True.
+    """
+
+    alphas: torch.Tensor
+    betas: torch.Tensor
+    basis: torch.Tensor
+    residual_norm: float
+    breakdown: bool
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.alphas.shape[0])
+
+    def tridiagonal(self) -> torch.Tensor:
+        """The dense ``m × m`` tridiagonal matrix :math:`T_m`."""
+        t = torch.diag(self.alphas)
+        if self.betas.numel():
+            t = t + torch.diag(self.betas, 1) + torch.diag(self.betas, -1)
+        return t
+
+    def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ritz values (ascending) and eigenvectors of :math:`T_m` (``torch.linalg.eigh``)."""
+        return torch.linalg.eigh(self.tridiagonal())
+
+
+def lanczos(
+    matvec: Matvec,
+    n: int,
+    num_steps: int,
+    *,
+    v0: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    breakdown_tol: float | None = None,
+) -> LanczosResult:
+    r"""Lanczos tridiagonalization of the symmetric operator ``matvec`` with full reorthogonalization.
+
+    Starting from :math:`q_1 = v_0/\|v_0\|` (a seeded Gaussian vector when ``v0`` is None), for
+    :math:`j = 1..m`:
+    :math:`w = Aq_j - \beta_{j-1}q_{j-1}`, :math:`\alpha_j = q_j^\top w`, :math:`w \leftarrow w - \alpha_j q_j`,
+    then :math:`w` is re-orthogonalized twice against all previous :math:`q`'s (classical
+    Gram–Schmidt, "twice is enough"), :math:`\beta_j = \|w\|`, :math:`q_{j+1} = w/\beta_j`.
+    Stops early (breakdown) when :math:`\beta_j \le` ``breakdown_tol`` (default
+    :math:`\sqrt{n}\,\varepsilon\cdot\max_i(|\alpha_i|, \beta_i)\cdot 100`): the Krylov space is then
+    invariant and the Ritz values are exact eigenvalues.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    op = as_matvec(matvec, n, dtype, device)
+    m_max = min(int(num_steps), n)
+    if v0 is None:
+        gen = _generator(generator, seed)
+        v0 = torch.randn(n, generator=gen, dtype=torch.float64)
+    if v0.dim() != 1 or v0.shape[0] != n:
+        raise ValueError(f"v0 has shape {tuple(v0.shape)}, expected a 1-D vector of length n={n}")
+    q = v0.detach().to(dtype=op.dtype, device=op.device)
+    norm = torch.linalg.vector_norm(q)
+    if not norm > 0:
+        raise ValueError("the start vector is zero")
+    q = q / norm
+    eps = torch.finfo(op.dtype).eps
+    basis = torch.empty(n, m_max, dtype=op.dtype, device=op.device)
+    alphas: list[torch.Tensor] = []
+    betas: list[torch.Tensor] = []
+    scale = 0.0
+    beta_prev = None
+    residual = 0.0
+    breakdown = False
+    for j in range(m_max):
+        basis[:, j] = q
+        w = op.matvec(q)
+        if beta_prev is not None:
+            w = w - beta_prev * basis[:, j - 1]
+        alpha = torch.dot(q, w)
+        w = w - alpha * q
+        qj = basis[:, : j + 1]
+        for _ in range(2):
+            w = w - qj @ (qj.T @ w)
+        beta = torch.linalg.vector_norm(w)
+        alphas.append(alpha)
+        scale = max(scale, abs(float(alpha)), float(beta))
+        tol = breakdown_tol if breakdown_tol is not None else 100.0 * math.sqrt(n) * eps * max(scale, 1e-300)
+        residual = float(beta)
+        if float(beta) <= tol:
+            breakdown = j + 1 < n
+            basis = basis[:, : j + 1]
+            break
+        if j + 1 < m_max:
+            betas.append(beta)
+            q = w / beta
+            beta_prev = beta
+    alphas_t = torch.stack(alphas)
+    betas_t = torch.stack(betas) if betas else torch.zeros(0, dtype=op.dtype, device=op.device)
+    basis = basis[:, : alphas_t.shape[0]]
+    return LanczosResult(alphas=alphas_t, betas=betas_t, basis=basis, residual_norm=residual, breakdown=breakdown)
+
+
+# ====================================================================== extreme eigenvalues
+@dataclass(frozen=True)
+class ExtremeEigenvalues:
+    """``largest``: the ``k`` largest-algebraic eigenvalues (descending); ``smallest``: the ``k``
+    smallest-algebraic ones (ascending); eigenvectors as ``n × k`` float64 arrays when requested."""
+
+    largest: np.ndarray
+    smallest: np.ndarray
+    largest_vectors: np.ndarray | None = None
+    smallest_vectors: np.ndarray | None = None
+
+    @property
+    def lambda_max(self) -> float:
+        return float(self.largest[0])
+
+    @property
+    def lambda_min(self) -> float:
+        return float(self.smallest[0])
+
+
+def extreme_eigenvalues(
+    matvec: Matvec,
+    n: int,
+    k: int = 1,
+    *,
+    tol: float = 0.0,
+    maxiter: int | None = None,
+    ncv: int | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    return_eigenvectors: bool = False,
+    dense_threshold: int = 0,
+) -> ExtremeEigenvalues:
+    r"""The ``k`` largest- and ``k`` smallest-algebraic eigenvalues of a symmetric operator.
+
+    Implicitly restarted Lanczos (ARPACK) through ``scipy.sparse.linalg.eigsh`` on the float64
+    ``LinearOperator`` of ``matvec``, once with ``which='LA'`` and once with ``which='SA'``.  Unlike
+    power iteration (largest :math:`|\lambda|`) this finds both ends, e.g. :math:`\pm1` for the
+    Hessian ``[[0,-1],[-1,0]]``.  ARPACK needs ``k < n``; when ``k >= n`` or ``n <= dense_threshold``
+    the operator is materialized by ``n`` matvecs and ``numpy.linalg.eigh`` is used instead.
+    The ARPACK start vector is a seeded Gaussian, for reproducibility.
+    """
+    from scipy.sparse.linalg import eigsh
+
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    op = as_matvec(matvec, n, dtype, device)
+    k_eff = min(k, n)
+    if k_eff >= n or n <= dense_threshold:
+        dense = op.to_dense(max_n=max(n, 1)).detach().to(device="cpu", dtype=torch.float64).numpy()
+        dense = 0.5 * (dense + dense.T)
+        vals, vecs = np.linalg.eigh(dense)
+        largest, lvec = vals[::-1][:k_eff].copy(), vecs[:, ::-1][:, :k_eff].copy()
+        smallest, svec = vals[:k_eff].copy(), vecs[:, :k_eff].copy()
+    else:
+        lin = op.to_scipy()
+        rng = np.random.default_rng(0 if seed is None else seed)
+        v0 = rng.standard_normal(n)
+        kwargs = dict(k=k_eff, tol=tol, maxiter=maxiter, ncv=ncv, v0=v0, return_eigenvectors=True)
+        lv, lvec = eigsh(lin, which="LA", **kwargs)
+        sv, svec = eigsh(lin, which="SA", **kwargs)
+        lo, so = np.argsort(lv)[::-1], np.argsort(sv)
+        largest, lvec = lv[lo], lvec[:, lo]
+        smallest, svec = sv[so], svec[:, so]
+    if not return_eigenvectors:
+        lvec = svec = None
+    return ExtremeEigenvalues(largest=largest, smallest=smallest, largest_vectors=lvec, smallest_vectors=svec)
+
+
+# ============================================================================= SLQ density
+@dataclass(frozen=True)
+class SLQResult:
+    r"""Stochastic Lanczos quadrature: per probe :math:`p`, nodes :math:`\theta_{pj}` (eigenvalues of
+    :math:`T^{(p)}`) and weights :math:`w_{pj}` (squared first components of its eigenvectors).
+
+    For a unit probe :math:`v_p`, :math:`\sum_j w_{pj} f(\theta_{pj})` is the Gauss quadrature of
+    :math:`v_p^\top f(A) v_p`; it is exact for polynomials of degree :math:`\le 2m-1`.  Averaged
+    over normalized Rademacher probes it estimates :math:`\frac1n\operatorname{tr} f(A)`, i.e.
+    the spectral density normalized to total mass 1.
+    """
+
+    nodes: tuple[torch.Tensor, ...]
+    weights: tuple[torch.Tensor, ...]
+    n: int
+    probes: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def num_probes(self) -> int:
+        return len(self.nodes)
+
+    def probe_moments(self, k: int) -> np.ndarray:
+        r""":math:`\sum_j w_{pj}\theta_{pj}^k` for each probe (:math:`= v_p^\top A^k v_p` for :math:`k\le 2m-1`)."""
+        return np.array(
+            [float((w * th.pow(k)).sum()) for th, w in zip(self.nodes, self.weights)], dtype=np.float64
+        )
+
+    def moment(self, k: int) -> float:
+        r"""Estimate of :math:`\frac1n\operatorname{tr}(A^k)`: the probe average of :math:`\sum_j w_j\theta_j^k`."""
+        return float(self.probe_moments(k).mean())
+
+    def trace_estimate(self) -> float:
+        r"""Estimate of :math:`\operatorname{tr}A = n\cdot` ``moment(1)``."""
+        return self.n * self.moment(1)
+
+    @property
+    def all_nodes(self) -> np.ndarray:
+        return np.concatenate([th.detach().cpu().double().numpy() for th in self.nodes])
+
+    @property
+    def all_weights(self) -> np.ndarray:
+        """Weights divided by the number of probes (they sum to 1 over all probes)."""
+        return np.concatenate([w.detach().cpu().double().numpy() for w in self.weights]) / self.num_probes
+
+    def default_sigma2(self) -> float:
+        r"""PyHessian's smoothing variance :math:`10^{-5}\max(1, \lambda_{\max}-\lambda_{\min})`."""
+        nodes = self.all_nodes
+        return 1e-5 * max(1.0, float(nodes.max() - nodes.min()))
+
+    def grid(self, num_points: int = 10000, overhead: float = 0.01) -> np.ndarray:
+        """A uniform grid from ``min(nodes) - overhead`` to ``max(nodes) + overhead``."""
+        nodes = self.all_nodes
+        return np.linspace(nodes.min() - overhead, nodes.max() + overhead, num_points)
+
+    def density(self, grid: np.ndarray, sigma2: float | None = None) -> np.ndarray:
+        r"""Gaussian-smoothed density :math:`\rho(t) = \frac1P\sum_{p,j} w_{pj}\,\mathcal N(t;\theta_{pj},\sigma^2)`.
+
+        Integrates to 1 over the real line; ``sigma2`` defaults to :meth:`default_sigma2`.
+        """
+        grid = np.asarray(grid, dtype=np.float64)
+        if sigma2 is None:
+            sigma2 = self.default_sigma2()
+        if not sigma2 > 0:
+            raise ValueError(f"sigma2 must be positive, got {sigma2}")
+        nodes, weights = self.all_nodes, self.all_weights
+        diff = grid[:, None] - nodes[None, :]
+        kernel = np.exp(-0.5 * diff**2 / sigma2) / math.sqrt(2.0 * math.pi * sigma2)
+        return kernel @ weights
+
+
+def slq_density(
+    matvec: Matvec,
+    n: int,
+    num_steps: int,
+    num_probes: int,
+    *,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    keep_probes: bool = True,
+) -> SLQResult:
+    r"""Stochastic Lanczos quadrature with normalized Rademacher probes.
+
+    For each probe :math:`v = r/\sqrt n` (:math:`r` Rademacher), run :func:`lanczos` for
+    ``num_steps`` steps (full reorthogonalization), diagonalize :math:`T = S\,\mathrm{diag}(\theta)S^\top`
+    with ``torch.linalg.eigh`` (symmetric solver, never ``eig``), and take nodes :math:`\theta_j` and
+    weights :math:`w_j = S_{1j}^2` (they sum to 1).  ``keep_probes`` stores the unit probes
+    (``num_probes × n``) in the result.
+    """
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    op = as_matvec(matvec, n, dtype, device)
+    gen = _generator(generator, seed)
+    nodes, weights, probes = [], [], []
+    for _ in range(num_probes):
+        v = rademacher(n, gen, op.dtype, op.device) / math.sqrt(n)
+        res = lanczos(op, n, num_steps, v0=v)
+        theta, s = torch.linalg.eigh(res.tridiagonal())
+        nodes.append(theta)
+        weights.append(s[0, :] ** 2)
+        if keep_probes:
+            probes.append(v)
+    return SLQResult(
+        nodes=tuple(nodes),
+        weights=tuple(weights),
+        n=n,
+        probes=torch.stack(probes) if keep_probes else None,
+    )
