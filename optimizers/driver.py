@@ -200,6 +200,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.counters: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "reverted_steps": 0, "skip_reasons": {}}
         self._generator = torch.Generator(device=params[0].device).manual_seed(seed)
         self._hooks: OrderedDict[int, Callable[[StepInfo], None]] = OrderedDict()
+        self._precondition_hooks: OrderedDict[int, Callable] = OrderedDict()
         self.capture = LayerCapture({n: s.adapter for n, s in self.slots.items()}, loss_reduction)
         self._last_inputs: tuple[tuple, dict] | None = None
         self._root_hook = model.register_forward_pre_hook(InertOnCopy(self._record_inputs), with_kwargs=True)
@@ -267,6 +268,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Call ``hook(info)`` after every step (skipped ones included)."""
         handle = RemovableHandle(self._hooks)
         self._hooks[handle.id] = hook
+        return handle
+
+    def register_precondition_hook(
+        self, hook: Callable[[int, str, CurvatureBlock, torch.Tensor, torch.Tensor], None]
+    ) -> RemovableHandle:
+        """Call ``hook(step, layer_name, block, preconditioner_input, direction)`` right after each
+        block's ``precondition`` at every step: the block is then exactly the operator that was applied
+        (before any update that follows the step)."""
+        handle = RemovableHandle(self._precondition_hooks)
+        self._precondition_hooks[handle.id] = hook
         return handle
 
     def _record_inputs(self, module, args, kwargs):
@@ -362,6 +373,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 g = buf
             inputs[name] = g
             directions[name] = slot.block.precondition(g)
+            for hook in list(self._precondition_hooks.values()):
+                hook(k, name, slot.block, g, directions[name])
         scale = self._kl_scale(lr, inputs, directions)
 
         second_pass = any(s.block.needs_second_pass for s in self.slots.values()) or self.damping.needs_reduction_ratio
