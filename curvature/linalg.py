@@ -51,7 +51,11 @@ def _inverse_once(matrices: torch.Tensor, method: InverseMethod) -> tuple[torch.
         safe = torch.where(ok.reshape(*ok.shape, 1, 1), chol, torch.eye(matrices.shape[-1]).to(chol))
         inv = torch.cholesky_inverse(safe)
     else:
-        evals, evecs = torch.linalg.eigh(matrices)
+        try:
+            evals, evecs = torch.linalg.eigh(matrices)
+        except torch.linalg.LinAlgError:  # eigh did not converge: report every entry as failed
+            return torch.full_like(matrices, float("nan")), torch.zeros(matrices.shape[:-2], dtype=torch.bool,
+                                                                        device=matrices.device)
         ok = (evals > 0).all(dim=-1)
         inv = (evecs / evals.clamp_min(torch.finfo(evals.dtype).tiny).unsqueeze(-2)) @ evecs.transpose(-1, -2)
     ok = ok & torch.isfinite(inv).flatten(-2).all(dim=-1)
@@ -82,12 +86,19 @@ def damped_inverse(
             stats.failed_shapes.append(tuple(batch.shape))
         raise InversionError("cannot invert a curvature factor that contains NaN or inf")
     damped = add_to_diagonal(symmetrize(batch), damping)
+    if not torch.isfinite(damped).all():
+        if stats is not None:
+            stats.failures += 1
+            stats.failed_shapes.append(tuple(batch.shape))
+        raise InversionError(f"the damping {damping!r} makes the damped factor non-finite")
     inv, ok = _inverse_once(damped, method)
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten()
         if stats is not None:
             stats.float64_retries += int(bad.numel())
-        inv64, ok64 = _inverse_once(damped[bad].double(), method)
+        damping_bad = damping[bad].double() if isinstance(damping, torch.Tensor) and damping.dim() > 0 else damping
+        # re-add the damping in float64: in float32 it may have been rounded away
+        inv64, ok64 = _inverse_once(add_to_diagonal(symmetrize(batch[bad].double()), damping_bad), method)
         if not bool(ok64.all()):
             if stats is not None:
                 stats.failures += 1
