@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curvature.linalg import symmetrize
+from curvature.linalg import all_finite, symmetrize
 
 #: Relative curvature threshold of the reference code: skip when sᵀy ≤ 1e-4·‖s‖²·‖g_ref‖.
 DEFAULT_CURVATURE_THRESHOLD = 1e-4
@@ -56,7 +56,7 @@ def check_pair(
     is given; the reference code passes the mean pre-activation gradient for H_g and the mean
     augmented activation for H_a).
     """
-    if not (torch.isfinite(s).all() and torch.isfinite(y).all()):
+    if not all_finite(s, y):
         return PairCheck("non-finite pair", float("nan"))
     sy = float(torch.dot(s, y))
     if not sy > 0.0:
@@ -78,8 +78,10 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
     rho = 1.0 / torch.dot(s, y)
     u = H @ y
     yHy = torch.dot(y, u)
-    updated = H - rho * (torch.outer(s, u) + torch.outer(u, s)) + (rho * rho * yHy + rho) * torch.outer(s, s)
-    return symmetrize(updated)
+    # rank-2 form: H⁺ = H + [s u] C [s u]ᵀ with C = [[ρ²yᵀHy + ρ, −ρ], [−ρ, 0]] (one BLAS pass)
+    U = torch.stack([s, u], dim=1)
+    C = torch.stack([torch.stack([rho * rho * yHy + rho, -rho]), torch.stack([-rho, torch.zeros_like(rho)])])
+    return symmetrize(torch.addmm(H, U, (U @ C).T))
 
 
 def bfgs_direct_update(B: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -106,6 +108,6 @@ def guarded_bfgs_inverse_update(
     if not check.ok:
         return H, check.reason
     updated = bfgs_inverse_update(H, s, y)
-    if not torch.isfinite(updated).all():
+    if not all_finite(updated):
         return H, "non-finite update"
     return updated, None

@@ -267,8 +267,8 @@ class DiagonalBlock(CurvatureBlock):
                 "initialized": self.initialized}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.v = state["v"].to(self.v)
-        self.scale = None if state["scale"] is None else state["scale"].to(self.v)
+        self.v = state["v"].to(self.v, copy=True)
+        self.scale = None if state["scale"] is None else state["scale"].to(self.v, copy=True)
         self.initialized = bool(state["initialized"])
 
     def describe(self) -> str:

@@ -25,7 +25,7 @@ import torch
 from curvature.bfgs import DEFAULT_CURVATURE_THRESHOLD, check_pair, guarded_bfgs_inverse_update
 from curvature.inverter import BatchedInverter
 from curvature.lbfgs import CompactLBFGS
-from curvature.linalg import add_to_diagonal, symmetric_eigenvalue_bounds
+from curvature.linalg import add_to_diagonal, all_finite, symmetric_eigenvalue_bounds
 from curvature.pair_damping import DampedPair, DampingCounters, DoubleDamping
 
 
@@ -125,9 +125,9 @@ class EMACovarianceFactor(Factor):
         return _tensor_state(self, ("F", "inverse", "initialized", "updates", "decay"))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.F = state["F"].to(self.F)
+        self.F = state["F"].to(self.F, copy=True)
         inv = state["inverse"]
-        self.inverse = None if inv is None else inv.to(self.F)
+        self.inverse = None if inv is None else inv.to(self.F, copy=True)
         self.initialized, self.updates, self.decay = bool(state["initialized"]), int(state["updates"]), float(state["decay"])
 
 
@@ -161,7 +161,7 @@ class SecantFactor(Factor):
     def observe_pair(self, s: torch.Tensor, y: torch.Tensor, reference_norm: float | None = None) -> DampedPair:
         """EMA the raw pair, damp it against the current H, and update H (or count a skip)."""
         s, y = s.to(self.s_avg), y.to(self.y_avg)
-        if not (torch.isfinite(s).all() and torch.isfinite(y).all()):
+        if not all_finite(s, y):
             self.counters.pairs += 1
             self.counters.skip("non-finite pair")
             self.last_pair = DampedPair(s, y, skip_reason="non-finite pair")
@@ -195,7 +195,7 @@ class SecantFactor(Factor):
                 "counters": self.counters.as_dict()}
 
     def _load_secant_state(self, state: dict[str, Any]) -> None:
-        self.s_avg, self.y_avg = state["s_avg"].to(self.s_avg), state["y_avg"].to(self.y_avg)
+        self.s_avg, self.y_avg = state["s_avg"].to(self.s_avg, copy=True), state["y_avg"].to(self.y_avg, copy=True)
         self.updates = int(state["updates"])
         c = state["counters"]
         self.counters = DampingCounters(c["pairs"], c["step1"], c["step2"], c["step2_guard"], c["skipped"],
@@ -226,7 +226,7 @@ class BFGSFactor(SecantFactor):
         return {"H": self.H.clone(), **self._secant_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.H = state["H"].to(self.H)
+        self.H = state["H"].to(self.H, copy=True)
         self._load_secant_state(state)
 
 
@@ -346,5 +346,5 @@ class HessianActionFactor(Factor):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.covariance.load_state_dict(state["covariance"])
-        self.H = None if state["H"] is None else state["H"].to(self.covariance.F)
+        self.H = None if state["H"] is None else state["H"].to(self.covariance.F, copy=True)
         self.damping, self.updates, self.skips = float(state["damping"]), int(state["updates"]), dict(state["skips"])

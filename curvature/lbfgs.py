@@ -100,4 +100,4 @@ class CompactLBFGS:
             raise ValueError(f"L-BFGS state of dimension {state['S'].shape[1:]} does not match dim {self.dim}")
         self.gamma, self.memory = float(state["gamma"]), int(state["memory"])
         for key in ("S", "Y", "SY", "YY"):
-            setattr(self, key, state[key].to(self.S))
+            setattr(self, key, state[key].to(self.S, copy=True))

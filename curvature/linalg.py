@@ -20,6 +20,21 @@ def symmetrize(matrix: torch.Tensor) -> torch.Tensor:
     return (0.5 * (matrix + matrix.transpose(-1, -2))).contiguous()
 
 
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """True when every element of every tensor is finite.
+
+    One fused reduction per tensor (the sum is non-finite whenever an element is NaN or inf) and
+    a single host synchronization; only when a sum is non-finite, which a finite tensor reaches
+    only by overflow, is the exact elementwise test run.
+    """
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum(dtype=torch.float64) if t.is_floating_point() else t.sum().double() for t in tensors])
+    if bool(torch.isfinite(sums).all()):
+        return True
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def add_to_diagonal(matrix: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
     r"""Return :math:`M + \lambda I` without modifying ``matrix``; ``value`` may be batched (shape ``[B]``)."""
     n = matrix.shape[-1]

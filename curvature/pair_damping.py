@@ -32,6 +32,8 @@ from typing import Callable, Literal
 
 import torch
 
+from curvature.linalg import all_finite
+
 Step2Variant = Literal["interpolate", "lm"]
 
 
@@ -141,7 +143,7 @@ class DoubleDamping:
                 counters.skip(reason)
             return DampedPair(s, y, skip_reason=reason)
 
-        if not (torch.isfinite(s).all() and torch.isfinite(y).all()):
+        if not all_finite(s, y):
             return skip("non-finite pair")
         if float(s.norm()) <= self.min_norm and float(y.norm()) <= self.min_norm:
             return skip("zero pair")
@@ -165,7 +167,7 @@ class DoubleDamping:
                 y2 = y + ((self.mu2 * ss - s1y) / ss) * s1
         else:
             y2 = y
-        if not (torch.isfinite(s1).all() and torch.isfinite(y2).all()):
+        if not all_finite(s1, y2):
             return skip("non-finite damped pair")
         if counters is not None:
             counters.step1 += int(active1)

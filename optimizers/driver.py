@@ -27,6 +27,7 @@ stay exactly as they were, and the skip is counted in :attr:`CurvatureOptimizer.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from curvature.blocks import CurvatureBlock, a_statistic, g_statistic
 from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_parameters
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
-from curvature.linalg import InversionStats
+from curvature.linalg import InversionStats, all_finite
 from optimizers.fallback import FALLBACK_RULES, fallback_update
 from optimizers.likelihoods import LIKELIHOODS, sampled_loss
 from optimizers.recipes import Recipe, RecipeContext
@@ -305,10 +306,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _nonfinite_reason(self, loss: torch.Tensor | float | None) -> str | None:
         if loss is not None and not math.isfinite(_as_float(loss)):
             return "non-finite loss"
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
-                    return "non-finite gradient"
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not all_finite(*grads):
+            return "non-finite gradient"
         return None
 
     def _skip(self, k: int, reason: str, loss) -> None:
@@ -450,8 +450,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         after = self.capture.records
         self.capture.clear()
         info.loss_after = _as_float(loss_after)
-        bad = loss_after is None or not math.isfinite(info.loss_after) or any(
-            r.g_rows is not None and not bool(torch.isfinite(r.g_rows).all()) for r in after.values()
+        bad = loss_after is None or not math.isfinite(info.loss_after) or not all_finite(
+            *[r.g_rows for r in after.values() if r.g_rows is not None]
         )
         if bad:
             self._restore(snapshot)
@@ -546,7 +546,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
+        state_dict = copy.deepcopy(dict(state_dict))  # never alias the caller's checkpoint
         extra = state_dict.pop("secondorder", None)
         if extra is None:
             raise ValueError("not a secondorder optimizer state_dict (missing the 'secondorder' entry)")
