@@ -86,6 +86,8 @@ class EMACovarianceFactor(Factor):
         self.decay = decay
         self.F = torch.zeros(dim, dim, dtype=dtype, device=device)
         self.inverse: torch.Tensor | None = None
+        self.inverse_damping: float | None = None  # the damping of the current inverse
+        self.refreshes = 0  # how many times the inverse was recomputed
         self.initialized = False
         self.updates = 0
 
@@ -106,10 +108,11 @@ class EMACovarianceFactor(Factor):
         self.initialized = True
 
     def request_inverse(self, inverter: BatchedInverter, damping: float) -> None:
-        inverter.request(self.F, damping, self._set_inverse)
+        inverter.request(self.F, damping, lambda inverse: self._set_inverse(inverse, damping))
 
-    def _set_inverse(self, inverse: torch.Tensor) -> None:
-        self.inverse = inverse
+    def _set_inverse(self, inverse: torch.Tensor, damping: float) -> None:
+        self.inverse, self.inverse_damping = inverse, float(damping)
+        self.refreshes += 1
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         if self.inverse is None:
@@ -122,13 +125,14 @@ class EMACovarianceFactor(Factor):
         return self.inverse
 
     def state_dict(self) -> dict[str, Any]:
-        return _tensor_state(self, ("F", "inverse", "initialized", "updates", "decay"))
+        return _tensor_state(self, ("F", "inverse", "initialized", "updates", "decay", "inverse_damping", "refreshes"))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.F = state["F"].to(self.F, copy=True)
         inv = state["inverse"]
         self.inverse = None if inv is None else inv.to(self.F, copy=True)
         self.initialized, self.updates, self.decay = bool(state["initialized"]), int(state["updates"]), float(state["decay"])
+        self.inverse_damping, self.refreshes = state.get("inverse_damping"), int(state.get("refreshes", 0))
 
 
 class SecantFactor(Factor):
@@ -210,6 +214,7 @@ class BFGSFactor(SecantFactor):
         super().__init__(dim, damping, pair_decay, curvature_threshold, dtype=dtype, device=device)
         if not init_scale > 0:
             raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        self.init_scale = float(init_scale)
         self.H = init_scale * torch.eye(dim, dtype=dtype, device=device)
 
     def _incorporate(self, s, y, reference_norm):

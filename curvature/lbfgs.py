@@ -48,6 +48,7 @@ class CompactLBFGS:
         self.Y = torch.zeros(0, dim, **kw)
         self.SY = torch.zeros(0, 0, **kw)  # (S^T Y)_{ij} = s_i^T y_j
         self.YY = torch.zeros(0, 0, **kw)
+        self.R = torch.zeros(0, 0, **kw)  # triu(S^T Y), cached when a pair enters
 
     @property
     def size(self) -> int:
@@ -70,6 +71,7 @@ class CompactLBFGS:
         self.YY = torch.cat([torch.cat([YY, Yy], 1), torch.cat([Yy.T, yy], 1)], 0)
         self.S = torch.cat([S, s], 0)
         self.Y = torch.cat([Y, y], 0)
+        self.R = torch.triu(self.SY)
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         """Return ``H @ V`` for ``V`` of shape ``[dim]`` or ``[dim, n]``."""
@@ -77,7 +79,7 @@ class CompactLBFGS:
         V2 = V.reshape(self.dim, -1)
         out = self.gamma * V2
         if self.size:
-            R = torch.triu(self.SY)
+            R = self.R
             StV = self.S @ V2
             gYtV = self.gamma * (self.Y @ V2)
             X1 = torch.linalg.solve_triangular(R, StV, upper=True)  # R^{-1} S^T V
@@ -101,3 +103,4 @@ class CompactLBFGS:
         self.gamma, self.memory = float(state["gamma"]), int(state["memory"])
         for key in ("S", "Y", "SY", "YY"):
             setattr(self, key, state[key].to(self.S, copy=True))
+        self.R = torch.triu(self.SY)
