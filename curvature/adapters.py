@@ -150,9 +150,18 @@ class Conv2dAdapter(LayerAdapter):
         return self.module.out_channels
 
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch rows ``[N·H'·W', C_in·kh·kw]``, in the weight's (C_in, kh, kw) order, location-major.
+
+        Built from strided views (``Tensor.unfold``) and one copy; this is what ``F.unfold`` computes,
+        without its im2col kernel, which is slow on CPU when threads are contended.
+        """
         m = self.module
-        patches = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-        return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # [N*L, C_in*kh*kw]
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+        if ph or pw:
+            x = F.pad(x, (pw, pw, ph, ph))
+        windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
+        windows = windows[..., ::dh, ::dw]  # [N, C, H', W', kh, kw]
+        return windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
 
     def output_rows(self, h: torch.Tensor) -> torch.Tensor:
         return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # [N*H'*W', C_out]

@@ -24,6 +24,12 @@ from typing import Any
 import torch
 
 
+def _upper_triangle(matrix: torch.Tensor) -> torch.Tensor:
+    """``triu(matrix)`` by a mask (``torch.triu`` opens a parallel region even for tiny matrices)."""
+    idx = torch.arange(matrix.shape[0], device=matrix.device)
+    return matrix * (idx[:, None] <= idx[None, :]).to(matrix.dtype)
+
+
 class CompactLBFGS:
     """A memory of at most ``memory`` secant pairs of dimension ``dim`` applied in compact form."""
 
@@ -71,7 +77,7 @@ class CompactLBFGS:
         self.YY = torch.cat([torch.cat([YY, Yy], 1), torch.cat([Yy.T, yy], 1)], 0)
         self.S = torch.cat([S, s], 0)
         self.Y = torch.cat([Y, y], 0)
-        self.R = torch.triu(self.SY)
+        self.R = _upper_triangle(self.SY)
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         """Return ``H @ V`` for ``V`` of shape ``[dim]`` or ``[dim, n]``."""
@@ -103,4 +109,4 @@ class CompactLBFGS:
         self.gamma, self.memory = float(state["gamma"]), int(state["memory"])
         for key in ("S", "Y", "SY", "YY"):
             setattr(self, key, state[key].to(self.S, copy=True))
-        self.R = torch.triu(self.SY)
+        self.R = _upper_triangle(self.SY)
