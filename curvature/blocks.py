@@ -24,19 +24,34 @@ from curvature.capture import LayerRecord
 from curvature.damping import DampingPolicy
 from curvature.factors import EMACovarianceFactor, Factor, HessianActionFactor, SecantFactor
 from curvature.inverter import BatchedInverter
+from curvature.linalg import accumulate_gram
+
+
+def a_scale(record: LayerRecord, adapter: LayerAdapter) -> float:
+    """The factor c/R of the A statistic (c = T for KFC layers, else 1)."""
+    rows = _required(record.input_rows, "a")
+    return (record.rows_per_sample if adapter.sums_over_locations else 1) / rows.shape[0]
+
+
+def g_scale(record: LayerRecord) -> float:
+    """The factor (per-sample scale)²/R of the G statistic computed from autograd's raw rows."""
+    rows = _required(record.grad_rows, "g")
+    return record.grad_scale**2 / rows.shape[0]
 
 
 def a_statistic(record: LayerRecord, adapter: LayerAdapter) -> torch.Tensor:
     r""":math:`A_k = \frac{c}{R}\sum_{\text{rows}} \bar a\bar a^\top` with :math:`c = T` for KFC layers, else 1."""
-    rows = _required(record.a_rows, "a")
-    scale = (record.rows_per_sample if adapter.sums_over_locations else 1) / rows.shape[0]
-    return (rows.T @ rows) * scale
+    rows = _required(record.input_rows, "a")
+    d = rows.shape[1] + int(record.has_bias)
+    out = rows.new_zeros(d, d)
+    accumulate_gram(out, rows, record.has_bias, a_scale(record, adapter), 0.0)
+    return out
 
 
 def g_statistic(record: LayerRecord) -> torch.Tensor:
     r""":math:`G_k = \frac1R\sum_{\text{rows}} g g^\top` (per-sample scaled gradients)."""
-    rows = _required(record.g_rows, "g")
-    return (rows.T @ rows) / rows.shape[0]
+    rows = _required(record.grad_rows, "g")
+    return (rows.T @ rows) * g_scale(record)
 
 
 def _required(rows: torch.Tensor | None, what: str) -> torch.Tensor:
@@ -130,10 +145,16 @@ class KroneckerBlock(CurvatureBlock):
         self.has_quadratic_form = isinstance(a_factor, EMACovarianceFactor) and isinstance(g_factor, EMACovarianceFactor)
 
     def update_statistics(self, record: LayerRecord, grad: torch.Tensor) -> None:
-        if self.a_factor.uses_statistics:
-            self.a_factor.observe(a_statistic(record, self.adapter))
-        if self.g_factor.uses_statistics:
-            self.g_factor.observe(g_statistic(record))
+        for factor, rows, with_ones, scale in (
+            (self.a_factor, record.input_rows, record.has_bias, a_scale(record, self.adapter) if self.needs_a else 0.0),
+            (self.g_factor, record.grad_rows, False, g_scale(record) if self.needs_g else 0.0),
+        ):
+            if not factor.uses_statistics:
+                continue
+            if hasattr(factor, "observe_gram"):
+                factor.observe_gram(_required(rows, "a" if factor is self.a_factor else "g"), with_ones, scale)
+            else:
+                factor.observe(a_statistic(record, self.adapter) if factor is self.a_factor else g_statistic(record))
 
     def warm_start(self, a_stat, g_stat) -> None:
         if a_stat is not None and self.a_factor.uses_statistics:
@@ -152,12 +173,14 @@ class KroneckerBlock(CurvatureBlock):
 
     def update_after_step(self, before: LayerRecord, after: LayerRecord) -> None:
         if isinstance(self.g_factor, SecantFactor):
-            g_before = _required(before.g_rows, "g").mean(0)
+            _required(before.grad_rows, "g"), _required(after.grad_rows, "g")
+            g_before = before.g_mean()
             s = _required(after.h_rows, "h").mean(0) - _required(before.h_rows, "h").mean(0)
-            y = _required(after.g_rows, "g").mean(0) - g_before
+            y = after.g_mean() - g_before
             self.g_factor.observe_pair(s, y, reference_norm=float(g_before.norm()))
         if isinstance(self.a_factor, HessianActionFactor):
-            self.a_factor.hessian_action_update(_required(before.a_rows, "a").mean(0))
+            _required(before.input_rows, "a")
+            self.a_factor.hessian_action_update(before.a_mean())
 
     def curvature_quadratic(self, delta: torch.Tensor) -> torch.Tensor:
         if not self.has_quadratic_form:

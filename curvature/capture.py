@@ -30,15 +30,66 @@ from curvature.adapters import LayerAdapter
 LossReduction = Literal["mean", "sum"]
 
 
-@dataclass
 class LayerRecord:
-    """What was recorded for one layer in the last forward/backward pass."""
+    """What was recorded for one layer in the last forward/backward pass.
 
-    batch_size: int = 0
-    rows_per_sample: int = 1
-    a_rows: torch.Tensor | None = None
-    h_rows: torch.Tensor | None = None
-    g_rows: torch.Tensor | None = None
+    The hooks store raw tensors and nothing is copied until asked for: ``input_rows`` (the input
+    rows without the homogeneous coordinate) and ``grad_rows`` (autograd's ∂L/∂h rows) with the
+    per-sample ``grad_scale``. ``a_rows`` (with the 1 appended when the layer has a bias) and
+    ``g_rows`` (= ``grad_scale · grad_rows``) are built on first access and cached; assigning
+    them replaces the raw data.
+    """
+
+    def __init__(self, batch_size: int = 0, rows_per_sample: int = 1, a_rows: torch.Tensor | None = None,
+                 h_rows: torch.Tensor | None = None, g_rows: torch.Tensor | None = None) -> None:
+        self.batch_size, self.rows_per_sample = batch_size, rows_per_sample
+        self.h_rows = h_rows
+        self.input_rows: torch.Tensor | None = None
+        self.has_bias = False
+        self.grad_rows: torch.Tensor | None = None
+        self.grad_scale = 1.0
+        self._a_rows: torch.Tensor | None = None
+        self._g_rows: torch.Tensor | None = None
+        if a_rows is not None:
+            self.a_rows = a_rows
+        if g_rows is not None:
+            self.g_rows = g_rows
+
+    @property
+    def a_rows(self) -> torch.Tensor | None:
+        if self._a_rows is None and self.input_rows is not None:
+            rows = self.input_rows
+            if self.has_bias:
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+            self._a_rows = rows
+        return self._a_rows
+
+    @a_rows.setter
+    def a_rows(self, rows: torch.Tensor | None) -> None:
+        self._a_rows, self.input_rows, self.has_bias = rows, rows, False
+
+    @property
+    def g_rows(self) -> torch.Tensor | None:
+        if self._g_rows is None and self.grad_rows is not None:
+            self._g_rows = self.grad_rows * self.grad_scale if self.grad_scale != 1.0 else self.grad_rows
+        return self._g_rows
+
+    @g_rows.setter
+    def g_rows(self, rows: torch.Tensor | None) -> None:
+        self._g_rows, self.grad_rows, self.grad_scale = rows, rows, 1.0
+
+    def a_mean(self) -> torch.Tensor:
+        r"""The mean homogeneous input row :math:`\bar{\bar a}` (1 in the bias coordinate)."""
+        mean = self.input_rows.mean(0)
+        return torch.cat([mean, mean.new_ones(1)]) if self.has_bias else mean
+
+    def take_grads(self, other: "LayerRecord") -> None:
+        """Use ``other``'s pre-activation gradients (e.g. from a Monte-Carlo Fisher pass)."""
+        self.grad_rows, self.grad_scale, self._g_rows = other.grad_rows, other.grad_scale, None
+
+    def g_mean(self) -> torch.Tensor:
+        """The mean per-sample pre-activation gradient row."""
+        return self.grad_rows.mean(0) * self.grad_scale
 
 
 @dataclass
@@ -95,8 +146,9 @@ class LayerCapture:
             n = x.shape[0]
             record = LayerRecord(batch_size=n)
             if cfg.a:
-                record.a_rows = adapter.activation_rows(x.detach())
-                record.rows_per_sample = record.a_rows.shape[0] // n
+                record.input_rows = adapter.input_rows(x.detach())
+                record.has_bias = adapter.has_bias
+                record.rows_per_sample = record.input_rows.shape[0] // n
             if cfg.h:
                 record.h_rows = adapter.output_rows(output.detach())
                 record.rows_per_sample = record.h_rows.shape[0] // n
@@ -112,7 +164,7 @@ class LayerCapture:
                 def grad_hook(grad: torch.Tensor, record: LayerRecord = record) -> None:
                     rows = adapter.output_rows(grad.detach())
                     record.rows_per_sample = rows.shape[0] // n
-                    record.g_rows = rows * scale if scale != 1.0 else rows
+                    record.grad_rows, record.grad_scale, record._g_rows = rows, scale, None
 
                 output.register_hook(grad_hook)
             return replaced

@@ -25,7 +25,7 @@ import torch
 from curvature.bfgs import DEFAULT_CURVATURE_THRESHOLD, check_pair, guarded_bfgs_inverse_update
 from curvature.inverter import BatchedInverter
 from curvature.lbfgs import CompactLBFGS
-from curvature.linalg import add_to_diagonal, all_finite, symmetric_eigenvalue_bounds
+from curvature.linalg import accumulate_gram, add_to_diagonal, all_finite, symmetric_eigenvalue_bounds
 from curvature.pair_damping import DampedPair, DampingCounters, DoubleDamping
 
 
@@ -100,6 +100,16 @@ class EMACovarianceFactor(Factor):
             self.F.mul_(self.decay).add_(statistic.to(self.F), alpha=1.0 - self.decay)
         else:
             self.F.copy_(statistic)
+            self.initialized = True
+        self.updates += 1
+
+    def observe_gram(self, rows: torch.Tensor, with_ones: bool, scale: float) -> None:
+        r""":meth:`observe` of the statistic :math:`S = \text{scale}\cdot[X\ 1]^\top[X\ 1]`, folded
+        into the EMA by one in-place ``addmm`` (S is never formed)."""
+        if self.initialized:
+            accumulate_gram(self.F, rows.to(self.F), with_ones, (1.0 - self.decay) * scale, self.decay)
+        else:
+            accumulate_gram(self.F, rows.to(self.F), with_ones, scale, 0.0)
             self.initialized = True
         self.updates += 1
 
@@ -298,6 +308,9 @@ class HessianActionFactor(Factor):
 
     def observe(self, statistic: torch.Tensor) -> None:
         self.covariance.observe(statistic)
+
+    def observe_gram(self, rows: torch.Tensor, with_ones: bool, scale: float) -> None:
+        self.covariance.observe_gram(rows, with_ones, scale)
 
     def set_statistic(self, statistic: torch.Tensor) -> None:
         self.covariance.set_statistic(statistic)

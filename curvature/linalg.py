@@ -35,6 +35,25 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def accumulate_gram(target: torch.Tensor, rows: torch.Tensor, with_ones: bool, alpha: float, beta: float) -> None:
+    r"""In place: :math:`T \leftarrow \beta T + \alpha\, [X\ 1]^\top [X\ 1]` (or :math:`X^\top X` without ones).
+
+    The homogeneous column of ones is never materialized: its block is the column sums of ``X``
+    and the row count. With ``beta = 0`` the old content of ``target`` is ignored (NaN included).
+    """
+    d = rows.shape[1]
+    if not with_ones:
+        target.addmm_(rows.T, rows, beta=beta, alpha=alpha)
+        return
+    target[:d, :d].addmm_(rows.T, rows, beta=beta, alpha=alpha)
+    col = rows.sum(0)
+    edge = target[d, :d] * beta if beta else torch.zeros_like(col)
+    edge.add_(col, alpha=alpha)
+    target[:d, d] = edge
+    target[d, :d] = edge
+    target[d, d] = (target[d, d] * beta if beta else 0.0) + alpha * rows.shape[0]
+
+
 def add_to_diagonal(matrix: torch.Tensor, value: torch.Tensor | float) -> torch.Tensor:
     r"""Return :math:`M + \lambda I` without modifying ``matrix``; ``value`` may be batched (shape ``[B]``)."""
     n = matrix.shape[-1]

@@ -451,7 +451,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.capture.clear()
         info.loss_after = _as_float(loss_after)
         bad = loss_after is None or not math.isfinite(info.loss_after) or not all_finite(
-            *[r.g_rows for r in after.values() if r.g_rows is not None]
+            *[r.grad_rows for r in after.values() if r.grad_rows is not None]
         )
         if bad:
             self._restore(snapshot)
@@ -485,7 +485,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             sampled_loss(out, self.likelihood, self.loss_reduction, self._generator).backward()
         for name, rec in self.capture.records.items():
             if name in records:
-                records[name].g_rows = rec.g_rows
+                records[name].take_grads(rec)
         self.capture.clear()
 
     # ------------------------------------------------------------------ warm start
