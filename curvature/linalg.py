@@ -7,6 +7,7 @@ spectrum bounds of symmetric matrices.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,7 +30,7 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     """
     if not tensors:
         return True
-    sums = torch.stack([t.sum(dtype=torch.float64) if t.is_floating_point() else t.sum().double() for t in tensors])
+    sums = torch.stack([t.sum() if t.is_floating_point() else t.sum().double() for t in tensors])
     if bool(torch.isfinite(sums).all()):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
@@ -78,12 +79,15 @@ class InversionError(RuntimeError):
 
 
 def _inverse_once(matrices: torch.Tensor, method: InverseMethod) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert SPD matrices; returns (inverses, ok mask per batch entry)."""
+    """Invert SPD matrices (only their lower triangles are read); returns (inverses, ok mask per entry)."""
     if method == "cholesky":
         chol, info = torch.linalg.cholesky_ex(matrices)
         ok = info == 0
-        safe = torch.where(ok.reshape(*ok.shape, 1, 1), chol, torch.eye(matrices.shape[-1]).to(chol))
-        inv = torch.cholesky_inverse(safe)
+        if not bool(ok.all()):  # keep cholesky_inverse away from the partial factors of failed entries
+            chol = torch.where(ok.reshape(*ok.shape, 1, 1), chol,
+                               torch.eye(matrices.shape[-1], dtype=chol.dtype, device=chol.device))
+        inv = torch.cholesky_inverse(chol)  # exactly symmetric (LAPACK mirrors one triangle) ...
+        inv = inv.mT if inv.mT.is_contiguous() else inv.contiguous()  # ... so its transpose is a free row-major view
     else:
         try:
             evals, evecs = torch.linalg.eigh(matrices)
@@ -91,9 +95,19 @@ def _inverse_once(matrices: torch.Tensor, method: InverseMethod) -> tuple[torch.
             return torch.full_like(matrices, float("nan")), torch.zeros(matrices.shape[:-2], dtype=torch.bool,
                                                                         device=matrices.device)
         ok = (evals > 0).all(dim=-1)
-        inv = (evecs / evals.clamp_min(torch.finfo(evals.dtype).tiny).unsqueeze(-2)) @ evecs.transpose(-1, -2)
-    ok = ok & torch.isfinite(inv).flatten(-2).all(dim=-1)
-    return symmetrize(inv), ok
+        inv = symmetrize((evecs / evals.clamp_min(torch.finfo(evals.dtype).tiny).unsqueeze(-2)) @ evecs.mT)
+    ok = ok & torch.isfinite(inv.sum(dim=(-2, -1)))  # one reduction: a NaN/inf anywhere makes the sum non-finite
+    return inv, ok
+
+
+def _damped(batch: torch.Tensor, damping: torch.Tensor | float) -> torch.Tensor:
+    damped = batch.clone()
+    diag = damped.diagonal(dim1=-2, dim2=-1)
+    if isinstance(damping, torch.Tensor) and damping.dim() > 0:
+        diag.add_(damping.to(damped).unsqueeze(-1))
+    else:
+        diag.add_(float(damping))
+    return damped
 
 
 def damped_inverse(
@@ -104,40 +118,38 @@ def damped_inverse(
 ) -> torch.Tensor:
     r"""Return :math:`(F + \lambda I)^{-1}` for a batch ``[B, n, n]`` (or one ``[n, n]``) of symmetric PSD ``F``.
 
-    The computation runs in the input dtype; entries whose factorization fails (not finite or not
-    positive definite in that precision) are retried in float64, counted in ``stats``. If float64
-    fails too, :class:`InversionError` is raised: a silent wrong inverse is never returned.
+    Only the lower triangle of ``F`` is read (both factorizations use it). The computation runs in
+    the input dtype; entries whose factorization fails (not finite or not positive definite in that
+    precision) are retried in float64, counted in ``stats``. If float64 fails too,
+    :class:`InversionError` is raised: a silent wrong inverse is never returned.
     """
     if method not in ("cholesky", "eigh"):
         raise ValueError(f"method must be 'cholesky' or 'eigh', got {method!r}")
     single = matrices.dim() == 2
     batch = matrices.unsqueeze(0) if single else matrices
+
+    def fail(message: str) -> InversionError:
+        if stats is not None:
+            stats.failures += 1
+            stats.failed_shapes.append(tuple(batch.shape))
+        return InversionError(message)
+
     if stats is not None:
         stats.calls += batch.shape[0]
-    if not torch.isfinite(batch).all():
-        if stats is not None:
-            stats.failures += 1
-            stats.failed_shapes.append(tuple(batch.shape))
-        raise InversionError("cannot invert a curvature factor that contains NaN or inf")
-    damped = add_to_diagonal(symmetrize(batch), damping)
-    if not torch.isfinite(damped).all():
-        if stats is not None:
-            stats.failures += 1
-            stats.failed_shapes.append(tuple(batch.shape))
-        raise InversionError(f"the damping {damping!r} makes the damped factor non-finite")
-    inv, ok = _inverse_once(damped, method)
+    if not all_finite(batch):
+        raise fail("cannot invert a curvature factor that contains NaN or inf")
+    if not (all_finite(damping) if isinstance(damping, torch.Tensor) else math.isfinite(float(damping))):
+        raise fail(f"the damping {damping!r} is not finite")
+    inv, ok = _inverse_once(_damped(batch, damping), method)
     if not bool(ok.all()):
         bad = (~ok).nonzero().flatten()
         if stats is not None:
             stats.float64_retries += int(bad.numel())
         damping_bad = damping[bad].double() if isinstance(damping, torch.Tensor) and damping.dim() > 0 else damping
         # re-add the damping in float64: in float32 it may have been rounded away
-        inv64, ok64 = _inverse_once(add_to_diagonal(symmetrize(batch[bad].double()), damping_bad), method)
+        inv64, ok64 = _inverse_once(_damped(batch[bad].double(), damping_bad), method)
         if not bool(ok64.all()):
-            if stats is not None:
-                stats.failures += 1
-                stats.failed_shapes.append(tuple(batch.shape))
-            raise InversionError(
+            raise fail(
                 f"damped factor of size {batch.shape[-1]} is not positive definite even in float64; "
                 "increase the damping"
             )
