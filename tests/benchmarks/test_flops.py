@@ -28,7 +28,7 @@ from benchmarks.flops import (
 )
 from benchmarks.models import PARAM_COUNTS, build_autoencoder
 from benchmarks.throughput import prefill_lbfgs
-from curvature.blocks import a_statistic, g_statistic
+from curvature.blocks import g_statistic
 from curvature.lbfgs import CompactLBFGS
 from optimizers import KBFGSL, KFAC
 
