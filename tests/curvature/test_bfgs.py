@@ -1,0 +1,262 @@
+"""Inverse/direct BFGS updates (curvature.bfgs): properties P5–P8 and the skip rules (kbfgs.md §8)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from curvature.bfgs import (
+    DEFAULT_CURVATURE_THRESHOLD,
+    bfgs_direct_update,
+    bfgs_inverse_update,
+    check_pair,
+    guarded_bfgs_inverse_update,
+)
+from tests.curvature.strategies import (
+    F64,
+    bfgs_direct_oracle,
+    bfgs_inverse_oracle,
+    cos_pairs,
+    eig_bounds,
+    eps_for,
+    f64,
+    hyp,
+    rel_err,
+    spd,
+    spread_for,
+    to_work,
+)
+
+
+def _setup(device, data, cos_range=(0.05, 1.0)):
+    n = data.draw(st.integers(1, 8))
+    H64 = data.draw(spd(n, spread_for(device)))
+    s64, y64 = data.draw(cos_pairs(n, cos_range))
+    H, s, y = to_work(H64, device), to_work(s64, device), to_work(y64, device)
+    return n, H, s, y, f64(H), f64(s), f64(y)
+
+
+def _update_scale(H, s, y) -> float:
+    """Magnitude of the terms of H⁺ = H - ρ(s uᵀ + u sᵀ) + (ρ² yᵀHy + ρ) s sᵀ (float64 inputs), with the
+    relative rounding of ρ = 1/sᵀy (factor ‖s‖‖y‖/|sᵀy|) and of yᵀu (‖y‖‖u‖ instead of yᵀHy) folded in."""
+    sy = abs(float(s @ y))
+    rho = 1.0 / sy
+    u = H @ y
+    ns, ny, nu = float(s.norm()), float(y.norm()), float(u.norm())
+    c = ns * ny / sy
+    return float(torch.linalg.matrix_norm(H, 2)) + c * (2 * rho * ns * nu + (rho * rho * ny * nu + rho) * ns * ns)
+
+
+def _sym_inv(H: torch.Tensor) -> torch.Tensor:
+    """An exactly symmetric float64 inverse (torch.linalg.inv of an ill-conditioned SPD matrix is not)."""
+    B = torch.linalg.inv(H)
+    return 0.5 * (B + B.T)
+
+
+def _direct_scale(B, s, y) -> float:
+    """Magnitude of the terms of B⁺ = B - Bs sᵀB/(sᵀBs) + y yᵀ/(sᵀy), with the cancellation in sᵀBs and sᵀy."""
+    Bs = B @ s
+    sBs, sy = abs(float(s @ Bs)), abs(float(s @ y))
+    ns, ny, nb = float(s.norm()), float(y.norm()), float(Bs.norm())
+    return float(torch.linalg.matrix_norm(B, 2)) + (ns * nb / sBs) * nb * nb / sBs + (ns * ny / sy) * ny * ny / sy
+
+
+# ------------------------------------------------------------------------------ formula, symmetry
+@given(data=st.data())
+@hyp()
+def test_inverse_update_matches_product_form_and_is_symmetric(device, data):
+    n, H, s, y, H64, s64, y64 = _setup(device, data, (-1.0, 1.0))
+    if abs(float(s64 @ y64)) < 0.05 * float(s64.norm() * y64.norm()):
+        return  # ρ ill-defined near sᵀy = 0; covered elsewhere
+    Hp = bfgs_inverse_update(H, s, y)
+    assert Hp.shape == (n, n) and Hp.dtype == H.dtype
+    assert torch.equal(Hp, Hp.T)
+    expected = bfgs_inverse_oracle(H64, s64, y64)
+    err = float((f64(Hp) - expected).norm())
+    assert err <= 100 * n * eps_for(device) * _update_scale(H64, s64, y64) * n**0.5
+
+
+@given(data=st.data())
+@hyp()
+def test_direct_update_matches_formula_and_is_symmetric(device, data):
+    n, H, s, y, H64, s64, y64 = _setup(device, data)
+    B = H  # any SPD matrix serves as B
+    Bp = bfgs_direct_update(B, s, y)
+    assert torch.equal(Bp, Bp.T)
+    expected = bfgs_direct_oracle(H64, s64, y64)
+    assert float((f64(Bp) - expected).norm()) <= 100 * n * eps_for(device) * _direct_scale(H64, s64, y64) * n**0.5
+
+
+# ------------------------------------------------------------------------------ P5 secant
+@given(data=st.data())
+@hyp()
+def test_p5_secant_equations(device, data):
+    """H⁺y = s (inverse form) and B⁺s = y (direct form, B = H^{-1})."""
+    n, H, s, y, H64, s64, y64 = _setup(device, data)
+    Hp = f64(bfgs_inverse_update(H, s, y))
+    tau = 100 * n * eps_for(device)
+    scale_h = _update_scale(H64, s64, y64) * float(y64.norm())
+    assert float((Hp @ y64 - s64).norm()) <= tau * scale_h
+    B = to_work(_sym_inv(H64), device)
+    B64 = f64(B)
+    Bp = f64(bfgs_direct_update(B, s, y))
+    scale_b = _direct_scale(B64, s64, y64) * float(s64.norm())
+    assert float((Bp @ s64 - y64).norm()) <= tau * scale_b
+
+
+# ------------------------------------------------------------------------------ P6 curvature / PD
+@given(data=st.data())
+@hyp()
+def test_p6_curvature_and_positive_definiteness(device, data):
+    n, H, s, y, H64, s64, y64 = _setup(device, data, (-1.0, 1.0))
+    sy = float(s64 @ y64)
+    if abs(sy) < 0.05 * float(s64.norm() * y64.norm()):
+        return  # sign tests need sᵀy bounded away from 0
+    Hp = f64(bfgs_inverse_update(H, s, y))
+    tau = 100 * n * eps_for(device)
+    # yᵀH⁺y = sᵀy (holds for either sign of sᵀy)
+    yHpy = float(y64 @ Hp @ y64)
+    assert abs(yHpy - sy) <= tau * _update_scale(H64, s64, y64) * float(y64 @ y64)
+    lo, hi = eig_bounds(Hp)
+    if sy > 0:
+        # λmax(B⁺) ≤ λmax(B) + ‖y‖²/sᵀy  ⇒  λmin(H⁺) ≥ 1/(1/λmin(H) + ‖y‖²/sᵀy) > 0
+        bound = 1.0 / (1.0 / eig_bounds(H64)[0] + float(y64 @ y64) / sy)
+        assert lo >= bound - tau * max(hi, _update_scale(H64, s64, y64))
+        assert lo > 0
+    else:
+        assert yHpy < 0  # a direction of negative curvature: H⁺ is not PD
+        assert lo < 0
+
+
+@given(data=st.data())
+@hyp(max_examples=50)
+def test_p6_pd_preserved_over_many_updates(device, data):
+    n = data.draw(st.integers(1, 6))
+    H = to_work(data.draw(spd(n, spread_for(device) / 3)), device)
+    for _ in range(data.draw(st.integers(1, 10))):
+        s, y = (to_work(v, device) for v in data.draw(cos_pairs(n, (0.3, 1.0), norm_exp=1.0)))
+        H = bfgs_inverse_update(H, s, y)
+        assert torch.equal(H, H.T)
+        assert torch.linalg.cholesky_ex(f64(H))[1] == 0
+
+
+# ------------------------------------------------------------------------------ P7 inverse pair
+@given(data=st.data())
+@hyp()
+def test_p7_inverse_and_direct_updates_are_inverses(device, data):
+    n, H, s, y, H64, s64, y64 = _setup(device, data, (0.2, 1.0))
+    B = to_work(_sym_inv(H64), device)
+    B64 = f64(B)
+    Hp, Bp = f64(bfgs_inverse_update(H, s, y)), f64(bfgs_direct_update(B, s, y))
+    # ‖H⁺B⁺ - I‖ ≤ ‖ΔH⁺‖‖B⁺‖ + ‖H⁺‖‖ΔB⁺‖ (+ the inexact B = H^{-1}: κ(H)·eps·‖H⁺‖‖B⁺‖-ish)
+    norm_h, norm_b = float(torch.linalg.matrix_norm(Hp, 2)), float(torch.linalg.matrix_norm(Bp, 2))
+    lo_h, hi_h = eig_bounds(H64)
+    bound = (_update_scale(H64, s64, y64) * norm_b + norm_h * _direct_scale(B64, s64, y64)
+             + (hi_h / lo_h) * norm_h * norm_b)
+    err = float((Hp @ Bp - torch.eye(n, dtype=F64)).norm())
+    assert err <= 100 * n * eps_for(device) * bound
+
+
+# ------------------------------------------------------------------------------ P8 determinants
+@given(data=st.data())
+@hyp()
+def test_p8_log_determinant_identities(device, data):
+    """det B⁺ = det B · sᵀy/(sᵀBs); det H⁺ = det H · sᵀBs/(sᵀy)."""
+    n, H, s, y, H64, s64, y64 = _setup(device, data, (0.2, 1.0))
+    B = to_work(_sym_inv(H64), device)
+    B64 = f64(B)
+    Hp, Bp = f64(bfgs_inverse_update(H, s, y)), f64(bfgs_direct_update(B, s, y))
+    sy, sBs = float(s64 @ y64), float(s64 @ B64 @ s64)
+    # Δlogdet(X) ≈ tr(X^{-1}ΔX) ≤ n‖ΔX‖/λmin(X), with λmin from the float64 oracle; plus the oracle's own κ·eps
+    lo0, hi0 = eig_bounds(H64)
+    tau = 100 * n * eps_for(device)
+    base = n * (hi0 / lo0) * tau + tau * float(s64.norm() * (B64 @ s64).norm()) / sBs
+    tol_h = n * tau * _update_scale(H64, s64, y64) / eig_bounds(bfgs_inverse_oracle(H64, s64, y64))[0] + base
+    tol_b = n * tau * _direct_scale(B64, s64, y64) / eig_bounds(bfgs_direct_oracle(B64, s64, y64))[0] + base
+    if max(tol_h, tol_b) > 0.1:
+        return  # H⁺ or B⁺ too ill-conditioned for the work precision (float32): determinant not resolvable
+    sign_h, logdet_hp = torch.linalg.slogdet(Hp)
+    sign_b, logdet_bp = torch.linalg.slogdet(Bp)
+    assert float(sign_h) == 1.0 and float(sign_b) == 1.0
+    ld_h = float(torch.linalg.slogdet(H64)[1])
+    ld_b = float(torch.linalg.slogdet(B64)[1])
+    assert abs(float(logdet_hp) - (ld_h + math.log(sBs) - math.log(sy))) <= tol_h
+    assert abs(float(logdet_bp) - (ld_b + math.log(sy) - math.log(sBs))) <= tol_b
+
+
+# ------------------------------------------------------------------------------ skip rules
+def test_check_pair_reasons(device):
+    s = to_work(torch.tensor([1.0, 0.0]), device)
+    assert check_pair(s, s).ok and check_pair(s, s).sy == pytest.approx(1.0)
+    assert check_pair(s, -s).reason == "s^T y <= 0"
+    assert check_pair(s, to_work(torch.tensor([0.0, 1.0]), device)).reason == "s^T y <= 0"  # sᵀy = 0
+    nan = to_work(torch.tensor([float("nan"), 0.0]), device)
+    inf = to_work(torch.tensor([float("inf"), 0.0]), device)
+    assert check_pair(nan, s).reason == "non-finite pair"
+    assert check_pair(s, inf).reason == "non-finite pair"
+    assert DEFAULT_CURVATURE_THRESHOLD == 1e-4
+
+
+@given(data=st.data())
+@hyp(max_examples=100)
+def test_guarded_update_relative_threshold(device, data):
+    """Skip iff sᵀy ≤ 1e-4·‖s‖²·‖g_ref‖; the skipped call returns the SAME H object and the reason."""
+    n, H, s, y, H64, s64, y64 = _setup(device, data)
+    sy, ss = float(s64 @ y64), float(s64 @ s64)
+    ratio = 10.0 ** data.draw(st.floats(-2.0, 2.0))  # threshold·ss·ref = sy/ratio
+    ref = sy / (DEFAULT_CURVATURE_THRESHOLD * ss) * ratio
+    out, reason = guarded_bfgs_inverse_update(H, s, y, reference_norm=ref)
+    if ratio > 1.0 + 1e-6:
+        assert reason == "s^T y below the relative curvature threshold"
+        assert out is H
+    elif ratio < 1.0 - 1e-6:
+        assert reason is None
+        assert out is not H
+        torch.testing.assert_close(out, bfgs_inverse_update(H, s, y), rtol=0, atol=0)
+    # a custom threshold is honoured: 10x the default with the same reference
+    out2, reason2 = guarded_bfgs_inverse_update(H, s, y, reference_norm=sy / (1e-3 * ss) * 2.0, threshold=1e-3)
+    assert reason2 is not None and out2 is H
+    # no reference: the relative rule is off
+    out3, reason3 = guarded_bfgs_inverse_update(H, s, y)
+    assert reason3 is None
+
+
+def test_guarded_update_skips_nonpositive_and_nonfinite(device):
+    H = to_work(torch.eye(3, dtype=F64) * 2.0, device)
+    s = to_work(torch.tensor([1.0, 2.0, 0.0], dtype=F64), device)
+    for y, why in [(-s, "s^T y <= 0"), (torch.zeros_like(s), "s^T y <= 0"),
+                   (to_work(torch.tensor([2.0, -1.0, 5.0], dtype=F64), device), "s^T y <= 0")]:
+        out, reason = guarded_bfgs_inverse_update(H, s, y)
+        assert out is H and reason == why
+    bad = s.clone()
+    bad[1] = float("nan")
+    out, reason = guarded_bfgs_inverse_update(H, bad, s)
+    assert out is H and reason == "non-finite pair"
+    out, reason = guarded_bfgs_inverse_update(H, s, bad)
+    assert out is H and reason == "non-finite pair"
+
+
+def test_guarded_update_skips_overflowing_update(device):
+    """A finite pair whose update overflows (ρ²·yᵀHy = inf) is skipped: 'non-finite update', H unchanged."""
+    big = torch.finfo(to_work(torch.zeros(1), device).dtype).max / 10
+    H = to_work(torch.eye(2, dtype=F64), device) * big
+    s = to_work(torch.tensor([1e-3, 0.0], dtype=F64), device)
+    out, reason = guarded_bfgs_inverse_update(H, s, s.clone())
+    assert torch.isfinite(H).all()
+    assert reason == "non-finite update" and out is H
+    assert not torch.isfinite(bfgs_inverse_update(H, s, s.clone())).all()
+
+
+def test_guarded_update_applies_good_pair(device):
+    H = to_work(torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=F64)), device)
+    s = to_work(torch.tensor([1.0, 0.5, -0.2], dtype=F64), device)
+    y = to_work(torch.tensor([2.0, 1.0, 0.1], dtype=F64), device)
+    out, reason = guarded_bfgs_inverse_update(H, s, y, reference_norm=1.0)
+    assert reason is None
+    assert rel_err(out, bfgs_inverse_oracle(f64(H), f64(s), f64(y))) <= 100 * eps_for(device)
+    # the input is not modified in place
+    assert torch.equal(f64(H), torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=F64)))
