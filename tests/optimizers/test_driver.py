@@ -116,7 +116,7 @@ def test_mixed_composition_by_type_and_name(device):
     y = torch.randn(12, 3, dtype=D, device=device)
     losses = []
     for _ in range(15):
-        losses.append(float(opt.step(closure_for(opt, model, x, y))))
+        losses.append(float(opt.step(closure_for(opt, model, x, y)).detach()))
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     with pytest.raises(ValueError, match="does not have"):
         CurvatureOptimizer(model, lr=0.1, blocks={"nope": kfac_block()})
