@@ -218,3 +218,56 @@ def test_block_state_dict_round_trip(device):
     clone.load_state_dict(block.state_dict())
     assert torch.equal(clone.to_dense(), block.to_dense())
     assert clone.diagnostics() == block.diagnostics()
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], max_examples=60)
+@given(seed=st.integers(0, 2**31 - 1), log_scale=st.floats(-4, 4), make=st.sampled_from(["kfac", "kbfgs", "diagonal"]))
+def test_p15_property_descent_direction_for_any_gradient(device, seed, log_scale, make):
+    """P15 for ANY gradient (hypothesis): gᵀPg ≥ λmin‖g‖² > 0 and ‖Pg‖ ≤ λmax‖g‖."""
+    torch.manual_seed(seed % 1000)
+    if make == "kbfgs":
+        block = _trained_kbfgs_block(device)
+    else:
+        lin = nn.Linear(3, 4).to(D).to(device)
+        adapter, rec = _capture_linear(lin, torch.randn(7, 3, dtype=D, device=device),
+                                       lambda out: (out.cos() ** 2).sum(1).mean())
+        block = _kfac_block(adapter, device) if make == "kfac" else DiagonalBlock("l", adapter, dtype=D, device=device)
+        block.update_statistics(rec, adapter.grad_matrix())
+        inverter = BatchedInverter()
+        block.request_inverses(inverter, Tikhonov(0.05))
+        inverter.run()
+    lo, hi = block.spectrum_bounds()
+    g = torch.randn(block.shape, dtype=D, generator=torch.Generator().manual_seed(seed)).to(device) * 10.0**log_scale
+    pg = block.precondition(g)
+    gg = float((g * g).sum())
+    assert lo > 0
+    assert float((g * pg).sum()) >= lo * gg * (1 - 1e-9)
+    assert float(pg.norm()) <= hi * gg**0.5 * (1 + 1e-9)
+
+
+def test_hessian_action_factor_with_a_torch_func_hessian_vector_product(device):
+    """The H_a strategy accepts any action: here the exact Hessian-vector product of f(w) = ½wᵀMw computed by
+    torch.func forward-over-reverse; Hessian-action BFGS then converges to M⁻¹."""
+    from torch.func import grad, jvp
+
+    torch.manual_seed(0)
+    q = torch.randn(5, 5, dtype=D, device=device)
+    M = q @ q.T + 0.5 * torch.eye(5, dtype=D, device=device)
+
+    def f(w):
+        return 0.5 * w @ M @ w
+
+    def hvp(v):
+        return jvp(grad(f), (torch.zeros(5, dtype=D, device=device),), (v,))[1]
+
+    factor = HessianActionFactor(5, damping=0.5, action=hvp, dtype=D, device=device)
+    factor.H = torch.eye(5, dtype=D, device=device)
+    for _ in range(200):
+        factor.hessian_action_update(torch.randn(5, dtype=D, device=device))
+    torch.testing.assert_close(factor.H, torch.linalg.inv(M), atol=1e-6, rtol=1e-6)
+    s, y = factor.last_pair
+    torch.testing.assert_close(y, M @ s)
