@@ -25,12 +25,6 @@ from convergence.checks.variance import flat_parameters
 from convergence.results import Verdict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class DoubledGradient(torch.autograd.Function):

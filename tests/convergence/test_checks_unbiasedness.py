@@ -24,12 +24,6 @@ from convergence.monitor import iid_loader
 from convergence.results import Verdict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _far_problem(device):

@@ -28,12 +28,6 @@ from convergence.checks.variance import (
 from convergence.results import Verdict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _problem(device, n=128):

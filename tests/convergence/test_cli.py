@@ -18,12 +18,6 @@ SMALL = ["--unbiased-batches", "100", "--variance-batches", "60", "--descent-bat
          "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _load(path):

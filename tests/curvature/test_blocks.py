@@ -180,20 +180,25 @@ def _trained_kbfgs_block(device, dtype=D):
     return block
 
 
+def _block_ready_to_precondition(make: str, device):
+    """A KFAC, K-BFGS or diagonal block with statistics and inverses from a real tiny layer."""
+    if make == "kbfgs":
+        return _trained_kbfgs_block(device)
+    lin = nn.Linear(3, 4).to(D).to(device)
+    adapter, rec = _capture_linear(lin, torch.randn(7, 3, dtype=D, device=device),
+                                   lambda out: (out.cos() ** 2).sum(1).mean())
+    block = _kfac_block(adapter, device) if make == "kfac" else DiagonalBlock("l", adapter, dtype=D, device=device)
+    block.update_statistics(rec, adapter.grad_matrix())
+    inverter = BatchedInverter()
+    block.request_inverses(inverter, Tikhonov(0.05))
+    inverter.run()
+    return block
+
+
 @pytest.mark.parametrize("make", ["kfac", "kbfgs", "diagonal"])
 def test_p15_every_block_gives_a_descent_direction_within_its_spectrum(device, make):
     torch.manual_seed(6)
-    if make == "kbfgs":
-        block = _trained_kbfgs_block(device)
-    else:
-        lin = nn.Linear(3, 4).to(D).to(device)
-        adapter, rec = _capture_linear(lin, torch.randn(7, 3, dtype=D, device=device),
-                                       lambda out: (out.cos() ** 2).sum(1).mean())
-        block = _kfac_block(adapter, device) if make == "kfac" else DiagonalBlock("l", adapter, dtype=D, device=device)
-        block.update_statistics(rec, adapter.grad_matrix())
-        inverter = BatchedInverter()
-        block.request_inverses(inverter, Tikhonov(0.05))
-        inverter.run()
+    block = _block_ready_to_precondition(make, device)
     lo, hi = block.spectrum_bounds()
     ev = torch.linalg.eigvalsh(block.to_dense())
     assert lo > 0
@@ -229,17 +234,7 @@ from hypothesis import strategies as st  # noqa: E402
 def test_p15_property_descent_direction_for_any_gradient(device, seed, log_scale, make):
     """P15 for ANY gradient (hypothesis): gᵀPg ≥ λmin‖g‖² > 0 and ‖Pg‖ ≤ λmax‖g‖."""
     torch.manual_seed(seed % 1000)
-    if make == "kbfgs":
-        block = _trained_kbfgs_block(device)
-    else:
-        lin = nn.Linear(3, 4).to(D).to(device)
-        adapter, rec = _capture_linear(lin, torch.randn(7, 3, dtype=D, device=device),
-                                       lambda out: (out.cos() ** 2).sum(1).mean())
-        block = _kfac_block(adapter, device) if make == "kfac" else DiagonalBlock("l", adapter, dtype=D, device=device)
-        block.update_statistics(rec, adapter.grad_matrix())
-        inverter = BatchedInverter()
-        block.request_inverses(inverter, Tikhonov(0.05))
-        inverter.run()
+    block = _block_ready_to_precondition(make, device)
     lo, hi = block.spectrum_bounds()
     g = torch.randn(block.shape, dtype=D, generator=torch.Generator().manual_seed(seed)).to(device) * 10.0**log_scale
     pg = block.precondition(g)

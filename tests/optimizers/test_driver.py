@@ -221,12 +221,10 @@ def test_lr_scheduler_changes_the_step(device):
     for _ in range(3):
         before = model[2].weight.detach().clone()
         opt.step(closure_for(opt, model, x, y))
-        info_dir = opt.blocks["2"].precondition(opt.slots["2"].adapter.grad_matrix())
         deltas.append((model[2].weight - before).norm().item())
         sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * 0.125)
     assert deltas[1] < deltas[0] and deltas[2] < deltas[1]
-    del info_dir
 
 
 def test_applied_step_is_minus_lr_hg_m_ha_from_the_kronecker_operator(device):
@@ -342,8 +340,6 @@ def test_kl_clip_scales_the_step(device):
     opt.register_step_hook(lambda info: scales.append(info.step_scale))
     opt.step(closure_for(opt, model, x, y))
     assert 0 < scales[0] < 1
-    d = {n: opt.blocks[n].precondition(torch.zeros(1)) if False else None for n in opt.blocks}
-    del d
 
 
 def test_statistics_use_the_current_batch_or_lag_it(device):
