@@ -5,7 +5,8 @@ A layer computes pre-activations :math:`h = W\bar a` with the homogeneous input
 input and output (or output gradient) into *rows*: one row per sample, or per sample and spatial
 location, so that
 
-* ``activation_rows(x)`` is :math:`R \times d_a` (the rows :math:`\bar a^\top`),
+* ``input_rows(x)`` is :math:`R \times d_{in}` (the rows :math:`a^\top`; the homogeneous 1 of
+  :math:`\bar a` is appended by the capture's record only when asked for),
 * ``output_rows(h)`` is :math:`R \times d_g` (pre-activations or their gradients),
 
 and it reads/writes the gradient as the single matrix :math:`[\nabla W \mid \nabla b]` of shape
@@ -58,13 +59,6 @@ class LayerAdapter:
         """Rows of the input without the homogeneous coordinate, ``R × d_in``."""
         raise NotImplementedError
 
-    def activation_rows(self, x: torch.Tensor) -> torch.Tensor:
-        r"""Rows :math:`\bar a^\top` of the homogeneous input, ``R × d_a``."""
-        rows = self.input_rows(x)
-        if self.has_bias:
-            rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
-        return rows
-
     def output_rows(self, h: torch.Tensor) -> torch.Tensor:
         """Rows of the pre-activation (or of its gradient), ``R × d_g``."""
         raise NotImplementedError
@@ -102,10 +96,6 @@ class LayerAdapter:
         if self.has_bias:
             return matrix[:, :-1].reshape(w.shape), matrix[:, -1].reshape(self.module.bias.shape)
         return matrix.reshape(w.shape), None
-
-    def rows_per_sample(self, x: torch.Tensor) -> int:
-        """T, the number of rows one sample contributes."""
-        return self.input_rows(x).shape[0] // x.shape[0]
 
 
 class LinearAdapter(LayerAdapter):

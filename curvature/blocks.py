@@ -145,16 +145,11 @@ class KroneckerBlock(CurvatureBlock):
         self.has_quadratic_form = isinstance(a_factor, EMACovarianceFactor) and isinstance(g_factor, EMACovarianceFactor)
 
     def update_statistics(self, record: LayerRecord, grad: torch.Tensor) -> None:
-        for factor, rows, with_ones, scale in (
-            (self.a_factor, record.input_rows, record.has_bias, a_scale(record, self.adapter) if self.needs_a else 0.0),
-            (self.g_factor, record.grad_rows, False, g_scale(record) if self.needs_g else 0.0),
-        ):
-            if not factor.uses_statistics:
-                continue
-            if hasattr(factor, "observe_gram"):
-                factor.observe_gram(_required(rows, "a" if factor is self.a_factor else "g"), with_ones, scale)
-            else:
-                factor.observe(a_statistic(record, self.adapter) if factor is self.a_factor else g_statistic(record))
+        if self.a_factor.uses_statistics:
+            rows = _required(record.input_rows, "a")
+            self.a_factor.observe_gram(rows, record.has_bias, a_scale(record, self.adapter))
+        if self.g_factor.uses_statistics:
+            self.g_factor.observe_gram(_required(record.grad_rows, "g"), False, g_scale(record))
 
     def warm_start(self, a_stat, g_stat) -> None:
         if a_stat is not None and self.a_factor.uses_statistics:

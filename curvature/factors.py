@@ -41,6 +41,14 @@ class Factor:
     def observe(self, statistic: torch.Tensor) -> None:
         """Fold in the current batch statistic (a ``dim × dim`` matrix). Default: ignored."""
 
+    def observe_gram(self, rows: torch.Tensor, with_ones: bool, scale: float) -> None:
+        r""":meth:`observe` the statistic :math:`\text{scale}\cdot[X\ 1]^\top[X\ 1]` (or :math:`X^\top X`)
+        given its rows; strategies that keep an EMA fold it in without forming the statistic."""
+        d = rows.shape[1] + int(with_ones)
+        statistic = rows.new_zeros(d, d)
+        accumulate_gram(statistic, rows, with_ones, scale, 0.0)
+        self.observe(statistic)
+
     def set_statistic(self, statistic: torch.Tensor) -> None:
         """Overwrite the running statistic (warm start). Default: ignored."""
 
