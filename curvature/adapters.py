@@ -14,16 +14,18 @@ and it reads/writes the gradient as the single matrix :math:`[\nabla W \mid \nab
 
 Adding a layer type means writing one adapter and registering it in :data:`ADAPTERS`.
 
-Kronecker factor convention (one formula for every adapter): with :math:`R = N T` rows from
-:math:`N` samples and :math:`T` rows per sample,
-:math:`A = \frac{c}{R}\sum \bar a\bar a^\top` and :math:`G = \frac1R\sum g g^\top`, where
-:math:`c = T` for Conv2d (KFC, Grosse & Martens 2016: :math:`\Omega = \frac1N\sum_i\sum_t \bar a\bar a^\top`,
-:math:`\Gamma = \frac1{NT}\sum_i\sum_t g g^\top`) and :math:`c = 1` for Linear, whose extra leading
-dimensions are treated as extra samples.
+**Samples and groups.** ``num_samples(x)`` is how many *samples* (loss terms of a mean loss) one
+call's input holds and ``num_groups(x)`` how many *weight-sharing groups* (sequences, images): the
+rows of one call are group-major, ``R / num_groups`` rows per group. A Linear-like layer treats
+every leading index as a sample (``[B, S, D]``: ``B·S`` samples, one row each, ``B`` groups of
+``S`` rows); a convolution treats each image as a sample whose locations are its rows (``N``
+samples = ``N`` groups). See :mod:`curvature.capture` for how calls combine, and
+:mod:`curvature.blocks` for the KFAC-expand / KFAC-reduce statistics built from the rows.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -38,8 +40,13 @@ class UnsupportedLayerError(TypeError):
 class LayerAdapter:
     """Base adapter: subclasses implement the row extraction for one module type."""
 
-    #: Whether A sums over the locations of one sample (KFC) instead of averaging.
-    sums_over_locations: bool = False
+    #: Whether the Kronecker A side is a one-hot input given as indices (Embedding): its A is diagonal.
+    one_hot_input: bool = False
+    #: The module whose forward call is hooked (default: the adapter's own module).
+    hook_module: nn.Module | None = None
+    #: When set, the rows come from ``F.linear(x, functional_weight, ...)`` calls made inside
+    #: ``hook_module``'s forward (the module itself is never called, e.g. MultiheadAttention's out_proj).
+    functional_weight: torch.Tensor | None = None
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -55,6 +62,14 @@ class LayerAdapter:
         raise NotImplementedError
 
     # --- rows ----------------------------------------------------------------------------------
+    def num_samples(self, x: torch.Tensor) -> int:
+        """Samples in one call's input (default: the leading dimension)."""
+        return int(x.shape[0])
+
+    def num_groups(self, x: torch.Tensor) -> int:
+        """Weight-sharing groups in one call's input (default: the leading dimension)."""
+        return int(x.shape[0])
+
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Rows of the input without the homogeneous coordinate, ``R × d_in``."""
         raise NotImplementedError
@@ -64,23 +79,30 @@ class LayerAdapter:
         raise NotImplementedError
 
     # --- gradient as one matrix -------------------------------------------------------------------
+    @property
+    def weight(self) -> nn.Parameter:
+        """The parameter playing the role of W (default: ``module.weight``)."""
+        return self.module.weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        """The parameter playing the role of b, or None (default: ``module.bias``)."""
+        return self.module.bias if self.has_bias else None
+
     def parameters(self) -> list[nn.Parameter]:
-        params = [self.module.weight]
-        if self.has_bias:
-            params.append(self.module.bias)
-        return params
+        return [self.weight] + ([self.bias] if self.has_bias else [])
 
     def weight_matrix(self) -> torch.Tensor:
         """The parameters as one matrix ``[W | b]`` (``d_g × d_a``)."""
-        return self.to_matrix(self.module.weight.detach(), self.module.bias.detach() if self.has_bias else None)
+        return self.to_matrix(self.weight.detach(), self.bias.detach() if self.has_bias else None)
 
     def grad_matrix(self) -> torch.Tensor:
         r"""The gradient as one matrix :math:`[\nabla W \mid \nabla b]`; zeros where a gradient is None."""
-        w = self.module.weight
+        w = self.weight
         gw = w.grad if w.grad is not None else torch.zeros_like(w)
         gb = None
         if self.has_bias:
-            b = self.module.bias
+            b = self.bias
             gb = b.grad if b.grad is not None else torch.zeros_like(b)
         return self.to_matrix(gw, gb)
 
@@ -92,9 +114,9 @@ class LayerAdapter:
 
     def split_matrix(self, matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inverse of :meth:`to_matrix`: ``(weight-shaped, bias-shaped or None)``."""
-        w = self.module.weight
+        w = self.weight
         if self.has_bias:
-            return matrix[:, :-1].reshape(w.shape), matrix[:, -1].reshape(self.module.bias.shape)
+            return matrix[:, :-1].reshape(w.shape), matrix[:, -1].reshape(self.bias.shape)
         return matrix.reshape(w.shape), None
 
 
@@ -109,6 +131,13 @@ class LinearAdapter(LayerAdapter):
     def g_dim(self) -> int:
         return self.module.out_features
 
+    def num_samples(self, x: torch.Tensor) -> int:
+        """Every leading index is a sample: ``x.numel() / d_in`` (``B·S`` for ``[B, S, D]``)."""
+        return int(x.numel() // x.shape[-1]) if x.dim() > 1 else 1
+
+    def num_groups(self, x: torch.Tensor) -> int:
+        return int(x.shape[0]) if x.dim() > 1 else 1
+
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(-1, x.shape[-1])
 
@@ -116,52 +145,279 @@ class LinearAdapter(LayerAdapter):
         return h.reshape(-1, h.shape[-1])
 
 
-class Conv2dAdapter(LayerAdapter):
-    """``nn.Conv2d`` (groups = 1, any stride/padding/dilation, zeros padding) via unfold patches."""
+class ConvAdapter(LayerAdapter):
+    """``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, any stride/padding/dilation, zeros padding) via patches.
 
-    sums_over_locations = True
+    Each image (sequence for Conv1d) is one sample whose output locations are its rows (KFC).
+    """
 
-    def __init__(self, module: nn.Conv2d) -> None:
+    spatial_dims = 2
+
+    def __init__(self, module: nn.Module) -> None:
+        kind = type(module).__name__
         if module.groups != 1:
-            raise UnsupportedLayerError(f"Conv2d with groups={module.groups} is not supported (groups must be 1)")
+            raise UnsupportedLayerError(f"{kind} with groups={module.groups} is not supported (groups must be 1)")
         if module.padding_mode != "zeros":
-            raise UnsupportedLayerError(f"Conv2d with padding_mode={module.padding_mode!r} is not supported")
+            raise UnsupportedLayerError(f"{kind} with padding_mode={module.padding_mode!r} is not supported")
         if isinstance(module.padding, str):
-            raise UnsupportedLayerError("Conv2d with string padding ('same'/'valid') is not supported; use integers")
+            raise UnsupportedLayerError(f"{kind} with string padding ('same'/'valid') is not supported; use integers")
         super().__init__(module)
 
     @property
     def a_dim(self) -> int:
         m = self.module
-        return m.in_channels * m.kernel_size[0] * m.kernel_size[1] + int(self.has_bias)
+        return m.in_channels * math.prod(m.kernel_size) + int(self.has_bias)
 
     @property
     def g_dim(self) -> int:
         return self.module.out_channels
 
+    def _batched(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(0) if x.dim() == self.spatial_dims + 1 else x
+
+    def num_samples(self, x: torch.Tensor) -> int:
+        return int(self._batched(x).shape[0])
+
+    num_groups = num_samples
+
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """Patch rows ``[N·H'·W', C_in·kh·kw]``, in the weight's (C_in, kh, kw) order, location-major.
+        """Patch rows ``[N·L, C_in·prod(kernel)]``, in the weight's (C_in, k...) order, location-major.
 
         Built from strided views (``Tensor.unfold``) and one copy; this is what ``F.unfold`` computes,
         without its im2col kernel, which is slow on CPU when threads are contended.
         """
-        m = self.module
-        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
-        if ph or pw:
-            x = F.pad(x, (pw, pw, ph, ph))
-        windows = x.unfold(2, dh * (kh - 1) + 1, sh).unfold(3, dw * (kw - 1) + 1, sw)
-        windows = windows[..., ::dh, ::dw]  # [N, C, H', W', kh, kw]
-        return windows.permute(0, 2, 3, 1, 4, 5).reshape(-1, x.shape[1] * kh * kw)
+        m, x = self.module, self._batched(x)
+        nd = self.spatial_dims
+        pad = [p for p in reversed(m.padding) for _ in range(2)]
+        if any(pad):
+            x = F.pad(x, pad)
+        for i in range(nd):
+            k, st, dl = m.kernel_size[i], m.stride[i], m.dilation[i]
+            x = x.unfold(2 + i, dl * (k - 1) + 1, st)
+        index = tuple(slice(None, None, dl) for dl in m.dilation)
+        windows = x[(Ellipsis, *index)]  # [N, C, L1.., k1..]
+        order = (0, *range(2, 2 + nd), 1, *range(2 + nd, 2 + 2 * nd))
+        return windows.permute(*order).reshape(-1, x.shape[1] * math.prod(m.kernel_size))
 
     def output_rows(self, h: torch.Tensor) -> torch.Tensor:
-        return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # [N*H'*W', C_out]
+        h = self._batched(h)
+        return h.movedim(1, -1).reshape(-1, h.shape[1])  # [N*L, C_out]
+
+
+class Conv2dAdapter(ConvAdapter):
+    """``nn.Conv2d`` (see :class:`ConvAdapter`)."""
+
+    spatial_dims = 2
+
+
+class Conv1dAdapter(ConvAdapter):
+    """``nn.Conv1d`` (see :class:`ConvAdapter`)."""
+
+    spatial_dims = 1
+
+
+class EmbeddingAdapter(LayerAdapter):
+    r"""``nn.Embedding``: :math:`h = W^\top e_t` for token :math:`t` (one-hot input), so the gradient
+    matrix is :math:`\nabla W^\top` (``embedding_dim × num_embeddings``) and A is diagonal (token counts).
+
+    Every index is a sample (like a Linear on its one-hot rows); the input rows are the indices
+    (one integer column), never one-hot vectors. ``max_norm`` (renormalizes the weight in forward)
+    and ``sparse`` gradients are not supported.
+    """
+
+    one_hot_input = True
+
+    def __init__(self, module: nn.Embedding) -> None:
+        if module.max_norm is not None:
+            raise UnsupportedLayerError("Embedding with max_norm rewrites its weight during forward; not supported")
+        if module.sparse:
+            raise UnsupportedLayerError("Embedding with sparse=True has sparse gradients; not supported")
+        super().__init__(module)
+        self.has_bias = False
+
+    @property
+    def a_dim(self) -> int:
+        return self.module.num_embeddings
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.embedding_dim
+
+    @property
+    def bias(self) -> None:
+        return None
+
+    def num_samples(self, x: torch.Tensor) -> int:
+        return int(x.numel())
+
+    def num_groups(self, x: torch.Tensor) -> int:
+        return int(x.shape[0]) if x.dim() > 1 else 1
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, 1)
+
+    def output_rows(self, h: torch.Tensor) -> torch.Tensor:
+        return h.reshape(-1, h.shape[-1])
+
+    def to_matrix(self, weight_like: torch.Tensor, bias_like: torch.Tensor | None) -> torch.Tensor:
+        return weight_like.T
+
+    def split_matrix(self, matrix: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return matrix.T.reshape(self.weight.shape), None
+
+
+class NormAffineAdapter(LayerAdapter):
+    r"""The elementwise affine parameters of ``LayerNorm``/``BatchNorm*``/``GroupNorm``:
+    :math:`y = \hat x\odot\gamma + \beta`, as the ``C × 2`` matrix :math:`[\gamma \mid \beta]`
+    (one row per channel; ``C`` the number of affine entries).
+
+    Only blocks that need no captured rows fit (a diagonal block on the gradient, the default); the
+    layer is not hooked.
+    """
+
+    has_rows = False
+
+    def __init__(self, module: nn.Module) -> None:
+        if getattr(module, "weight", None) is None:
+            raise UnsupportedLayerError(f"{type(module).__name__} without affine weight has no block")
+        super().__init__(module)
+
+    @property
+    def a_dim(self) -> int:
+        return 1 + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.weight.numel()
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        raise UnsupportedLayerError("normalization layers have no Kronecker rows; use a diagonal block")
+
+    output_rows = input_rows
+
+    def to_matrix(self, weight_like: torch.Tensor, bias_like: torch.Tensor | None) -> torch.Tensor:
+        mat = weight_like.reshape(-1, 1)
+        return mat if bias_like is None else torch.cat([mat, bias_like.reshape(-1, 1)], dim=1)
+
+
+class _AttentionProjection(LayerAdapter):
+    """Common part of the two ``nn.MultiheadAttention`` projections, captured from its ``F.linear``
+    calls (the projections are never called as modules)."""
+
+    def __init__(self, module: nn.Module, attention: nn.MultiheadAttention) -> None:
+        if not attention._qkv_same_embed_dim:
+            raise UnsupportedLayerError("MultiheadAttention with kdim/vdim != embed_dim uses separate q/k/v weights; "
+                                        "not supported")
+        if attention.bias_k is not None:
+            raise UnsupportedLayerError("MultiheadAttention with add_bias_kv is not supported")
+        super().__init__(module)
+        self.hook_module = attention
+        self.attention = attention
+
+    def num_samples(self, x: torch.Tensor) -> int:
+        return int(x.numel() // x.shape[-1])
+
+
+class AttentionInProjAdapter(_AttentionProjection):
+    r"""``nn.MultiheadAttention``'s packed q/k/v projection: ``in_proj_weight`` (``3E × E``) and
+    ``in_proj_bias`` as one Linear-like layer whose output is :math:`[q; k; v]`.
+
+    Captured from ``F.linear(x, in_proj_weight, in_proj_bias)``, which the attention makes when query,
+    key and value are the same tensor (self-attention). With distinct query/key/value it projects
+    chunks of the weight instead, nothing is captured and the step says so (exclude the layer).
+    Inside the attention the layout is ``[S, B, E]``; rows are reordered batch-major (B groups).
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__(attention, attention)
+        self.has_bias = attention.in_proj_bias is not None
+        self.functional_weight = attention.in_proj_weight
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.attention.in_proj_weight
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.attention.in_proj_bias
+
+    @property
+    def a_dim(self) -> int:
+        return self.attention.embed_dim + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        return 3 * self.attention.embed_dim
+
+    def num_groups(self, x: torch.Tensor) -> int:
+        return int(x.shape[1])
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(0, 1).reshape(-1, x.shape[-1])
+
+    output_rows = input_rows
+
+
+class AttentionOutProjAdapter(_AttentionProjection):
+    """``nn.MultiheadAttention.out_proj``: a Linear applied by ``F.linear`` on the attention's
+    ``[S·B, E]`` output (sequence-major); rows are reordered batch-major (B groups)."""
+
+    def __init__(self, out_proj: nn.Linear, attention: nn.MultiheadAttention) -> None:
+        super().__init__(out_proj, attention)
+        self.functional_weight = out_proj.weight
+        self._batch = 1
+
+    def observe_call(self, args: tuple, kwargs: dict) -> None:
+        """Read the batch size from the attention's query (called before its forward)."""
+        query = args[0] if args else kwargs["query"]
+        if query.dim() == 2:
+            self._batch = 1
+        else:
+            self._batch = int(query.shape[0] if self.attention.batch_first else query.shape[1])
+
+    @property
+    def a_dim(self) -> int:
+        return self.module.in_features + int(self.has_bias)
+
+    @property
+    def g_dim(self) -> int:
+        return self.module.out_features
+
+    def num_groups(self, x: torch.Tensor) -> int:
+        return self._batch
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        d, b = x.shape[-1], self._batch
+        return x.reshape(-1, b, d).transpose(0, 1).reshape(-1, d)
+
+    output_rows = input_rows
 
 
 #: Module type -> adapter factory. Exact type match first, then isinstance in insertion order.
 ADAPTERS: dict[type[nn.Module], Callable[[nn.Module], LayerAdapter]] = {
     nn.Linear: LinearAdapter,
     nn.Conv2d: Conv2dAdapter,
+    nn.Conv1d: Conv1dAdapter,
+    nn.Embedding: EmbeddingAdapter,
+    nn.LayerNorm: NormAffineAdapter,
+    nn.GroupNorm: NormAffineAdapter,
+    nn.modules.batchnorm._BatchNorm: NormAffineAdapter,
+    nn.MultiheadAttention: AttentionInProjAdapter,
 }
+
+
+def contextual_adapters(model: nn.Module) -> dict[int, LayerAdapter]:
+    """Adapters that depend on where a module sits (by ``id(module)``): the ``out_proj`` of every
+    ``nn.MultiheadAttention``, which the attention applies functionally. Configurations the adapter
+    cannot handle are left out (the module then gets the plain lookup, and usually falls back)."""
+    out: dict[int, LayerAdapter] = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            try:
+                out[id(module.out_proj)] = AttentionOutProjAdapter(module.out_proj, module)
+            except UnsupportedLayerError as err:
+                out[id(module.out_proj)] = err  # type: ignore[assignment]
+    return out
 
 
 def adapter_for(module: nn.Module) -> LayerAdapter | None:

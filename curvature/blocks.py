@@ -27,31 +27,57 @@ from curvature.inverter import BatchedInverter
 from curvature.linalg import accumulate_gram
 
 
-def a_scale(record: LayerRecord, adapter: LayerAdapter) -> float:
-    """The factor c/R of the A statistic (c = T for KFC layers, else 1)."""
+APPROXIMATIONS = ("expand", "reduce")
+
+
+def check_approx(approx: str) -> str:
+    if approx not in APPROXIMATIONS:
+        raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
+    return approx
+
+
+def a_rows_and_scale(record: LayerRecord, approx: str = "expand") -> tuple[torch.Tensor, float]:
+    r"""The rows of the A statistic and its scale: :math:`A = \text{scale}\cdot\sum \bar a\bar a^\top`.
+
+    expand: every row, scale :math:`1/N` (N samples; A sums over the rows of one sample, KFC);
+    reduce: the per-group mean rows :math:`\hat a_n`, scale :math:`1/N_g` (N_g groups).
+    """
     rows = _required(record.input_rows, "a")
-    return (record.rows_per_sample if adapter.sums_over_locations else 1) / rows.shape[0]
+    if check_approx(approx) == "expand":
+        return rows, 1.0 / record.batch_size
+    return record.group_mean(rows), 1.0 / record.groups
 
 
-def g_scale(record: LayerRecord) -> float:
-    """The factor (per-sample scale)²/R of the G statistic computed from autograd's raw rows."""
+def g_rows_and_scale(record: LayerRecord, approx: str = "expand") -> tuple[torch.Tensor, float]:
+    r"""The rows of the G statistic (autograd's raw rows, or their per-group sums) and its scale.
+
+    expand: :math:`G = \frac{s^2}{R}\sum_{\text{rows}} r r^\top` with the per-sample scale
+    :math:`s` (N for a mean loss); reduce: :math:`G = \frac{s_g^2}{N_g}\sum_n \hat r_n\hat r_n^\top`
+    with :math:`\hat r_n = \sum_{\text{rows of group } n} r` and :math:`s_g` (N_g for a mean loss).
+    """
     rows = _required(record.grad_rows, "g")
-    return record.grad_scale**2 / rows.shape[0]
+    if check_approx(approx) == "expand":
+        return rows, record.grad_scale**2 / rows.shape[0]
+    return record.group_sum(rows), record.reduce_scale**2 / record.groups
 
 
-def a_statistic(record: LayerRecord, adapter: LayerAdapter) -> torch.Tensor:
-    r""":math:`A_k = \frac{c}{R}\sum_{\text{rows}} \bar a\bar a^\top` with :math:`c = T` for KFC layers, else 1."""
-    rows = _required(record.input_rows, "a")
+def a_statistic(record: LayerRecord, adapter: LayerAdapter | None = None, approx: str = "expand") -> torch.Tensor:
+    r"""The batch's :math:`A` (see :func:`a_rows_and_scale`), with the homogeneous coordinate; for a
+    one-hot input (indices) the vector of its diagonal (``adapter`` gives the vocabulary size)."""
+    rows, scale = a_rows_and_scale(record, approx)
+    if not rows.is_floating_point():  # one-hot input given as indices (embedding): the diagonal only
+        dim = adapter.a_dim if adapter is not None else int(rows.max()) + 1
+        return torch.bincount(rows.reshape(-1), minlength=dim).double() * scale
     d = rows.shape[1] + int(record.has_bias)
     out = rows.new_zeros(d, d)
-    accumulate_gram(out, rows, record.has_bias, a_scale(record, adapter), 0.0)
+    accumulate_gram(out, rows, record.has_bias, scale, 0.0)
     return out
 
 
-def g_statistic(record: LayerRecord) -> torch.Tensor:
-    r""":math:`G_k = \frac1R\sum_{\text{rows}} g g^\top` (per-sample scaled gradients)."""
-    rows = _required(record.grad_rows, "g")
-    return (rows.T @ rows) * g_scale(record)
+def g_statistic(record: LayerRecord, approx: str = "expand") -> torch.Tensor:
+    r"""The batch's :math:`G` (see :func:`g_rows_and_scale`)."""
+    rows, scale = g_rows_and_scale(record, approx)
+    return (rows.T @ rows) * scale
 
 
 def _required(rows: torch.Tensor | None, what: str) -> torch.Tensor:
@@ -131,8 +157,13 @@ class CurvatureBlock:
 class KroneckerBlock(CurvatureBlock):
     r"""Two independent factor strategies: :math:`P(M) = H_g\,M\,H_a`, i.e. :math:`P = H_a\otimes H_g`."""
 
-    def __init__(self, name: str, adapter: LayerAdapter, a_factor: Factor, g_factor: Factor, kind: str = "kronecker") -> None:
+    def __init__(self, name: str, adapter: LayerAdapter, a_factor: Factor, g_factor: Factor, kind: str = "kronecker",
+                 approx: str = "expand") -> None:
         super().__init__(name, adapter)
+        self.approx = check_approx(approx)
+        if approx == "reduce" and getattr(adapter, "one_hot_input", False):
+            raise ValueError(f"layer {name!r}: KFAC-reduce averages one-hot inputs into dense rows; use approx='expand' "
+                             "for embeddings")
         if a_factor.dim != adapter.a_dim or g_factor.dim != adapter.g_dim:
             raise ValueError(
                 f"factor sizes ({a_factor.dim}, {g_factor.dim}) do not match layer {name!r} "
@@ -146,10 +177,11 @@ class KroneckerBlock(CurvatureBlock):
 
     def update_statistics(self, record: LayerRecord, grad: torch.Tensor) -> None:
         if self.a_factor.uses_statistics:
-            rows = _required(record.input_rows, "a")
-            self.a_factor.observe_gram(rows, record.has_bias, a_scale(record, self.adapter))
+            rows, scale = a_rows_and_scale(record, self.approx)
+            self.a_factor.observe_gram(rows, record.has_bias, scale)
         if self.g_factor.uses_statistics:
-            self.g_factor.observe_gram(_required(record.grad_rows, "g"), False, g_scale(record))
+            rows, scale = g_rows_and_scale(record, self.approx)
+            self.g_factor.observe_gram(rows, False, scale)
 
     def warm_start(self, a_stat, g_stat) -> None:
         if a_stat is not None and self.a_factor.uses_statistics:
@@ -169,13 +201,14 @@ class KroneckerBlock(CurvatureBlock):
     def update_after_step(self, before: LayerRecord, after: LayerRecord) -> None:
         if isinstance(self.g_factor, SecantFactor):
             _required(before.grad_rows, "g"), _required(after.grad_rows, "g")
-            g_before = before.g_mean()
-            s = _required(after.h_rows, "h").mean(0) - _required(before.h_rows, "h").mean(0)
-            y = after.g_mean() - g_before
+            _required(after.h_rows, "h"), _required(before.h_rows, "h")
+            g_before = before.g_mean(self.approx)
+            s = after.h_mean(self.approx) - before.h_mean(self.approx)
+            y = after.g_mean(self.approx) - g_before
             self.g_factor.observe_pair(s, y, reference_norm=float(g_before.norm()))
         if isinstance(self.a_factor, HessianActionFactor):
             _required(before.input_rows, "a")
-            self.a_factor.hessian_action_update(before.a_mean())
+            self.a_factor.hessian_action_update(before.a_mean(self.approx))
 
     def curvature_quadratic(self, delta: torch.Tensor) -> torch.Tensor:
         if not self.has_quadratic_form:
@@ -211,7 +244,7 @@ class KroneckerBlock(CurvatureBlock):
         self.g_factor.load_state_dict(state["g"])
 
     def describe(self) -> str:
-        return f"{self.kind}[A: {type(self.a_factor).__name__}, G: {type(self.g_factor).__name__}]"
+        return f"{self.kind}-{self.approx}[A: {type(self.a_factor).__name__}, G: {type(self.g_factor).__name__}]"
 
 
 class DiagonalBlock(CurvatureBlock):
@@ -246,6 +279,11 @@ class DiagonalBlock(CurvatureBlock):
             return grad * grad
         a, g = _required(record.a_rows, "a"), _required(record.g_rows, "g")
         n, t = record.batch_size, record.rows_per_sample
+        if t != 1 and not record.sample_major:
+            raise RuntimeError(
+                f"layer {self.name!r}: the exact empirical-Fisher diagonal needs each sample's rows together, but this "
+                "Linear-like layer was called several times in one forward; use diagonal_block(source='gradient')"
+            )
         if t == 1:
             return (g * g).T @ (a * a) / n
         per_sample = torch.einsum("ntg,nta->nga", g.reshape(n, t, -1), a.reshape(n, t, -1))

@@ -24,9 +24,11 @@ the model) and also at the first forward call after a backward reached a layer. 
 layer is built from all its calls by one rule:
 
 * within a pass, the calls of a layer are the *same samples* seen several times ("expand", e.g. a
-  module applied to several inputs in one forward): call :math:`c` contributes :math:`T_c` rows per
-  sample, and the rows of sample :math:`i` are all its calls' rows (sample-major order, exactly as
-  if the inputs had been stacked along an extra dimension of one call);
+  module applied to several inputs in one forward, an RNN cell, a shared block): call :math:`c`
+  contributes its rows to every weight-sharing group, and the rows of group :math:`i` are all its
+  calls' rows (group-major order, exactly as if the inputs had been stacked along an extra
+  dimension of one call); the pass's sample count is that of its first call (the adapter's
+  ``num_samples``: every leading index for a Linear-like layer, every image for a convolution);
 * different passes are *different samples* (gradient accumulation over micro-batches): the batch
   size is :math:`N = \sum_p N_p` and the rows are concatenated.
 
@@ -43,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from curvature.adapters import LayerAdapter
@@ -55,7 +58,9 @@ class LayerRecord:
 
     ``input_rows`` (the input rows without the homogeneous coordinate) and ``grad_rows`` (autograd's
     ∂L/∂h rows) with the per-sample ``grad_scale``; ``batch_size`` samples with ``rows_per_sample``
-    rows each. ``a_rows`` (with the 1 appended when the layer has a bias) and ``g_rows``
+    rows each (on average); ``groups`` weight-sharing groups (sequences, images) whose rows are
+    contiguous, ``group_rows`` listing ``(number of groups, rows per group)`` per pass, and
+    ``reduce_scale`` the per-group scale of a mean loss over the groups (KFAC-reduce). ``a_rows`` (with the 1 appended when the layer has a bias) and ``g_rows``
     (= ``grad_scale · grad_rows``) are built on first access and cached; assigning them replaces
     the raw data. ``calls`` is the number of forward calls the record joins and ``missing_grads``
     how many of them received no gradient (a forward with gradients enabled but no backward).
@@ -78,6 +83,10 @@ class LayerRecord:
         self._g_rows: torch.Tensor | None = None
         self.calls = 1
         self.missing_grads = 0
+        self.groups = batch_size
+        self.group_rows: list[tuple[int, int]] | None = None
+        self.reduce_scale = 1.0
+        self.sample_major = True
         if a_rows is not None:
             self.a_rows = a_rows
         if g_rows is not None:
@@ -106,18 +115,46 @@ class LayerRecord:
     def g_rows(self, rows: torch.Tensor | None) -> None:
         self._g_rows, self.grad_rows, self.grad_scale = rows, rows, 1.0
 
-    def a_mean(self) -> torch.Tensor:
-        r"""The mean homogeneous input row :math:`\bar{\bar a}` (1 in the bias coordinate)."""
-        mean = self.input_rows.mean(0)
+    def group_index(self) -> torch.Tensor:
+        """The group of every row (``R`` integers in ``[0, groups)``)."""
+        rows = next(r for r in (self.input_rows, self.h_rows, self.grad_rows) if r is not None)
+        plan = self.group_rows or [(self.groups, rows.shape[0] // max(self.groups, 1))]
+        sizes = torch.cat([torch.full((n,), t, dtype=torch.long) for n, t in plan])
+        return torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(rows.device)
+
+    def group_sum(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-group sums of ``rows`` (``groups × d``)."""
+        out = rows.new_zeros(self.groups, rows.shape[1])
+        return out.index_add_(0, self.group_index(), rows)
+
+    def group_mean(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-group means of ``rows`` (``groups × d``)."""
+        counts = torch.bincount(self.group_index(), minlength=self.groups).to(rows)
+        return self.group_sum(rows) / counts.unsqueeze(1)
+
+    def a_mean(self, approx: str = "expand") -> torch.Tensor:
+        r"""The mean homogeneous input :math:`\bar{\bar a}` (1 in the bias coordinate): the mean over
+        rows (expand) or over groups of the group means (reduce)."""
+        rows = self.input_rows if approx == "expand" else self.group_mean(self.input_rows)
+        mean = rows.mean(0)
         return torch.cat([mean, mean.new_ones(1)]) if self.has_bias else mean
+
+    def h_mean(self, approx: str = "expand") -> torch.Tensor:
+        r"""The mean pre-activation :math:`\bar h` (over rows, or over groups of the group means)."""
+        rows = self.h_rows if approx == "expand" else self.group_mean(self.h_rows)
+        return rows.mean(0)
 
     def take_grads(self, other: "LayerRecord") -> None:
         """Use ``other``'s pre-activation gradients (e.g. from a Monte-Carlo Fisher pass)."""
         self.grad_rows, self.grad_scale, self._g_rows = other.grad_rows, other.grad_scale, None
+        self.reduce_scale = other.reduce_scale
 
-    def g_mean(self) -> torch.Tensor:
-        """The mean per-sample pre-activation gradient row."""
-        return self.grad_rows.mean(0) * self.grad_scale
+    def g_mean(self, approx: str = "expand") -> torch.Tensor:
+        r"""The mean pre-activation gradient :math:`\bar g`: of the per-sample rows ``grad_scale·g``
+        (expand), or of the per-group sums ``reduce_scale·Σ_{rows of the group} g`` (reduce)."""
+        if approx == "expand":
+            return self.grad_rows.mean(0) * self.grad_scale
+        return self.group_sum(self.grad_rows).mean(0) * self.reduce_scale
 
 
 @dataclass
@@ -141,6 +178,7 @@ class _Call:
     pass_id: int
     n: int
     has_bias: bool
+    samples: int = 0
     input_rows: torch.Tensor | None = None
     h_rows: torch.Tensor | None = None
     grad_rows: torch.Tensor | None = None
@@ -201,7 +239,13 @@ class LayerCapture:
             self._hook(name, adapter)
 
     def _hook(self, name: str, adapter: LayerAdapter) -> None:
-        self._handles.append(adapter.module.register_forward_hook(InertOnCopy(self._make_forward_hook(name, adapter))))
+        hook = self._make_forward_hook(name, adapter)
+        weight = getattr(adapter, "functional_weight", None)
+        if weight is None:
+            self._handles.append(adapter.module.register_forward_hook(InertOnCopy(hook)))
+        else:
+            self._handles.extend(watch_functional_linear(adapter.hook_module, weight, hook,
+                                                         getattr(adapter, "observe_call", None)))
 
     def add_layer(self, name: str, adapter: LayerAdapter) -> None:
         """Start capturing one more layer."""
@@ -241,24 +285,37 @@ class LayerCapture:
 
     def _record(self, calls: list[_Call]) -> LayerRecord:
         first = calls[0]
-        batch = 0
+        batch, groups = 0, 0
+        plan: list[list[int]] = []  # per pass: [groups, rows of the pass]
+        sample_major = True
         for i, call in enumerate(calls):
             if i == 0 or call.pass_id != calls[i - 1].pass_id:
-                batch += call.n
+                batch += call.samples
+                groups += call.n
+                plan.append([call.n, 0])
             elif call.n != calls[i - 1].n:
                 raise RuntimeError(
                     f"a layer was called with different batch sizes ({calls[i - 1].n} and {call.n}) within one "
                     "forward pass; every call of a layer in one forward must see the same samples"
                 )
+            else:
+                sample_major = sample_major and call.samples == call.n
+            rows = next((r for r in (call.input_rows, call.h_rows, call.grad_rows) if r is not None), None)
+            plan[-1][1] += 0 if rows is None else rows.shape[0]
         record = LayerRecord(batch_size=batch)
         record.calls = len(calls)
+        record.groups = groups
+        record.group_rows = [(n, r // n if n else 0) for n, r in plan]
+        record.sample_major = sample_major
         record.input_rows = _join(calls, "input_rows")
         record.has_bias = first.has_bias if record.input_rows is not None else False
         record.h_rows = _join(calls, "h_rows")
         if any(c.wants_grad for c in calls):
             record.missing_grads = sum(c.grad_rows is None for c in calls)
             record.grad_rows = _join(calls, "grad_rows")
-            record.grad_scale = float(batch) if self.loss_reduction == "mean" else 1.0
+            mean = self.loss_reduction == "mean"
+            record.grad_scale = float(batch) if mean else 1.0
+            record.reduce_scale = float(groups) if mean else 1.0
         rows = next((r for r in (record.input_rows, record.h_rows, record.grad_rows) if r is not None), None)
         if rows is not None and batch > 0:
             r = rows.shape[0]
@@ -274,7 +331,7 @@ class LayerCapture:
                 self._pass += 1
                 self._new_pass = False
             x = inputs[0]
-            call = _Call(self._pass, x.shape[0], adapter.has_bias)
+            call = _Call(self._pass, adapter.num_groups(x), adapter.has_bias, adapter.num_samples(x))
             if cfg.a:
                 call.input_rows = adapter.input_rows(x.detach())
             if cfg.h:
@@ -298,6 +355,50 @@ class LayerCapture:
             return replaced
 
         return hook
+
+
+_original_linear = F.linear
+_watched: dict[int, list] = {}
+
+
+def _watching_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` that also calls the capture hooks watching ``weight`` (installed only while a
+    watched module runs its forward)."""
+    out = _original_linear(input, weight, bias)
+    for hook in list(_watched.get(id(weight), ())):
+        replaced = hook(None, (input,), out)
+        if replaced is not None:
+            out = replaced
+    return out
+
+
+def watch_functional_linear(module: nn.Module, weight: torch.Tensor, hook, on_enter=None) -> list:
+    """Call ``hook(None, (x,), out)`` for every ``F.linear(x, weight, ...)`` made inside ``module``'s
+    forward, as a module forward hook would be called.
+
+    For layers whose weight is used functionally, never through its module (``nn.MultiheadAttention``
+    calls ``F.linear`` on ``in_proj_weight`` and on ``out_proj.weight``). While ``module`` runs forward,
+    ``torch.nn.functional.linear`` is replaced by a wrapper that looks the weight up; the original is
+    restored when the forward ends (also when it raises). ``on_enter(args, kwargs)`` is called with
+    the module's call arguments first. Returns the hook handles.
+    """
+    def enter(mod, args, kwargs):
+        if on_enter is not None:
+            on_enter(args, kwargs)
+        _watched.setdefault(id(weight), []).append(hook)
+        F.linear = _watching_linear
+
+    def leave(mod, args, output):
+        hooks = _watched.get(id(weight), [])
+        if hook in hooks:
+            hooks.remove(hook)
+        if not hooks:
+            _watched.pop(id(weight), None)
+        if not _watched:
+            F.linear = _original_linear
+
+    return [module.register_forward_pre_hook(InertOnCopy(enter), with_kwargs=True),
+            module.register_forward_hook(InertOnCopy(leave), always_call=True)]
 
 
 class InertOnCopy:

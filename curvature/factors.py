@@ -153,6 +153,76 @@ class EMACovarianceFactor(Factor):
         self.inverse_damping, self.refreshes = state.get("inverse_damping"), int(state.get("refreshes", 0))
 
 
+class OneHotCountFactor(Factor):
+    r"""The A factor of a layer whose input is one-hot (an embedding): :math:`A` is diagonal.
+
+    With one-hot rows :math:`e_{t}` (given as the integer indices ``t``, one column), the statistic
+    :math:`\text{scale}\sum e_te_t^\top` is the diagonal of scaled token counts; it is kept as a vector
+    :math:`c` (EMA like :class:`EMACovarianceFactor`, first observation initializes it) and inverted
+    elementwise, :math:`H = \operatorname{diag}(1/(c + \lambda))`. No ``dim × dim`` matrix is ever
+    formed except by :meth:`to_dense` (tests). ``statistic`` is None, so π-damping uses the √λ split.
+    """
+
+    def __init__(self, dim: int, decay: float = 0.9, *, dtype=torch.float32, device=None) -> None:
+        super().__init__(dim)
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.counts = torch.zeros(dim, dtype=dtype, device=device)
+        self.inverse: torch.Tensor | None = None
+        self.initialized = False
+        self.updates = 0
+
+    def _counts(self, rows: torch.Tensor, with_ones: bool, scale: float) -> torch.Tensor:
+        if with_ones:
+            raise ValueError("a one-hot input has no homogeneous coordinate (embeddings have no bias)")
+        index = rows.reshape(-1).long()
+        return torch.bincount(index, minlength=self.dim).to(self.counts) * scale
+
+    def observe_gram(self, rows: torch.Tensor, with_ones: bool, scale: float) -> None:
+        r"""Fold in :math:`\text{scale}\cdot` the token counts of the index column ``rows``."""
+        self.observe_diagonal(self._counts(rows, with_ones, scale))
+
+    def observe_diagonal(self, diagonal: torch.Tensor) -> None:
+        if self.initialized:
+            self.counts.mul_(self.decay).add_(diagonal.to(self.counts), alpha=1.0 - self.decay)
+        else:
+            self.counts.copy_(diagonal)
+            self.initialized = True
+        self.updates += 1
+
+    def set_statistic(self, statistic: torch.Tensor) -> None:
+        """Warm start from the diagonal (a vector) or a diagonal matrix."""
+        self.counts.copy_(statistic if statistic.dim() == 1 else torch.diagonal(statistic))
+        self.initialized = True
+
+    def request_inverse(self, inverter: BatchedInverter, damping: float) -> None:
+        self.inverse = 1.0 / (self.counts + damping)
+
+    def apply(self, V: torch.Tensor) -> torch.Tensor:
+        if self.inverse is None:
+            raise RuntimeError("OneHotCountFactor.apply called before its inverse was computed")
+        return V * self.inverse.unsqueeze(1).to(V)
+
+    def to_dense(self) -> torch.Tensor:
+        if self.inverse is None:
+            raise RuntimeError("OneHotCountFactor has no inverse yet")
+        return torch.diag(self.inverse)
+
+    def eigenvalue_bounds(self) -> tuple[float, float]:
+        if self.inverse is None:
+            raise RuntimeError("OneHotCountFactor has no inverse yet")
+        return float(self.inverse.min()), float(self.inverse.max())
+
+    def state_dict(self) -> dict[str, Any]:
+        return _tensor_state(self, ("counts", "inverse", "initialized", "updates", "decay"))
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.counts = state["counts"].to(self.counts, copy=True)
+        self.inverse = None if state["inverse"] is None else state["inverse"].to(self.counts, copy=True)
+        self.initialized, self.updates, self.decay = bool(state["initialized"]), int(state["updates"]), float(state["decay"])
+
+
 class SecantFactor(Factor):
     r"""Common part of the quasi-Newton factors: pair EMA, double damping, skip counting.
 

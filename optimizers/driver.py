@@ -28,6 +28,7 @@ stay exactly as they were, and the skip is counted in :attr:`CurvatureOptimizer.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -35,9 +36,10 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from curvature.adapters import LayerAdapter, UnsupportedLayerError, adapter_for
+from curvature.adapters import LayerAdapter, UnsupportedLayerError, adapter_for, contextual_adapters
 from curvature.blocks import CurvatureBlock, a_statistic, g_statistic
 from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_parameters
 from curvature.damping import DampingPolicy, make_damping
@@ -56,6 +58,15 @@ class LayerSlot:
     module: nn.Module
     adapter: LayerAdapter
     block: CurvatureBlock
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The parameter playing W (``module.weight``, or e.g. an attention's ``in_proj_weight``)."""
+        return self.adapter.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.adapter.bias if self.adapter.has_bias else None
 
 
 @dataclass
@@ -160,6 +171,11 @@ class PartSettings:
     damping: float
 
 
+def _captured(block: CurvatureBlock) -> bool:
+    """Whether a block consumes captured rows (its layer is hooked)."""
+    return bool(block.needs_a or block.needs_g or block.needs_second_pass)
+
+
 def _build_block(recipe: Any, name: str, adapter: LayerAdapter, ctx: RecipeContext) -> CurvatureBlock:
     """Call ``recipe(name, adapter, ctx)`` and check that it built a block."""
     block = recipe(name, adapter, ctx)
@@ -202,6 +218,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             per group. A layer's block and momentum follow the group of its weight; its bias may sit
             in another group with its own ``lr`` and ``weight_decay`` (but the same ``momentum``
             and ``damping``, else the step raises).
+        exclude: layer names or glob patterns (``fnmatch``, e.g. ``"blocks.*.attn"``) that get the
+            fallback rule whatever ``blocks`` says.
+
+    **Fallback.** A layer without a block gets the fallback rule; ``describe()`` lists it with the
+    reason (no block for its type, excluded, an unsupported configuration, parameters the adapter
+    does not cover, a parametrized weight, tied weights). Lazy modules must run one forward first.
 
     **Gradient accumulation.** Every forward with gradients enabled since the last ``zero_grad()``
     or ``step()`` is a micro-batch: with ``(loss / k).backward()`` per micro-batch the statistics
@@ -234,6 +256,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         inverse_method: str = "cholesky",
         seed: int = 0,
         param_groups: Iterable[Mapping[str, Any]] | None = None,
+        exclude: Iterable[str] = (),
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -258,6 +281,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if not isinstance(blocks, Mapping):
             raise TypeError("blocks must be a mapping from module types or layer names to recipes")
 
+        if isinstance(exclude, str):
+            raise TypeError("exclude must be a list of layer names or glob patterns, e.g. ['head', '*.norm*']")
+        self.exclude = list(exclude)
+        if not all(isinstance(e, str) for e in self.exclude):
+            raise TypeError("exclude must be a list of layer names or glob patterns, e.g. ['head', '*.norm*']")
         self.model = model
         self.damping = make_damping(damping)
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
@@ -289,7 +317,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         for i, group in enumerate(self.param_groups):
             _check_group(group, f"param_groups[{i}]")
-        self._build_damping = {name: group_damping[id(s.module.weight)] for name, s in self.slots.items()}
+        self._build_damping = {name: group_damping[id(s.weight)] for name, s in self.slots.items()}
         self._extra_params: OrderedDict[int, str] = OrderedDict()
         self.steps = 0
         self.counters: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "reverted_steps": 0, "skip_reasons": {}}
@@ -297,7 +325,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._generator = torch.Generator(device=first.device).manual_seed(seed)
         self._hooks: OrderedDict[int, Callable[[StepInfo], None]] = OrderedDict()
         self._precondition_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self.capture = LayerCapture({n: s.adapter for n, s in self.slots.items()}, loss_reduction)
+        self.capture = LayerCapture({n: s.adapter for n, s in self.slots.items() if _captured(s.block)}, loss_reduction)
         self._inputs: list[tuple[tuple, dict]] = []
         self._internal_pass = False
         self._root_hook = model.register_forward_pre_hook(InertOnCopy(self._record_inputs), with_kwargs=True)
@@ -335,6 +363,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ assignment
     def _assign_blocks(self, model: nn.Module, blocks: Mapping[type | str, Recipe | None], group_damping: Mapping[int, float]):
+        """Give every module with trainable parameters a block, or the fallback rule with a reason.
+
+        A module falls back (with ``fallback='error'``: raises) when it is excluded, when ``blocks``
+        maps it to None or has no recipe for it, when it has no adapter or its adapter rejects its
+        configuration, when it has parameters the adapter does not cover, when its weight is
+        parametrized (``torch.nn.utils.parametrize``), when it shares a parameter with another module
+        (tied weights), or when the recipe rejects the layer. Every parameter is assigned once.
+        """
         names = {k for k in blocks if isinstance(k, str)}
         known = {n for n, _ in model.named_modules()}
         unknown = names - known
@@ -342,48 +378,94 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError(f"blocks names layers that the model does not have: {sorted(unknown)}")
         slots: OrderedDict[str, LayerSlot] = OrderedDict()
         fallback: OrderedDict[str, nn.Module] = OrderedDict()
-        owner: dict[int, str] = {}
-        for name, module in model.named_modules():
-            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        self.fallback_reasons: dict[str, str] = {}
+        modules = [(n, m, [p for p in m.parameters(recurse=False) if p.requires_grad]) for n, m in model.named_modules()]
+        lazy = [n for n, m, own in modules if any(isinstance(p, nn.parameter.UninitializedParameter) for p in own)]
+        if lazy:
+            raise ValueError(f"layers {lazy} are lazy and not initialized yet: run one forward pass on a batch "
+                             "before building the optimizer")
+        users: dict[int, list[str]] = {}
+        for name, _, own in modules:
+            for p in own:
+                users.setdefault(id(p), []).append(name)
+        contextual = contextual_adapters(model)
+
+        def fall_back(name: str, module: nn.Module, reason: str) -> None:
+            if self.fallback == "error":
+                raise UnsupportedLayerError(f"layer {name!r} ({type(module).__name__}): {reason}, and fallback='error'")
+            fallback[name] = module
+            self.fallback_reasons[name] = reason
+
+        for name, module, own in modules:
             if not own:
                 continue
-            for p in own:
-                if id(p) in owner:
-                    raise ValueError(f"parameter shared between layers {owner[id(p)]!r} and {name!r}: tied weights are not supported")
-                owner[id(p)] = name
+            tied = sorted({u for p in own for u in users[id(p)] if u != name})
+            if tied:
+                fall_back(name, module, f"tied weights shared with {tied}")
+                continue
+            if parametrize.is_parametrized(module) or isinstance(module, parametrize.ParametrizationList):
+                fall_back(name, module, "parametrized weight (torch.nn.utils.parametrize)")
+                continue
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+                fall_back(name, module, "excluded")
+                continue
             if name in blocks:
                 recipe = blocks[name]
             else:
                 recipe = next((r for k, r in blocks.items() if isinstance(k, type) and isinstance(module, k)), None)
             if recipe is None:
-                if self.fallback == "error":
-                    raise UnsupportedLayerError(
-                        f"layer {name!r} ({type(module).__name__}) has parameters but no curvature block, "
-                        "and fallback='error'"
-                    )
-                fallback[name] = module
+                why = "blocks maps it to None" if name in blocks or any(
+                    isinstance(k, type) and isinstance(module, k) for k in blocks) else "no block for this layer type"
+                fall_back(name, module, why)
                 continue
-            adapter = adapter_for(module)
+            try:
+                adapter = contextual.get(id(module)) or adapter_for(module)
+                if isinstance(adapter, UnsupportedLayerError):
+                    raise adapter
+            except UnsupportedLayerError as err:
+                fall_back(name, module, str(err))
+                continue
             if adapter is None:
-                raise UnsupportedLayerError(f"layer {name!r}: no adapter for {type(module).__name__}")
-            extra = [n for n, _ in module.named_parameters(recurse=False) if n not in ("weight", "bias")]
+                fall_back(name, module, f"no adapter for {type(module).__name__}")
+                continue
+            covered = {id(p) for p in adapter.parameters()}
+            extra = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in covered]
             if extra:
-                raise UnsupportedLayerError(f"layer {name!r} has parameters {extra} the adapter does not know")
-            weight = module.weight
+                fall_back(name, module, f"parameters {extra} that {type(adapter).__name__} does not cover")
+                continue
+            if any(not p.requires_grad for p in adapter.parameters()):
+                fall_back(name, module, "part of its weight/bias is frozen")
+                continue
+            weight = adapter.weight
             ctx = RecipeContext(weight.dtype, weight.device, group_damping.get(id(weight), self.damping.damping))
-            slots[name] = LayerSlot(name, module, adapter, _build_block(recipe, name, adapter, ctx))
+            try:
+                block = _build_block(recipe, name, adapter, ctx)
+                if (block.needs_a or block.needs_g or block.needs_second_pass) and not getattr(adapter, "has_rows", True):
+                    raise UnsupportedLayerError(f"{block.describe()} needs captured rows, which "
+                                                f"{type(adapter).__name__} has none of (use a diagonal block)")
+            except UnsupportedLayerError as err:
+                fall_back(name, module, str(err))
+                continue
+            slots[name] = LayerSlot(name, module, adapter, block)
         return slots, fallback
 
     def describe(self) -> str:
-        """A table of which block (or fallback rule, with its learning rate) each layer got."""
+        """A table of which block (or fallback rule, with its learning rate and reason) each layer got.
+
+        Every trainable parameter is counted once (a tied parameter in the first layer that holds it).
+        """
         rows = [("layer", "module", "curvature", "parameters")]
         for name, slot in self.slots.items():
             rows.append((name, type(slot.module).__name__, slot.block.describe(),
                          str(sum(p.numel() for p in slot.adapter.parameters()))))
+        seen = {id(p) for s in self.slots.values() for p in s.adapter.parameters()}
         for name, module in self.fallback_modules.items():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            rows.append((name, type(module).__name__, self._fallback_text(own[0] if own else None),
-                         str(sum(p.numel() for p in own))))
+            count = sum(p.numel() for p in own if id(p) not in seen)
+            seen.update(id(p) for p in own)
+            reason = self.fallback_reasons.get(name)
+            text = self._fallback_text(own[0] if own else None) + (f": {reason}" if reason else "")
+            rows.append((name, type(module).__name__, text, str(count)))
         for pid, label in self._extra_params.items():
             p = next(q for g in self.param_groups for q in g["params"] if id(q) == pid)
             rows.append((label, "Parameter", self._fallback_text(p), str(p.numel())))
@@ -468,7 +550,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self.fallback_modules[name] = module
         for slot in new_slots:
             self.slots[slot.name] = slot
-            self.capture.add_layer(slot.name, slot.adapter)
+            if _captured(slot.block):
+                self.capture.add_layer(slot.name, slot.adapter)
             self._build_damping[slot.name] = float(group["damping"])
             if slot.block.needs_second_pass:
                 self.require_closure = True
@@ -568,8 +651,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.damping.damping = values.pop()
         out: dict[str, PartSettings] = {}
         for name, slot in self.slots.items():
-            iw, gw = group_of[id(slot.module.weight)]
-            ib, gb = group_of[id(slot.module.bias)] if slot.adapter.has_bias else (iw, gw)
+            iw, gw = group_of[id(slot.weight)]
+            ib, gb = group_of[id(slot.bias)] if slot.adapter.has_bias else (iw, gw)
             for key in ("momentum", "damping"):
                 if float(gw[key]) != float(gb[key]):
                     raise ValueError(
@@ -638,13 +721,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             g = grads[name]
             part = settings[name]
             if part.wd_w or part.wd_b:
-                w = slot.module.weight.detach()
-                b = slot.module.bias.detach() if slot.adapter.has_bias else None
+                w = slot.weight.detach()
+                b = slot.bias.detach() if slot.adapter.has_bias else None
                 if part.wd_w == part.wd_b:
                     g = g + part.wd_w * slot.adapter.weight_matrix()
                 else:
                     g = g + slot.adapter.to_matrix(part.wd_w * w, None if b is None else part.wd_b * b)
-            state = self.state[slot.module.weight]
+            state = self.state[slot.weight]
             if part.momentum > 0:
                 buf = state.get("momentum_matrix")
                 if buf is None:
@@ -662,9 +745,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for name, slot in self.slots.items():
             d_w, d_b = slot.adapter.split_matrix(directions[name])
             part = settings[name]
-            slot.module.weight.add_(d_w, alpha=-part.lr_w * scale)
+            slot.weight.add_(d_w, alpha=-part.lr_w * scale)
             if d_b is not None:
-                slot.module.bias.add_(d_b, alpha=-part.lr_b * scale)
+                slot.bias.add_(d_b, alpha=-part.lr_b * scale)
         self._fallback_step()
         if stats_due and self.lag_factors:
             self._update_statistics(records, grads)
@@ -690,9 +773,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             rec = records.get(name)
             if rec is None:
                 if need_a or need_g:
+                    hint = ""
+                    if getattr(slot.adapter, "functional_weight", None) is not None:
+                        hint = (f"; {type(slot.adapter).__name__} captures the attention's F.linear calls only for "
+                                "self-attention (query, key and value the same tensor): otherwise exclude the layer "
+                                f"(exclude=[{name!r}])")
                     raise RuntimeError(
                         f"no statistics were captured for layer {name!r}: run forward and backward on the "
-                        "batch (with gradients enabled) before step(), or pass a closure"
+                        f"batch (with gradients enabled) before step(), or pass a closure{hint}"
                     )
                 continue
             if need_g and (rec.missing_grads or rec.grad_rows is None):
@@ -859,9 +947,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         loss = loss_fn(out, targets)
                     loss.backward()
             for name, slot in self.slots.items():
-                rec = self.capture.records[name]
-                a = a_statistic(rec, slot.adapter)
-                g = g_statistic(rec) if need_g else None
+                rec = self.capture.records.get(name)
+                if rec is None:
+                    continue
+                approx = getattr(slot.block, "approx", "expand")
+                a = a_statistic(rec, slot.adapter, approx) if rec.input_rows is not None else None
+                g = g_statistic(rec, approx) if need_g else None
+                if a is None:
+                    continue
                 sums[name][0] = a if sums[name][0] is None else sums[name][0] + a
                 if g is not None:
                     sums[name][1] = g if sums[name][1] is None else sums[name][1] + g
@@ -871,7 +964,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError("warm_start got no batches")
         for name, slot in self.slots.items():
             a_sum, g_sum = sums[name]
-            slot.block.warm_start(a_sum / count, None if g_sum is None else g_sum / count)
+            slot.block.warm_start(None if a_sum is None else a_sum / count, None if g_sum is None else g_sum / count)
         self._configure_capture(self.steps)
         return count
 

@@ -19,10 +19,12 @@ arXiv 2102.06737; see README).
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from torch import nn
 
 from optimizers.driver import CurvatureOptimizer
-from optimizers.recipes import kbfgs_block
+from optimizers.recipes import Recipe, default_blocks, kbfgs_block, kfac_block
 
 
 class KBFGS(CurvatureOptimizer):
@@ -48,7 +50,12 @@ class KBFGS(CurvatureOptimizer):
         fallback_lr, fallback_betas, fallback_eps: settings of the fallback rule.
         loss_reduction: "mean" or "sum".
         lag_factors: theory mode (A of batch k used from step k+1).
-        layer_types: module types that get a block.
+        layer_types: module types that get a K-BFGS block (default: Linear, Conv1d, Conv2d,
+            MultiheadAttention); embeddings get a KFAC block with a diagonal A (K-BFGS needs a dense
+            A), normalization layers a diagonal block (see :func:`default_blocks`).
+        approx: "expand" or "reduce" (A and the means h̄, ḡ, ā̄; see :mod:`curvature.blocks`).
+        blocks: overrides (module types or layer names to recipes or None) on top of the defaults.
+        exclude: layer names or glob patterns that get the fallback rule.
         seed: seed of the optimizer's generator.
         param_groups: optional torch.optim-style groups covering every trainable parameter.
     """
@@ -76,7 +83,10 @@ class KBFGS(CurvatureOptimizer):
         fallback_eps: float = 1e-8,
         loss_reduction: str = "mean",
         lag_factors: bool = False,
-        layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+        layer_types: tuple[type[nn.Module], ...] | None = None,
+        approx: str = "expand",
+        blocks: Mapping[type | str, Recipe | None] | None = None,
+        exclude=(),
         seed: int = 0,
         param_groups=None,
     ) -> None:
@@ -91,9 +101,10 @@ class KBFGS(CurvatureOptimizer):
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
             raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
         recipe = kbfgs_block(a_decay=a_decay, pair_decay=pair_decay, mu1=mu1, mu2=mu2, lambda_a=lambda_a,
-                             variant=damping_variant, memory=memory)
+                             variant=damping_variant, memory=memory, approx=approx)
         super().__init__(
-            model, lr, {t: recipe for t in layer_types}, damping=float(damping), momentum=momentum,
+            model, lr, default_blocks(recipe, kfac_block(a_decay), layer_types, blocks), damping=float(damping),
+            exclude=exclude, momentum=momentum,
             weight_decay=weight_decay, curvature_update_freq=1, inverse_update_freq=1, fallback=fallback,
             loss_reduction=loss_reduction, lag_factors=lag_factors, require_closure=True, seed=seed,
             fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from torch import nn
 
 from curvature.damping import DampingPolicy
 from optimizers.driver import CurvatureOptimizer
-from optimizers.recipes import kfac_block
+from optimizers.recipes import Recipe, default_blocks, kfac_block
 
 
 class KFAC(CurvatureOptimizer):
@@ -37,7 +39,13 @@ class KFAC(CurvatureOptimizer):
         loss_reduction: "mean" or "sum" (how the loss reduces over the batch).
         lag_factors: theory mode: batch k's statistics are used from step k+1.
         inverse_method: "cholesky" or "eigh".
-        layer_types: module types that get a KFAC block.
+        layer_types: module types that get a KFAC block (default: Linear, Conv1d, Conv2d, Embedding,
+            MultiheadAttention; normalization layers get a diagonal block, see :func:`default_blocks`).
+        approx: "expand" or "reduce" for layers with a weight-sharing dimension (sequence positions,
+            spatial locations, repeated calls); see :mod:`curvature.blocks`.
+        blocks: overrides, a mapping from module types or layer names to recipes or None (fallback),
+            applied on top of the defaults, e.g. ``{"head": None, nn.Embedding: diagonal_block()}``.
+        exclude: layer names or glob patterns that get the fallback rule.
         seed: seed of the Monte-Carlo Fisher sampler.
         param_groups: optional torch.optim-style groups ``[{"params": ..., "lr": ...}, ...]`` covering
             every trainable parameter; keys lr, momentum, weight_decay, damping, fallback_lr,
@@ -66,13 +74,16 @@ class KFAC(CurvatureOptimizer):
         loss_reduction: str = "mean",
         lag_factors: bool = False,
         inverse_method: str = "cholesky",
-        layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
+        layer_types: tuple[type[nn.Module], ...] | None = None,
+        approx: str = "expand",
+        blocks: Mapping[type | str, Recipe | None] | None = None,
+        exclude=(),
         seed: int = 0,
         param_groups=None,
     ) -> None:
-        recipe = kfac_block(factor_decay)
+        recipe = kfac_block(factor_decay, approx)
         super().__init__(
-            model, lr, {t: recipe for t in layer_types}, damping=damping, momentum=momentum,
+            model, lr, default_blocks(recipe, recipe, layer_types, blocks), damping=damping, exclude=exclude, momentum=momentum,
             weight_decay=weight_decay, curvature_update_freq=curvature_update_freq,
             inverse_update_freq=inverse_update_freq, inverse_warmup_steps=inverse_warmup_steps,
             fallback=fallback, loss_reduction=loss_reduction, lag_factors=lag_factors, fisher=fisher,

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 import torch
+from torch import nn
 
-from curvature.adapters import LayerAdapter
-from curvature.blocks import CurvatureBlock, DiagonalBlock, KroneckerBlock
-from curvature.factors import BFGSFactor, EMACovarianceFactor, HessianActionFactor, LBFGSFactor
+from curvature.adapters import LayerAdapter, UnsupportedLayerError
+from curvature.blocks import CurvatureBlock, DiagonalBlock, KroneckerBlock, check_approx
+from curvature.factors import BFGSFactor, EMACovarianceFactor, HessianActionFactor, LBFGSFactor, OneHotCountFactor
 from curvature.pair_damping import DoubleDamping
 
 
@@ -36,13 +37,22 @@ class RecipeContext:
 Recipe = Callable[[str, LayerAdapter, RecipeContext], CurvatureBlock]
 
 
-def kfac_block(decay: float = 0.9) -> Recipe:
-    """KFAC: EMA covariance factors A and G with damped inverses (damping split by the policy)."""
+def kfac_block(decay: float = 0.9, approx: str = "expand") -> Recipe:
+    """KFAC: EMA covariance factors A and G with damped inverses (damping split by the policy).
+
+    ``approx``: "expand" or "reduce" for layers with a weight-sharing dimension (see
+    :mod:`curvature.blocks`). An embedding (one-hot input) gets a diagonal A of token frequencies
+    (:class:`~curvature.factors.OneHotCountFactor`) and is always expand.
+    """
+    check_approx(approx)
 
     def build(name: str, adapter: LayerAdapter, ctx: RecipeContext) -> CurvatureBlock:
         kw = {"dtype": ctx.dtype, "device": ctx.device}
+        if getattr(adapter, "one_hot_input", False):
+            return KroneckerBlock(name, adapter, OneHotCountFactor(adapter.a_dim, decay, **kw),
+                                  EMACovarianceFactor(adapter.g_dim, decay, **kw), kind="kfac")
         return KroneckerBlock(name, adapter, EMACovarianceFactor(adapter.a_dim, decay, **kw),
-                              EMACovarianceFactor(adapter.g_dim, decay, **kw), kind="kfac")
+                              EMACovarianceFactor(adapter.g_dim, decay, **kw), kind="kfac", approx=approx)
 
     return build
 
@@ -61,14 +71,21 @@ def kbfgs_block(
     variant: Literal["interpolate", "lm"] = "interpolate",
     memory: int | None = None,
     g_init_scale: float = 1.0,
+    approx: str = "expand",
 ) -> Recipe:
     """K-BFGS (``memory=None``: dense BFGS H_g) or K-BFGS(L) (``memory=p``: compact L-BFGS H_g).
 
     H_a is the Hessian-action BFGS factor with λ_A (default √λ); H_g uses double damping with
     μ1 (default 0.2) and μ2 (default √λ), step 2 ``variant`` "interpolate" (authors' code) or "lm".
+    ``approx`` ("expand"/"reduce") sets A and the means h̄, ḡ, ā̄ (see :mod:`curvature.blocks`).
+    Layers with one-hot inputs (embeddings) have no dense A to run BFGS on: the recipe raises
+    :class:`~curvature.adapters.UnsupportedLayerError` (the optimizers give them :func:`kfac_block`).
     """
+    check_approx(approx)
 
     def build(name: str, adapter: LayerAdapter, ctx: RecipeContext) -> CurvatureBlock:
+        if getattr(adapter, "one_hot_input", False):
+            raise UnsupportedLayerError(f"layer {name!r}: K-BFGS needs a dense A; embeddings take kfac_block()")
         kw = {"dtype": ctx.dtype, "device": ctx.device}
         lam_a = math.sqrt(ctx.damping) if lambda_a is None else lambda_a
         dd = _double_damping(ctx, mu1, mu2, variant)
@@ -79,7 +96,7 @@ def kbfgs_block(
         else:
             g = LBFGSFactor(adapter.g_dim, dd, pair_decay, memory=memory, gamma=g_init_scale, **kw)
             kind = "kbfgsl"
-        return KroneckerBlock(name, adapter, a, g, kind=kind)
+        return KroneckerBlock(name, adapter, a, g, kind=kind, approx=approx)
 
     return build
 
@@ -96,3 +113,32 @@ def diagonal_block(decay: float = 0.9, power: float = 1.0, source: str = "empiri
         return DiagonalBlock(name, adapter, decay, power, source, dtype=ctx.dtype, device=ctx.device)
 
     return build
+
+
+#: The module types the ready-made optimizers precondition with their own recipe by default.
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+#: Normalization layers: their affine parameters get a diagonal block by default.
+NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def default_blocks(recipe: Recipe, embedding_recipe: Recipe, layer_types: tuple[type[nn.Module], ...] | None = None,
+                   overrides: Mapping[type | str, Recipe | None] | None = None) -> dict[type | str, Recipe | None]:
+    """The ``blocks`` mapping of a ready-made optimizer: ``recipe`` for ``layer_types`` (default
+    :data:`DEFAULT_LAYER_TYPES`), ``embedding_recipe`` for ``nn.Embedding``, a diagonal block on the
+    gradient (RMSprop-like, power 1/2) for normalization layers, then ``overrides`` (names or types
+    mapped to recipes, or to None for the fallback rule), which win.
+
+    With an explicit ``layer_types`` only those types get ``recipe`` (no embedding/norm defaults).
+    """
+    if layer_types is None:
+        out: dict[type | str, Recipe | None] = {t: recipe for t in DEFAULT_LAYER_TYPES}
+        out[nn.Embedding] = embedding_recipe
+        out.update({t: diagonal_block(power=0.5, source="gradient") for t in NORM_TYPES})
+    else:
+        out = {t: recipe for t in layer_types}
+    if overrides is not None:
+        if not isinstance(overrides, Mapping):
+            raise TypeError("blocks must be a mapping from module types or layer names to recipes (or None)")
+        # overrides first: the driver matches types in order, so an override type wins over a default
+        out = {**dict(overrides), **{k: v for k, v in out.items() if k not in overrides}}
+    return out

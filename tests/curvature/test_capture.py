@@ -57,21 +57,23 @@ def test_linear_rows_are_per_sample_quantities(device, reduction):
     cap.remove()
 
 
-def test_linear_on_3d_inputs_treats_leading_dims_as_rows(device):
+def test_linear_on_3d_inputs_treats_leading_dims_as_samples(device):
+    """[B, S, D]: B·S samples (one row each, the loss a mean over all positions), B groups of S rows."""
     torch.manual_seed(1)
     lin = nn.Linear(3, 2).double().to(device)
     x = torch.randn(4, 5, 3, dtype=torch.float64, device=device)
     cap = LayerCapture({"l": LinearAdapter(lin)}, "mean")
     cap.set(a=True, g=True)
-    lin(x).pow(2).sum(dim=(1, 2)).mean().backward()
+    lin(x).pow(2).sum(dim=2).mean().backward()  # mean over the 20 positions of ℓ_{b,s} = |h_{b,s}|²
     rec = cap.records["l"]
-    assert rec.a_rows.shape == (20, 4) and rec.rows_per_sample == 5 and rec.batch_size == 4
+    assert rec.a_rows.shape == (20, 4) and rec.rows_per_sample == 1 and rec.batch_size == 20 and rec.groups == 4
     h = lin(x).detach()
-    torch.testing.assert_close(rec.g_rows, (2 * h).reshape(20, 2))  # N * d(mean_i ℓ_i)/dh = dℓ_i/dh
+    torch.testing.assert_close(rec.g_rows, (2 * h).reshape(20, 2))  # 20 * d(mean ℓ)/dh = dℓ_{b,s}/dh
     adapter = LinearAdapter(lin)
-    torch.testing.assert_close(adapter.grad_matrix(), rec.g_rows.T @ rec.a_rows / 4)
+    torch.testing.assert_close(adapter.grad_matrix(), rec.g_rows.T @ rec.a_rows / 20)
     A = a_statistic(rec, adapter)
     torch.testing.assert_close(A, rec.a_rows.T @ rec.a_rows / 20)
+    torch.testing.assert_close(g_statistic(rec), rec.g_rows.T @ rec.g_rows / 20)
 
 
 def _explicit_patches(x, conv):
@@ -129,7 +131,7 @@ def test_conv2d_unsupported_configurations_raise():
         Conv2dAdapter(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(UnsupportedLayerError, match="padding_mode"):
         Conv2dAdapter(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
-    assert adapter_for(nn.LayerNorm(3)) is None
+    assert adapter_for(nn.PReLU()) is None
     assert isinstance(adapter_for(nn.Linear(2, 2)), LinearAdapter)
 
 

@@ -138,8 +138,9 @@ def test_kbfgs_closure_running_all_micro_batches_equals_full_batch(device, cls, 
 
 
 def test_module_called_twice_contributes_rows_like_a_stacked_input(device):
-    """Expand semantics: two calls of one Linear in one forward give the record of one call on the
-    inputs stacked along an extra dimension (N × 2 × d), the existing N-D convention."""
+    """Expand semantics: two calls of one Linear in one forward give the rows of one call on the
+    inputs stacked along an extra dimension (N × 2 × d); the calls are the same N samples seen twice
+    (the loss averages over N), while a stacked input's positions are samples of their own (2N)."""
     torch.manual_seed(3)
     lin = nn.Linear(4, 3).to(D).to(device)
     x1, x2 = torch.randn(5, 4, dtype=D, device=device), torch.randn(5, 4, dtype=D, device=device)
@@ -152,13 +153,14 @@ def test_module_called_twice_contributes_rows_like_a_stacked_input(device):
     out = lin(torch.stack([x1, x2], 1))
     ((out[:, 0] * w).sum(1).pow(2) + (out[:, 1] * w).sum(1).pow(3)).mean().backward()
     stacked = cap.records["l"]
-    assert (twice.batch_size, twice.rows_per_sample, twice.calls) == (5, 2, 2)
-    assert (stacked.batch_size, stacked.rows_per_sample) == (5, 2)
-    for attr in ("a_rows", "h_rows", "g_rows"):
+    assert (twice.batch_size, twice.rows_per_sample, twice.calls, twice.groups) == (5, 2, 2, 5)
+    assert (stacked.batch_size, stacked.rows_per_sample, stacked.groups) == (10, 1, 5)
+    for attr in ("a_rows", "h_rows", "grad_rows"):
         torch.testing.assert_close(getattr(twice, attr), getattr(stacked, attr))
-    adapter = LinearAdapter(lin)
-    torch.testing.assert_close(a_statistic(twice, adapter), a_statistic(stacked, adapter))
-    torch.testing.assert_close(g_statistic(twice), g_statistic(stacked))
+    # expand over the calls: A = (1/N) Σ_rows āāᵀ, G = (1/R) Σ_rows ğğᵀ with ğ = N·∂L/∂h
+    a, r = twice.a_rows, twice.grad_rows
+    torch.testing.assert_close(a_statistic(twice), a.T @ a / 5)
+    torch.testing.assert_close(g_statistic(twice), (5 * r).T @ (5 * r) / 10)
 
 
 def test_zero_grad_clears_captured_statistics(device):

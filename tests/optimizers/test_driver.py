@@ -122,13 +122,19 @@ def test_mixed_composition_by_type_and_name(device):
         CurvatureOptimizer(model, lr=0.1, blocks={"nope": kfac_block()})
 
 
-def test_shared_parameters_are_rejected():
+def test_shared_parameters_fall_back_once_and_error_mode_raises():
     lin = nn.Linear(3, 3)
     model = nn.Sequential(lin, nn.Tanh())
     model.add_module("again", nn.Linear(3, 3))
     model.again.weight = lin.weight
-    with pytest.raises(ValueError, match="tied"):
-        KFAC(model, lr=0.1)
+    opt = KFAC(model, lr=0.1)
+    assert set(opt.fallback_modules) == {"0", "again"} and not opt.slots
+    table = opt.describe()
+    assert "tied weights shared with ['again']" in table and "tied weights shared with ['0']" in table
+    counted = sum(int(line.split()[-1]) for line in table.splitlines()[1:])
+    assert counted == 9 + 3 + 3, "the tied weight must be counted once"
+    with pytest.raises(UnsupportedLayerError, match="tied"):
+        KFAC(model, lr=0.1, fallback="error")
 
 
 def _state_snapshot(opt, model):
