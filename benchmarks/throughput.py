@@ -2,6 +2,7 @@ r"""Throughput and memory of one training step: our optimizers against Adam, pee
 
 Usage::
 
+    python -m benchmarks.throughput --model transformer --batch 16 --seq-len 32 --warmup 25 --steps 10
     python -m benchmarks.throughput --model mnist --device cpu --steps 10 --warmup 3 --repeats 3 \
         [--sweep [--full]] [--memory] [--peers] [--profile kbfgs --profile kfac] --out results/throughput
 
@@ -86,6 +87,7 @@ from benchmarks.timing import (
     phase_weighted,
     run_interleaved,
     select,
+    summarize,
     synchronize,
 )
 from optimizers import KBFGS, KBFGSL, KFAC, CurvatureOptimizer, diagonal_block
@@ -777,8 +779,10 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("mnist", "faces", "tiny"), default="mnist",
-                   help="autoencoder (tiny = 20-12-6-12-20, for tests)")
+    p.add_argument("--model", choices=("mnist", "faces", "tiny", "transformer"), default="mnist",
+                   help="autoencoder (tiny = 20-12-6-12-20, for tests), or the decoder-only transformer "
+                        "(--batch sequences of --seq-len tokens; AdamW, KFAC, K-BFGS, K-BFGS(L))")
+    p.add_argument("--seq-len", type=_positive, default=32, help="transformer: tokens per sequence")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--batch", type=_positive, default=1000)
     p.add_argument("--steps", type=_positive, default=10, help="timed steps (rounds) per method per repeat")
@@ -805,6 +809,89 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---------------------------------------------------------------------------------- transformer
+TRANSFORMER_METHODS = ("adamw", "kfac", "kbfgs", "kbfgsl")
+
+
+class _TransformerCandidate:
+    """One method on its own copy of the decoder-only transformer and the same token batch."""
+
+    def __init__(self, name: str, seq: torch.Tensor, seed: int, device: torch.device) -> None:
+        from benchmarks.transformer import TinyDecoder
+
+        torch.manual_seed(seed)
+        self.model = TinyDecoder(TRANSFORMER_VOCAB, dim=TRANSFORMER_DIM, heads=4, layers=2,
+                                 max_len=seq.shape[1]).to(device)
+        self.seq = seq
+        builders = {
+            "adamw": lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3),
+            "kfac": lambda m: KFAC(m, lr=0.1, damping=0.3),
+            "kbfgs": lambda m: KBFGS(m, lr=0.1, damping=0.3),
+            "kbfgsl": lambda m: KBFGSL(m, lr=0.1, damping=0.3, memory=10),
+        }
+        self.optimizer = builders[name](self.model)
+
+    def plan(self, rounds: int) -> list[str]:
+        return ["steady"] * rounds
+
+    def prepare(self, phase: str) -> None:
+        pass
+
+    def step(self) -> Any:
+        from benchmarks.transformer import next_token_loss
+
+        def closure():
+            self.optimizer.zero_grad()
+            loss = next_token_loss(self.model, self.seq)
+            loss.backward()
+            return loss
+        return self.optimizer.step(closure)
+
+    def after_step(self) -> dict[str, Any]:
+        return {}
+
+
+TRANSFORMER_VOCAB, TRANSFORMER_DIM = 32, 64
+
+
+def run_transformer(device: torch.device, *, batch: int, seq_len: int, steps: int, warmup: int, repeats: int,
+                    seed: int, methods: Sequence[str] = TRANSFORMER_METHODS) -> list[dict[str, Any]]:
+    """Step time of each method on a decoder-only transformer (2 pre-LN blocks, width 64, 4 heads,
+    vocabulary 32, token batch ``[batch, seq_len]``), interleaved with AdamW in the same run.
+
+    ``warmup`` untimed steps first (KFAC inverts at every step k <= 20, so use warmup > 20 to time
+    the steady state). Rows: median ms, the median of the per-round ratios to AdamW, and the mean ms
+    over consecutive steps (KFAC's inverse every 20 steps is amortized in the mean, not in medians).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, TRANSFORMER_VOCAB, (batch, seq_len + 1), generator=gen).to(device)
+    names = ["adamw"] + [m for m in methods if m != "adamw"]
+    cands = {n: _TransformerCandidate(n, seq, seed, device) for n in names}
+    for cand in cands.values():
+        for _ in range(warmup):
+            cand.step()
+    synchronize(device)
+    samples = run_interleaved(cands, repeats=repeats, rounds=steps, timer=make_timer(device))
+    base = {(s.repeat, s.round): s.seconds for s in samples if s.name == "adamw"}
+    rows = []
+    for n in names:
+        mine = [s for s in samples if s.name == n]
+        ratio = summarize([s.seconds / base[(s.repeat, s.round)] for s in mine])
+        ms = summarize([1e3 * s.seconds for s in mine])
+        rows.append({"method": n, "ms_median": ms.median, "ms_mean": sum(1e3 * s.seconds for s in mine) / len(mine),
+                     "x_adamw_median": ratio.median, "x_adamw_q25": ratio.q25, "x_adamw_q75": ratio.q75,
+                     "timed_steps": len(mine)})
+    return rows
+
+
+def format_transformer(rows: Sequence[dict[str, Any]], title: str) -> str:
+    lines = [title, f"{'method':8s} {'ms median':>10s} {'ms mean':>9s} {'x AdamW [q25-q75]':>22s}"]
+    for r in rows:
+        lines.append(f"{r['method']:8s} {r['ms_median']:10.2f} {r['ms_mean']:9.2f} "
+                     f"{r['x_adamw_median']:8.2f} [{r['x_adamw_q25']:.2f}-{r['x_adamw_q75']:.2f}]")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
@@ -816,6 +903,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.model == "transformer":
+        rows = run_transformer(device, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
+                               warmup=args.warmup, repeats=args.repeats, seed=args.seed)
+        text = format_transformer(rows, f"decoder transformer, batch {args.batch} x {args.seq_len} tokens, {device}: "
+                                        f"{args.repeats} repeats x {args.steps} interleaved steps (after {args.warmup} warm-up)")
+        print(text)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_csv(args.out / "transformer.csv", rows, tuple(rows[0]))
+        (args.out / "transformer.txt").write_text(text + "\n")
+        return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods + args.profile if m not in OUR_METHODS]
     if bad:

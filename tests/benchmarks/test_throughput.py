@@ -264,8 +264,9 @@ def test_qualified_names_come_from_the_source():
     assert our_function("optimizers/driver.py(1): nothing") == "driver.nothing"
     assert our_function("torch/nn/modules/module.py(1782): _call_impl") is None
     assert qualname("curvature/blocks.py", 0, "<genexpr>") == "<genexpr>"
-    line = next(i for i, text in enumerate(open("curvature/blocks.py"), 1) if "def precondition(self, grad" in text
-                and i > 120)
+    lines = open("curvature/blocks.py").read().splitlines()
+    start = next(i for i, text in enumerate(lines, 1) if text.startswith("class KroneckerBlock"))
+    line = next(i for i, text in enumerate(lines, 1) if "def precondition(self, grad" in text and i > start)
     assert our_function(f"curvature/blocks.py({line}): precondition") == "blocks.KroneckerBlock.precondition"
 
 
@@ -345,3 +346,17 @@ def test_attribute_charges_ops_to_the_innermost_library_frame():
 def test_samples_are_plain_records():
     s = Sample("adam", 0, 1, "steady", 0.5)
     assert s.extra == {} and s.phase == "steady"
+
+
+def test_transformer_throughput_rows_are_paired_with_adamw(tmp_path):
+    from benchmarks.throughput import main as throughput_main
+
+    code = throughput_main(["--model", "transformer", "--batch", "2", "--seq-len", "4", "--warmup", "1",
+                            "--steps", "2", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert code == 0
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "transformer.csv").open()))
+    assert [r["method"] for r in rows] == ["adamw", "kfac", "kbfgs", "kbfgsl"]
+    assert float(rows[0]["x_adamw_median"]) == 1.0
+    assert all(float(r["ms_median"]) > 0 and int(r["timed_steps"]) == 2 for r in rows)
