@@ -613,6 +613,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._configure_capture(k)
             with torch.enable_grad():
                 loss = closure()
+            self._check_loss(loss, "the closure")
         records, inputs = self.capture.records, self._inputs
         self._clear_captured()
         settings = self._layer_settings()
@@ -681,6 +682,24 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._emit(info)
         return loss
 
+    def _check_loss(self, loss: Any, what: str) -> None:
+        """The closure's loss is a scalar tensor or a number (None only when no pass needs it)."""
+        if loss is None:
+            if self.require_closure or self.damping.needs_reduction_ratio:
+                raise TypeError(
+                    f"{what} returned None: return the loss (after loss.backward()); {type(self).__name__} "
+                    "compares it with the loss at the new point"
+                )
+            return
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"{what} returned a loss of shape {tuple(loss.shape)}; return a scalar, e.g. loss.mean() "
+                    "(and call backward on that scalar)"
+                )
+        elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise TypeError(f"{what} must return the loss as a scalar tensor or a number, got {type(loss).__name__}")
+
     def _check_records(self, records: Mapping[str, LayerRecord], stats_due: bool) -> None:
         """Every layer that needs rows this step has them, from every recorded forward call."""
         for name, slot in self.slots.items():
@@ -699,8 +718,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"layer {name!r}: {rec.missing_grads or rec.calls} of the {rec.calls} forward calls recorded since "
                     "the last zero_grad()/step() got no gradient; every forward with gradients enabled counts as a "
-                    "micro-batch, so run evaluation forwards under torch.no_grad(), call opt.zero_grad() before the "
-                    "training forward, and check that the loss depends on this layer and its parameters require grad"
+                    "micro-batch: call loss.backward() after every training forward (also in the closure), run "
+                    "evaluation forwards under torch.no_grad(), and check that the loss depends on this layer"
                 )
 
     def _update_statistics(self, records: Mapping[str, LayerRecord], grads: Mapping[str, torch.Tensor]) -> None:
