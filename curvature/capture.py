@@ -94,6 +94,7 @@ class LayerRecord:
 
     @property
     def a_rows(self) -> torch.Tensor | None:
+        """The homogeneous input rows ``[a | 1]`` (``R × d_a``), built on first access; None if not captured."""
         if self._a_rows is None and self.input_rows is not None:
             rows = self.input_rows
             if self.has_bias:
@@ -107,6 +108,7 @@ class LayerRecord:
 
     @property
     def g_rows(self) -> torch.Tensor | None:
+        """The per-sample pre-activation gradient rows ``grad_scale · grad_rows``; None if not captured."""
         if self._g_rows is None and self.grad_rows is not None:
             self._g_rows = self.grad_rows * self.grad_scale if self.grad_scale != 1.0 else self.grad_rows
         return self._g_rows
@@ -168,6 +170,7 @@ class CaptureConfig:
 
     @property
     def active(self) -> bool:
+        """Whether anything is recorded at all."""
         return self.a or self.h or self.g
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import inspect
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
-from curvature.adapters import LayerAdapter, UnsupportedLayerError, adapter_for, contextual_adapters
+from curvature.adapters import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for, contextual_adapters
 from curvature.blocks import CurvatureBlock, a_statistic, g_statistic
 from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_parameters
 from curvature.damping import DampingPolicy, make_damping
@@ -176,6 +177,84 @@ def _captured(block: CurvatureBlock) -> bool:
     return bool(block.needs_a or block.needs_g or block.needs_second_pass)
 
 
+def _key_label(key: Any) -> str:
+    if isinstance(key, type):
+        return f"nn.{key.__name__}" if key.__module__.startswith("torch.nn") else key.__name__
+    return repr(key)
+
+
+def _check_blocks(model: nn.Module, blocks: Mapping[Any, Any]) -> None:
+    """Every ``blocks`` entry can apply: keys are module types with an adapter or names of layers with
+    parameters of their own; values are recipes ``recipe(name, adapter, ctx)`` or None."""
+    from optimizers import recipes as recipe_module
+
+    modules = dict(model.named_modules())
+    for key, recipe in blocks.items():
+        label = _key_label(key)
+        if isinstance(key, str):
+            if key not in modules:
+                raise ValueError(f"blocks names layers that the model does not have: [{key!r}]")
+            module = modules[key]
+            if not any(True for _ in module.parameters(recurse=False)):
+                layers = [n for n, m in module.named_modules(prefix=key) if any(True for _ in m.parameters(recurse=False))]
+                raise ValueError(
+                    f"blocks key {key!r} names a {type(module).__name__} with no parameters of its own, so a block can "
+                    f"never apply to it; name its layers instead (e.g. {layers[:3]}) or use a module type as the key"
+                )
+        elif isinstance(key, type) and issubclass(key, nn.Module):
+            if recipe is not None and not any(issubclass(key, cls) for cls in ADAPTERS):
+                raise ValueError(
+                    f"blocks key {label}: there is no adapter for {key.__name__}, so a block can never apply to it; map "
+                    f"it to None for the fallback rule, or register an adapter in curvature.adapters.ADAPTERS"
+                )
+        else:
+            raise TypeError(f"blocks key {key!r} must be a module type (e.g. nn.Linear) or a layer name (e.g. 'encoder.0')")
+        if recipe is None:
+            continue
+        factories = {n for n in ("kfac_block", "kbfgs_block", "kbfgsl_block", "diagonal_block")
+                     if getattr(recipe_module, n) is recipe}
+        if factories:
+            raise TypeError(f"blocks[{label}] = {factories.pop()}: call the factory, e.g. {{{label}: {recipe.__name__}()}}")
+        if isinstance(recipe, type) or not callable(recipe):
+            raise TypeError(
+                f"blocks[{label}] = {recipe!r} is not a recipe: map it to a recipe such as kfac_block() or "
+                "kbfgsl_block(memory=20) (a callable recipe(name, adapter, ctx) -> CurvatureBlock), or to None"
+            )
+        try:
+            inspect.signature(recipe).bind("layer", None, None)
+        except TypeError:
+            raise TypeError(
+                f"blocks[{label}] = {recipe!r} cannot be called as a recipe: a recipe is called as "
+                "recipe(name, adapter, ctx) and returns a CurvatureBlock; use kfac_block(), kbfgs_block(), ..."
+            ) from None
+        except ValueError:  # no signature available (builtin): trust it, the call checks the result
+            pass
+
+
+#: State tensors whose leading sizes count stored pairs (L-BFGS memory) and so may differ.
+_COUNTED = {"S": 1, "Y": 1, "SY": 2, "YY": 2}
+
+
+def _compare_state(saved: Any, current: Any, path: str) -> None:
+    """``saved`` has the structure of ``current``: same keys, and tensors of the same shape (a tensor
+    may be None on one side, e.g. an inverse not computed yet; L-BFGS pair stacks may differ in count)."""
+    if isinstance(current, Mapping):
+        if not isinstance(saved, Mapping) or set(saved) != set(current):
+            got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+            raise ValueError(f"{path} has entries {got}, expected {sorted(current)}; the checkpoint is from a different optimizer")
+        for key in current:
+            _compare_state(saved[key], current[key], f"{path}.{key}")
+        return
+    if isinstance(current, torch.Tensor) and isinstance(saved, torch.Tensor):
+        key = path.rpartition(".")[2]
+        skip = _COUNTED.get(key, 0)
+        if saved.ndim != current.ndim or saved.shape[skip:] != current.shape[skip:]:
+            raise ValueError(
+                f"{path} has shape {tuple(saved.shape)} but this model needs {tuple(current.shape)}; the checkpoint "
+                "is from a different model"
+            )
+
+
 def _build_block(recipe: Any, name: str, adapter: LayerAdapter, ctx: RecipeContext) -> CurvatureBlock:
     """Call ``recipe(name, adapter, ctx)`` and check that it built a block."""
     block = recipe(name, adapter, ctx)
@@ -224,6 +303,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     **Fallback.** A layer without a block gets the fallback rule; ``describe()`` lists it with the
     reason (no block for its type, excluded, an unsupported configuration, parameters the adapter
     does not cover, a parametrized weight, tied weights). Lazy modules must run one forward first.
+
+    Attributes:
+        counters: ``{"steps", "skipped_steps", "reverted_steps", "skip_reasons"}``; a skipped step
+            (non-finite loss or gradient) leaves everything else unchanged, a reverted step (K-BFGS's
+            second pass found a non-finite loss) is undone completely (see :meth:`step`).
+        slots, blocks: the preconditioned layers and their blocks; ``fallback_modules`` the layers
+            on the fallback rule.
 
     **Gradient accumulation.** Every forward with gradients enabled since the last ``zero_grad()``
     or ``step()`` is a micro-batch: with ``(loss / k).backward()`` per micro-batch the statistics
@@ -329,8 +415,46 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._inputs: list[tuple[tuple, dict]] = []
         self._internal_pass = False
         self._root_hook = model.register_forward_pre_hook(InertOnCopy(self._record_inputs), with_kwargs=True)
+        self._param_layer: dict[int, str] = {id(p): name for name, m in model.named_modules()
+                                             for p in m.parameters(recurse=False)}
+        self._signature = self._model_signature()
         self._configure_capture(self.steps)
         self._built = True
+
+    def _model_signature(self) -> tuple[int, ...]:
+        return tuple(id(p) for p in self.model.parameters() if p.requires_grad)
+
+    def _check_model(self) -> None:
+        """The model's trainable parameters are those the optimizer was built (or extended) for."""
+        if self._model_signature() == self._signature:
+            return
+        advice = ("the optimizer cannot follow a changed model: build a new optimizer after changing the model "
+                  "(or add new parameters with add_param_group)")
+        managed = {id(p) for g in self.param_groups for p in g["params"]}
+        current = dict(self.model.named_modules())
+        for name, slot in self.slots.items():
+            if current.get(name) is not slot.module:
+                what = "replaced" if name in current else "removed"
+                raise RuntimeError(f"layer {name!r} was {what} after the optimizer was built; {advice}")
+        for pname, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in managed:
+                layer = pname.rpartition(".")[0]
+                known = layer in self.slots or layer in self.fallback_modules
+                what = f"has a new parameter {pname!r}" if known else "was added"
+                raise RuntimeError(f"layer {layer!r} {what} after the optimizer was built; {advice}")
+        names = {id(p) for p in self.model.parameters()}
+        for p in (q for g in self.param_groups for q in g["params"]):
+            layer = self._param_layer.get(id(p))
+            if layer is None:
+                continue
+            if id(p) not in names:
+                raise RuntimeError(f"a parameter of layer {layer!r} was removed from the model after the optimizer was built; {advice}")
+            if not p.requires_grad and id(p) in self._signature:
+                raise RuntimeError(
+                    f"a parameter of layer {layer!r} was frozen (requires_grad=False) after the optimizer was built; "
+                    f"{advice} (or set its group's lr to 0 to keep it fixed)"
+                )
+        self._signature = self._model_signature()  # e.g. parameters unfrozen again: nothing unknown
 
     @staticmethod
     def _initial_groups(model: nn.Module, param_groups) -> list[dict[str, Any]]:
@@ -371,11 +495,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         parametrized (``torch.nn.utils.parametrize``), when it shares a parameter with another module
         (tied weights), or when the recipe rejects the layer. Every parameter is assigned once.
         """
-        names = {k for k in blocks if isinstance(k, str)}
-        known = {n for n, _ in model.named_modules()}
-        unknown = names - known
-        if unknown:
-            raise ValueError(f"blocks names layers that the model does not have: {sorted(unknown)}")
+        _check_blocks(model, blocks)
         slots: OrderedDict[str, LayerSlot] = OrderedDict()
         fallback: OrderedDict[str, nn.Module] = OrderedDict()
         self.fallback_reasons: dict[str, str] = {}
@@ -557,6 +677,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self.require_closure = True
         for pid, label in extra:
             self._extra_params[pid] = label
+        for p in group["params"]:
+            if id(p) in owner:
+                self._param_layer[id(p)] = owner[id(p)][0]
+        self._signature = self._model_signature()
         self._configure_capture(self.steps)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -570,6 +694,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     @property
     def blocks(self) -> dict[str, CurvatureBlock]:
+        """Layer name -> its curvature block."""
         return {name: slot.block for name, slot in self.slots.items()}
 
     # ------------------------------------------------------------------ hooks
@@ -690,23 +815,44 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         if self.damping.needs_reduction_ratio and closure is None:
             raise RuntimeError("adaptive damping needs step(closure) to measure the reduction ratio")
+        self._check_model()
         k = self.steps
         loss = None
         if closure is not None:
             self._configure_capture(k)
             with torch.enable_grad():
                 loss = closure()
+            self._check_loss(loss, "the closure")
         records, inputs = self.capture.records, self._inputs
         self._clear_captured()
         settings = self._layer_settings()
+        stats_due = self._stats_due(k)
+        self._check_records(records, stats_due)
         reason = self._nonfinite_reason(loss)
         if reason is not None:
             self._skip(k, reason, loss)
             self._configure_capture(k)
             return loss
-        stats_due = self._stats_due(k)
-        self._check_records(records, stats_due)
 
+        # Everything checkable is checked; what can still fail (an inversion, a user hook, the closure's
+        # second call) is undone from a snapshot, so a step that raises leaves no trace but the error.
+        second_pass = any(s.block.needs_second_pass for s in self.slots.values()) or self.damping.needs_reduction_ratio
+        guarded = second_pass or self._inverse_due(k) or bool(self._precondition_hooks)
+        snapshot = self._snapshot() if guarded else None
+        try:
+            info = self._mutate(k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot)
+        except BaseException:
+            if snapshot is not None:
+                self._restore(snapshot)
+            raise
+        self.steps += 1
+        self.counters["steps"] = self.steps
+        self._configure_capture(self.steps)
+        self._emit(info)
+        return loss
+
+    def _mutate(self, k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot) -> StepInfo:
+        """The mutating part of a step (statistics, inverses, momentum, direction, update, second pass)."""
         grads = {name: slot.adapter.grad_matrix() for name, slot in self.slots.items()}
         if stats_due and self.fisher == "mc" and any(s.block.needs_g for s in self.slots.values()):
             self._monte_carlo_fisher_pass(records, inputs)
@@ -721,11 +867,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             g = grads[name]
             part = settings[name]
             if part.wd_w or part.wd_b:
-                w = slot.weight.detach()
-                b = slot.bias.detach() if slot.adapter.has_bias else None
                 if part.wd_w == part.wd_b:
                     g = g + part.wd_w * slot.adapter.weight_matrix()
                 else:
+                    w = slot.weight.detach()
+                    b = slot.bias.detach() if slot.adapter.has_bias else None
                     g = g + slot.adapter.to_matrix(part.wd_w * w, None if b is None else part.wd_b * b)
             state = self.state[slot.weight]
             if part.momentum > 0:
@@ -740,8 +886,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 hook(k, name, slot.block, g, directions[name])
         scale = self._kl_scale(settings, pre, directions)
 
-        second_pass = any(s.block.needs_second_pass for s in self.slots.values()) or self.damping.needs_reduction_ratio
-        snapshot = self._snapshot() if second_pass else None
         for name, slot in self.slots.items():
             d_w, d_b = slot.adapter.split_matrix(directions[name])
             part = settings[name]
@@ -758,11 +902,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if second_pass:
             step_sizes = {n: settings[n].lr_w * scale for n in self.slots}
             self._second_pass(closure, records, loss, step_sizes, grads, directions, snapshot, info)
-        self.steps += 1
-        self.counters["steps"] = self.steps
-        self._configure_capture(self.steps)
-        self._emit(info)
-        return loss
+        return info
+
+    def _check_loss(self, loss: Any, what: str) -> None:
+        """The closure's loss is a scalar tensor or a number (None only when no pass needs it)."""
+        if loss is None:
+            if self.require_closure or self.damping.needs_reduction_ratio:
+                raise TypeError(
+                    f"{what} returned None: return the loss (after loss.backward()); {type(self).__name__} "
+                    "compares it with the loss at the new point"
+                )
+            return
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"{what} returned a loss of shape {tuple(loss.shape)}; return a scalar, e.g. loss.mean() "
+                    "(and call backward on that scalar)"
+                )
+        elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise TypeError(f"{what} must return the loss as a scalar tensor or a number, got {type(loss).__name__}")
 
     def _check_records(self, records: Mapping[str, LayerRecord], stats_due: bool) -> None:
         """Every layer that needs rows this step has them, from every recorded forward call."""
@@ -783,12 +941,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         f"batch (with gradients enabled) before step(), or pass a closure{hint}"
                     )
                 continue
+            rows = next((r for r in (rec.input_rows, rec.h_rows, rec.grad_rows) if r is not None), None)
+            if rec.batch_size == 0 or (rows is not None and rows.shape[0] == 0):
+                raise RuntimeError(
+                    f"layer {name!r} saw an empty batch (0 samples): skip empty batches in the training loop (e.g. "
+                    "DataLoader(..., drop_last=True), or `if len(x) == 0: continue`)"
+                )
             if need_g and (rec.missing_grads or rec.grad_rows is None):
                 raise RuntimeError(
                     f"layer {name!r}: {rec.missing_grads or rec.calls} of the {rec.calls} forward calls recorded since "
                     "the last zero_grad()/step() got no gradient; every forward with gradients enabled counts as a "
-                    "micro-batch, so run evaluation forwards under torch.no_grad(), call opt.zero_grad() before the "
-                    "training forward, and check that the loss depends on this layer and its parameters require grad"
+                    "micro-batch: call loss.backward() after every training forward (also in the closure), run "
+                    "evaluation forwards under torch.no_grad(), and check that the loss depends on this layer"
                 )
 
     def _update_statistics(self, records: Mapping[str, LayerRecord], grads: Mapping[str, torch.Tensor]) -> None:
@@ -849,17 +1013,34 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 fallback_update(p, p.grad, self.state[p], rule=self.fallback, lr=flr, momentum=beta1,
                                 weight_decay=float(group["weight_decay"]), betas2=beta2, eps=eps)
 
-    def _snapshot(self) -> tuple[dict, dict]:
-        params = {p: p.detach().clone() for g in self.param_groups for p in g["params"]}
-        state = {p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for p, s in self.state.items()}
-        return params, state
+    def _snapshot(self) -> dict[str, Any]:
+        """Copies of everything a step mutates apart from the counters: parameters, per-parameter
+        state (momentum, fallback moments), every block's factors, the damping policy and the sampler."""
+        return {
+            "params": [(p, p.detach().clone()) for g in self.param_groups for p in g["params"]],
+            "state": {p: {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in s.items()}
+                      for p, s in self.state.items()},
+            "blocks": {name: slot.block.state_dict() for name, slot in self.slots.items()},
+            "damping": copy.deepcopy(self.damping.state_dict()),
+            "groups_damping": [g["damping"] for g in self.param_groups],
+            "generator": self._generator.get_state(),
+        }
 
-    def _restore(self, snapshot: tuple[dict, dict]) -> None:
-        params, state = snapshot
-        for p, value in params.items():
-            p.copy_(value)
-        for p, s in state.items():
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        """Put back what :meth:`_snapshot` copied (bit-identical)."""
+        with torch.no_grad():
+            for p, value in snapshot["params"]:
+                p.copy_(value)
+        for p in [q for q in self.state if q not in snapshot["state"]]:
+            del self.state[p]
+        for p, s in snapshot["state"].items():
             self.state[p] = s
+        for name, state in snapshot["blocks"].items():
+            self.slots[name].block.load_state_dict(state)
+        self.damping.load_state_dict(snapshot["damping"])
+        for g, lam in zip(self.param_groups, snapshot["groups_damping"]):
+            g["damping"] = lam
+        self._generator.set_state(snapshot["generator"])
 
     def _second_pass(self, closure, before, loss, step_sizes, grads, directions, snapshot, info: StepInfo) -> None:
         self.capture.set(h=True, g=True, preactivation_grads_only=True)
@@ -871,8 +1052,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._internal_pass = False
         after = self.capture.records
         self.capture.clear()
+        self._check_loss(loss_after, "the closure (second call, at the new point)")
         info.loss_after = _as_float(loss_after)
-        bad = loss_after is None or not math.isfinite(info.loss_after) or not all_finite(
+        bad = not math.isfinite(info.loss_after) or not all_finite(
             *[r.grad_rows for r in after.values() if r.grad_rows is not None]
         )
         if bad:
@@ -883,9 +1065,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             info.skipped, info.skip_reason = True, reason
             return
         for name, slot in self.slots.items():
+            if slot.block.needs_second_pass and (name not in after or name not in before or after[name].grad_rows is None):
+                raise RuntimeError(
+                    f"layer {name!r} was not evaluated (forward and backward) by the closure on both calls: the "
+                    "closure must run the same batch through the model and call backward every time"
+                )
+        for name, slot in self.slots.items():
             if slot.block.needs_second_pass:
-                if name not in after or name not in before:
-                    raise RuntimeError(f"layer {name!r} was not evaluated by the closure on both passes")
                 slot.block.update_after_step(before[name], after[name])
         if self.damping.needs_reduction_ratio:
             model_change = 0.0
@@ -971,9 +1157,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
     @property
     def skipped_steps(self) -> int:
+        """Number of steps skipped because the loss or a gradient was not finite (``counters["skipped_steps"]``)."""
         return int(self.counters["skipped_steps"])
 
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state (groups, momentum, fallback moments) plus ``"secondorder"``: step count,
+        counters, damping policy, sampler state, every block's factors and the block kinds."""
         state = super().state_dict()
         state["secondorder"] = {
             "version": 1,
@@ -982,17 +1171,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "damping": self.damping.state_dict(),
             "generator": self._generator.get_state(),
             "blocks": {name: slot.block.state_dict() for name, slot in self.slots.items()},
+            "kinds": {name: slot.block.describe() for name, slot in self.slots.items()},
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of the same optimizer on the same model.
+
+        Everything is validated before anything is loaded: the kind of every block, the layer names,
+        and the shape of every tensor (factors, momentum, fallback moments); the first mismatch is
+        named in a ``ValueError`` and the optimizer is left unchanged.
+        """
         state_dict = copy.deepcopy(dict(state_dict))  # never alias the caller's checkpoint
         extra = state_dict.pop("secondorder", None)
         if extra is None:
             raise ValueError("not a secondorder optimizer state_dict (missing the 'secondorder' entry)")
-        missing = set(self.slots) - set(extra["blocks"])
-        if missing:
-            raise ValueError(f"state_dict has no curvature state for layers {sorted(missing)}")
+        self._validate_checkpoint(extra, state_dict)
         super().load_state_dict(state_dict)
         self.steps = int(extra["steps"])
         self.counters = {**extra["counters"], "skip_reasons": dict(extra["counters"]["skip_reasons"])}
@@ -1001,3 +1195,41 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for name, slot in self.slots.items():
             slot.block.load_state_dict(extra["blocks"][name])
         self._configure_capture(self.steps)
+
+    def _validate_checkpoint(self, extra: Mapping[str, Any], torch_state: Mapping[str, Any]) -> None:
+        saved = extra.get("blocks", {})
+        missing, unexpected = sorted(set(self.slots) - set(saved)), sorted(set(saved) - set(self.slots))
+        if missing or unexpected:
+            raise ValueError(
+                f"the checkpoint's curvature layers do not match this optimizer's: missing {missing}, unexpected "
+                f"{unexpected}; load it into an optimizer built the same way on the same model"
+            )
+        kinds = extra.get("kinds") or {}
+        for name, slot in self.slots.items():
+            if name in kinds and kinds[name] != slot.block.describe():
+                raise ValueError(
+                    f"layer {name!r}: the checkpoint holds a {kinds[name]} block but this optimizer has "
+                    f"{slot.block.describe()}; load it into the same kind of optimizer"
+                )
+            _compare_state(saved[name], slot.block.state_dict(), f"layer {name!r}: block state")
+        groups = torch_state.get("param_groups", [])
+        if len(groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(h["params"]) for g, h in zip(groups, self.param_groups)):
+            raise ValueError(
+                f"the checkpoint has param groups of sizes {[len(g['params']) for g in groups]}, this optimizer "
+                f"{[len(g['params']) for g in self.param_groups]}"
+            )
+        params = [p for g in self.param_groups for p in g["params"]]
+        matrix_shape = {id(s.weight): (s.adapter.g_dim, s.adapter.a_dim) for s in self.slots.values()}
+        for index, pstate in torch_state.get("state", {}).items():
+            p = params[int(index)]
+            layer = self._param_layer.get(id(p), f"parameter {index}")
+            for key, value in pstate.items():
+                if not isinstance(value, torch.Tensor) or value.ndim == 0:
+                    continue
+                want = matrix_shape.get(id(p)) if key == "momentum_matrix" else tuple(p.shape)
+                if want is not None and tuple(value.shape) != tuple(want):
+                    raise ValueError(
+                        f"layer {layer!r}: the checkpoint's {key!r} has shape {tuple(value.shape)} but this model needs "
+                        f"{tuple(want)}; the checkpoint is from a different model"
+                    )

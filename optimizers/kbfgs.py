@@ -119,3 +119,7 @@ class KBFGSL(KBFGS):
     """
 
     _memory = 100
+
+
+KBFGSL.__doc__ = (KBFGSL.__doc__ or "") + "\n" + KBFGS.__doc__[KBFGS.__doc__.index("    Args:"):].replace(
+    "memory: only for :class:`KBFGSL` (here an error).", "memory: number of (s, y) pairs kept for H_g (default 100).")
