@@ -31,6 +31,7 @@ APPROXIMATIONS = ("expand", "reduce")
 
 
 def check_approx(approx: str) -> str:
+    """``approx`` if it is "expand" or "reduce", else a ValueError."""
     if approx not in APPROXIMATIONS:
         raise ValueError(f"approx must be 'expand' or 'reduce', got {approx!r}")
     return approx

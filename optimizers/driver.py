@@ -67,6 +67,7 @@ class LayerSlot:
 
     @property
     def bias(self) -> torch.Tensor | None:
+        """The parameter playing b, or None when the layer has no bias."""
         return self.adapter.bias if self.adapter.has_bias else None
 
 

@@ -12,9 +12,11 @@ Defaults: λ_A = μ2 = √λ, momentum 0.9 (EMA form), weight decay 1e-5, H_g st
 of step k happen after the direction p_k is formed, as in the authors' code; with
 ``lag_factors=True`` the A statistics of batch k are also folded in only after the step.
 
-Conv2d layers follow the KFC convention for A (Ω = (1/N)ΣΣ_t āāᵀ) and use means over batch *and*
-spatial locations for h̄, ḡ and the mean activation ā̄ (our reading of Ren, Bahamou & Goldfarb,
-arXiv 2102.06737; see README).
+Layers with a weight-sharing dimension (sequence positions, spatial locations, repeated calls)
+follow ``approx``: with "expand" (default) A is KFC's (Ω = (1/N)ΣΣ_t āāᵀ) and h̄, ḡ, ā̄ are means over
+all rows (samples *and* positions; for Conv2d our reading of Ren, Bahamou & Goldfarb, arXiv
+2102.06737); with "reduce" A is built from the per-sequence mean inputs and h̄, ḡ, ā̄ are means over
+sequences of the position-mean h and ā and of the position-sum gradient (see README, Architectures).
 """
 
 from __future__ import annotations

@@ -109,3 +109,39 @@ def test_cnn_with_grouped_depthwise_and_batchnorm_trains(kind):
     assert all(math.isfinite(v) for v in losses)
     assert opt.counters["skipped_steps"] == 0 and opt.counters["reverted_steps"] == 0
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, (losses[:3], losses[-3:])
+
+
+def test_transformer_encoder_layer_with_a_closure_is_captured():
+    """nn.TransformerEncoderLayer: out_proj is never called as a module; its statistics come from the
+    attention's F.linear call (this used to fail with 'no statistics were captured ... out_proj')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), nn.Flatten(),
+                          nn.Linear(8 * 5, 3))
+    x, y = torch.randn(16, 5, 8), torch.randint(0, 3, (16,))
+    opt = KFAC(model, lr=0.1, damping=0.3)
+    assert "fallback" not in opt.describe()
+    losses = _train(model, opt, lambda: nn.functional.cross_entropy(model(x), y), 15)
+    assert opt.blocks["0.self_attn.out_proj"].a_factor.updates == 15
+    assert losses[-1] < losses[0] and opt.counters["skipped_steps"] == 0
+
+
+def test_cross_attention_says_to_exclude_the_packed_projection():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x, memory):
+            return self.attn(x, memory, memory, need_weights=False)[0]
+
+    model = Cross()
+    x, m = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    opt = KFAC(model, lr=0.1)
+    model(x, m).pow(2).mean().backward()
+    with pytest.raises(RuntimeError, match="self-attention"):
+        opt.step()
+    opt = KFAC(model, lr=0.1, exclude=["attn"])
+    opt.zero_grad()
+    model(x, m).pow(2).mean().backward()
+    opt.step()
+    assert "excluded" in opt.describe()

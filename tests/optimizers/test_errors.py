@@ -217,7 +217,7 @@ class Encoder(nn.Module):
 @pytest.mark.parametrize("key,match", [
     ("body", "no parameters of its own"),
     ("body.1", "no parameters of its own"),
-    (nn.LayerNorm, "no adapter"),
+    (nn.PReLU, "no adapter"),
     (3, "module type .* or a layer name"),
 ])
 def test_blocks_keys_that_can_never_apply_are_errors(key, match):
