@@ -48,7 +48,8 @@ def _dataset(data: Any, device: torch.device | None) -> Dataset:
 
 def make_source(model: nn.Module, loss_fn: Callable, data: Any, make_optimizer: Callable[[nn.Module], Any], *,
                 batch_size: int | None = None, lipschitz: float | None = None, device: torch.device | str | None = None,
-                make_closure: Callable | None = None, name: str = "user") -> Source:
+                make_closure: Callable | None = None, make_loader: Callable | None = None,
+                name: str = "user") -> Source:
     """The :class:`~convergence.harness.Source` of :func:`check` (also used by ``--problem module:fn``)."""
     from convergence.monitor import iid_loader
     from convergence.problems import Problem
@@ -66,6 +67,12 @@ def make_source(model: nn.Module, loss_fn: Callable, data: Any, make_optimizer: 
         return Source(problem, make_optimizer, int(size), loader=loader, make_closure=make_closure, theory_mode=None,
                       name=name)
     dataset = _dataset(data, device)
+    if make_loader is not None:  # the user's own sampler: make_loader(seed, batch_size, num_batches)
+        if batch_size is None:
+            raise HarnessError("pass batch_size with make_loader")
+        problem = Problem(name, model, loss_fn, dataset, lipschitz)
+        return Source(problem, make_optimizer, int(batch_size), make_loader=make_loader, make_closure=make_closure,
+                      theory_mode=None, name=name)
     if batch_size is None:
         raise HarnessError("pass batch_size when data is a data set (training batches are i.i.d. draws of that size)")
     if batch_size > len(dataset):
@@ -133,7 +140,8 @@ def load_entry_point(spec: str) -> Callable[[], Any]:
 def entry_point_fields(obj: Any) -> dict[str, Any]:
     """Normalize what a ``--problem module:fn`` function returned: a :class:`~convergence.problems.Problem`
     or a mapping with ``model``, ``loss_fn``, ``data`` and optionally ``make_optimizer``, ``make_closure``,
-    ``lipschitz``, ``batch_size``, ``name``."""
+    ``make_loader`` (``make_loader(seed, batch_size, num_batches)``, the user's own sampler), ``lipschitz``,
+    ``batch_size``, ``name``."""
     from convergence.problems import Problem
 
     if isinstance(obj, Problem):
@@ -143,7 +151,8 @@ def entry_point_fields(obj: Any) -> dict[str, Any]:
         missing = [k for k in ("model", "loss_fn", "data") if k not in obj]
         if missing:
             raise HarnessError(f"the problem entry point returned a dict without {missing}")
-        allowed = {"model", "loss_fn", "data", "make_optimizer", "make_closure", "lipschitz", "batch_size", "name"}
+        allowed = {"model", "loss_fn", "data", "make_optimizer", "make_closure", "make_loader", "lipschitz",
+                   "batch_size", "name"}
         extra = sorted(set(obj) - allowed)
         if extra:
             raise HarnessError(f"the problem entry point returned unknown keys {extra}; allowed: {sorted(allowed)}")

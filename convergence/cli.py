@@ -7,7 +7,7 @@ Usage::
         [--lr LR] [--damping LAMBDA] [--beta BETA] [--device {cpu,cuda}] [--seed S] --out DIR
         [--data-dir DIR] [--mnist-examples N] [--theory-mode | --no-theory-mode]
         [--checks E1,E2,...] [--checkpoints C] [--rate-seeds S] [--descent-batches R] [--alpha A]
-        [--max-skip-fraction F] [--plateau | --no-plateau] [--no-progress]
+        [--max-skip-fraction F] [--plateau | --no-plateau] [--no-progress] [--no-plots]
 
 What it does:
 
@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "convergence.problems.Problem or a dict with model, loss_fn, data [, make_optimizer, "
                         "make_closure, lipschitz, batch_size]")
     p.add_argument("--steps", type=_positive_int, default=60, help="training steps (default 60)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="minibatch size m (default 16)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="minibatch size m (default: an entry point's batch_size, else 16)")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="base learning rate; alpha_k = lr (k+1)^-beta (default: 0.2 for K-BFGS, 0.1 for kfac, 0.05 "
                         "for diagonal; an entry point's own optimizer keeps its lr)")
@@ -157,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plateau", action=argparse.BooleanOptionalAction, default=True,
                    help="E8p: compare the constant-step noise floor at batch sizes m and 4m (default on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="write report.json only (no PNGs)")
     parser.set_defaults(check_parser=p)
     return parser
 
@@ -293,10 +295,10 @@ def _source(args: argparse.Namespace):
             def make_opt(model, lr=lr, damping=damping):
                 return build_optimizer(args.optimizer, model, lr=lr, damping=damping, theory_mode=args.theory_mode,
                                        seed=args.seed)
-        batch = fields.get("batch_size") or args.batch_size
+        batch = args.batch_size or fields.get("batch_size") or 16
         return make_source(fields["model"], fields["loss_fn"], fields["data"], make_opt, batch_size=batch,
                            lipschitz=fields.get("lipschitz"), device=device, make_closure=fields.get("make_closure"),
-                           name=fields.get("name", args.problem))
+                           make_loader=fields.get("make_loader"), name=fields.get("name", args.problem))
     if args.optimizer is None:
         raise CLIError(f"--problem {args.problem} needs --optimizer ({', '.join(OPTIMIZERS)})")
     problem = build_problem(args.problem, seed=args.seed, device=device, data_dir=args.data_dir,
@@ -304,6 +306,7 @@ def _source(args: argparse.Namespace):
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     damping = args.damping if args.damping is not None else DEFAULT_DAMPING[args.optimizer]
     args.damping_used, args.lr_used = damping, lr
+    args.batch_size = args.batch_size or 16
     if args.batch_size > len(problem.dataset):
         raise CLIError(f"--batch-size {args.batch_size} exceeds the {len(problem.dataset)} examples of the problem")
 
@@ -334,7 +337,7 @@ def run(args: argparse.Namespace, *, stdout=None) -> int:
     report = run_harness(source, config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plots = _plots(report, source, out, args.seed)
+    plots = [] if args.no_plots else _plots(report, source, out, args.seed)
     meta = dict(report.meta)
     meta.update({"command": "check", "optimizer": args.optimizer, "problem": args.problem,
                  "damping": getattr(args, "damping_used", None), "device": str(args.device),

@@ -738,14 +738,7 @@ def _run_e8(ctx: Context) -> list[CheckResult]:
             res.notes.append("no positive, finite observed kappa (no preconditioner, or AS.3 fails): the general "
                              "bound was not evaluated")
         ctx.extra["rate_rows"] = rows
-        bound_applies = bool(res.evidence.get("bound", {}).get("applies"))
-        if not bound_applies and a.beta == 0.0 and res.verdict is not Verdict.FAIL:
-            reason = ("constant step: the rate theorem needs alpha_k ~ k^-beta with beta in (1/2, 1), so the slope "
-                      "rule cannot discriminate, and the general bound U_N does not apply ("
-                      + str(res.evidence.get("bound", {}).get("reason", "step-size condition not met")) + ")")
-            out.append(not_applicable("E8", res.assumption, reason, evidence=dict(res.evidence)))
-        else:
-            out.append(res)
+        out.append(res)
     if a.beta == 0.0 and a.plateau:
         out.append(_run_plateau(ctx, rows, initial))
     return out

@@ -356,7 +356,15 @@ def check_rate(
     if "p_value" in slope_info:
         slope_info["rejected"] = "slope" in p_parts and len(p_parts) * slope_info["p_value"] <= cfg.alpha
         slope_info["rejected_if_tested"] = slope_info["p_value"] <= cfg.alpha
-    not_rejected = Verdict.PASS if consistent else Verdict.INCONCLUSIVE
+    # PASS only when a part that could fail was tested: the bound U_N (when the step-size condition
+    # holds), or a slope rule that can fail; a consistent slope alone under a violated step-size
+    # condition proves nothing the theorem promises (NOT_APPLICABLE, below)
+    bound_tested = "bound" in p_parts
+    slope_can_fail = bool(slope_info.get("can_fail"))
+    if bound_tested or slope_can_fail:
+        not_rejected = Verdict.PASS if (consistent or bound_tested) else Verdict.INCONCLUSIVE
+    else:
+        not_rejected = Verdict.NOT_APPLICABLE
     evidence["verdict_if_not_rejected"] = not_rejected.value
     if p <= cfg.alpha:
         verdict = Verdict.FAIL
@@ -378,6 +386,13 @@ def check_rate(
             notes.append(f"G_N decays slower than N^{s_max:.3g} over the tail (reported only: shape_rule='report')")
         elif not consistent:
             notes.append(f"the tail slope is not shown to be <= {s_max:.3g} (upper bound too high or too few seeds)")
+    if verdict is Verdict.NOT_APPLICABLE:
+        reason = ("the theorem promises no rate on this run: "
+                  + ("the step-size condition alpha_k <= kappa_lo/(L_up kappa_hi^2) fails (see E7a)"
+                     if theorem_applies is False else "the general bound could not be evaluated and the slope rule "
+                     "cannot fail here") + (" and a constant step gives no decay exponent" if beta == 0 else ""))
+        evidence["not_applicable"] = reason
+        notes.insert(0, reason)
     statistic = float(slope_info.get("slope", math.nan))
     expected = f"tail slope <= max(beta-1, -beta) + {cfg.slope_slack:g} = {s_max:.3g}; W_N <= U_N"
     return CheckResult("E8", "rate of E|grad f|^2 (Wang et al. 2017)", statistic, expected, 1.0 - cfg.alpha,
@@ -393,7 +408,7 @@ def check_plateau_ratio(
     margin: float = 1.5,
     alpha: float = 0.01,
     tail_fraction: float = 1.0 / 3.0,
-    plateau_drop: float = 2.0,
+    plateau_drop: float = 1.25,
 ) -> CheckResult:
     r"""E8p -- the constant-step noise floor scales as :math:`1/m`: runs at :math:`m` and :math:`4m`.
 

@@ -465,8 +465,14 @@ def _decide_variance(draws: dict[int, np.ndarray], sizes: Sequence[int], sigma1_
     }
     if sigma_history:
         evidence["sigma_history"] = sigma_trend(sigma_history)
+    eps = float(torch.finfo(grad_f.dtype).eps) if grad_f.dtype.is_floating_point else 2.2e-16
+    grad_sq = float(grad_f.double().pow(2).sum())
+    if sigma1_sq <= (1e3 * eps) ** 2 * max(grad_sq, 1e-300):  # zero up to rounding of the per-example gradients
+        sigma1_sq = 0.0
     if not sigma1_sq > 0:
         worst = max(float(v.mean()) for v in draws.values())
+        if worst <= (1e3 * eps) ** 2 * max(grad_sq, 1e-300):
+            worst = 0.0
         evidence["V_hat"] = {str(m): float(draws[m].mean()) for m in sizes}
         if worst > 1e-20:
             notes.append("sigma_1^2 = 0, yet minibatch gradients differ from grad f")
