@@ -577,9 +577,9 @@ def _run_e5(ctx: Context, k: int) -> list[CheckResult]:
     from convergence.checks.independence import check_batch_swap, check_data_flow, check_independence_bias
 
     if not ctx.curvature:
-        return [_no_preconditioner("E5a", "AS.4 preconditioner independent of the batch"),
-                _no_preconditioner("E5b", "AS.4 data flow"),
-                _no_preconditioner("E5c", "AS.4 size of the bias")]
+        return _tag([_no_preconditioner("E5a", "AS.4 preconditioner independent of the batch"),
+                     _no_preconditioner("E5b", "AS.4 data flow"),
+                     _no_preconditioner("E5c", "AS.4 size of the bias")], k)
     a, p = ctx.config, ctx.problem
     make = ctx.source.closure_factory(ctx.optimizer)
     alt = _other_batches(ctx, k, 20_000 + 97 * k + a.seed, 4)
@@ -675,7 +675,7 @@ def _run_e7d(ctx: Context) -> list[CheckResult]:
     from convergence.checks.stepsize import check_eos_corollary
 
     if not ctx.curvature:
-        return [_no_preconditioner("E7d", "EoS corollary")]
+        return _tag([_no_preconditioner("E7d", "EoS corollary")], max(ctx.trace.snapshots))
     _ensure_lipschitz(ctx)
     l_hat = max(v for v in (ctx.lipschitz_hat, ctx.lipschitz_h) if v is not None and math.isfinite(v))
     p = ctx.problem
