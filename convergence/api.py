@@ -18,7 +18,7 @@ NOT_APPLICABLE for the ones that need a preconditioner (E4, E5, E7a, E7d).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -118,7 +118,7 @@ def check(model: nn.Module, loss_fn: Callable[[Any, Any], torch.Tensor], data: A
     config = HarnessConfig(steps=steps, checks=tuple(c.upper() for c in checks), lr=lr, beta=beta, seed=seed,
                            checkpoints=checkpoints, rate_seeds=rate_seeds, descent_batches=descent_batches,
                            alpha=alpha, plateau=plateau, progress=progress)
-    return run_harness(source, config, device=device)
+    return run_harness(source, config)
 
 
 def load_entry_point(spec: str) -> Callable[[], Any]:

@@ -40,24 +40,19 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from convergence.results import CheckResult, Verdict
+from convergence.harness import CHECKS  # E1..E8 (E0 always runs)
 
 __all__ = ["CHECKS", "OPTIMIZERS", "PROBLEMS", "build_parser", "parse_args", "build_problem", "build_optimizer",
            "make_loader", "run", "main"]
-
-from convergence.harness import CHECKS  # noqa: E402  (E1..E8; E0 always runs)
 
 OPTIMIZERS = ("kbfgs", "kbfgsl", "kfac", "diagonal")
 PROBLEMS = ("least-squares", "logistic", "softmax", "mlp", "mnist")
@@ -398,7 +393,7 @@ def _plots(report, source, out: Path, seed: int) -> list[Path]:
     return plots
 
 
-def _single_running_mean(trace: Trace) -> dict[str, list[float]]:
+def _single_running_mean(trace) -> dict[str, list[float]]:
     from convergence.checks.rate import running_average
 
     mean = running_average(trace.grad_steps, np.array(trace.grad_norm_sq)).tolist()

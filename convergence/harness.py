@@ -518,11 +518,9 @@ def _parameter_blocks(model: nn.Module) -> list[tuple[str, int]]:
 def _run_e3(ctx: Context, k: int) -> list[CheckResult]:
     from convergence.checks.variance import check_variance_of_batches
 
-    p, tr = ctx.problem, ctx.trace
-    with torch.no_grad():
-        pass
     from convergence.checks.variance import loaded_parameters
 
+    p, tr = ctx.problem, ctx.trace
     x, y = p.full_batch
     replacement = ctx.source.theory_mode is not False
     with loaded_parameters(p.model, tr.iterates[k]):
@@ -714,7 +712,7 @@ def _seed_runs(ctx: Context, batch_size: int, seeds: Sequence[int], initial_stat
 
 
 def _run_e8(ctx: Context) -> list[CheckResult]:
-    from convergence.checks.rate import check_plateau_ratio, check_rate
+    from convergence.checks.rate import check_rate
 
     a = ctx.config
     _ensure_lipschitz(ctx)
@@ -812,7 +810,7 @@ class Report:
         return self.table()
 
 
-def run_harness(source: Source, config: HarnessConfig, *, device: torch.device | str | None = None) -> Report:
+def run_harness(source: Source, config: HarnessConfig) -> Report:
     """Train ``source`` under ``config`` with the monitor on, run the selected checks, return the :class:`Report`."""
     from convergence.monitor import TrainingMonitor, theory_mode_violations
     from convergence.multiple import holm_adjust
@@ -871,11 +869,6 @@ def run_harness(source: Source, config: HarnessConfig, *, device: torch.device |
         _guard(ctx, f"E7d@{max(snaps)}", lambda: _run_e7d(ctx))
     if "E8" in selected:
         _guard(ctx, "E8", lambda: _run_e8(ctx))
-    from convergence.checks.variance import loaded_parameters
-
-    with torch.no_grad():
-        with loaded_parameters(p.model, final_state):
-            pass
     results = holm_adjust(ctx.results, alpha=config.alpha)
     meta = {
         "steps": config.steps, "batch_size": source.batch_size, "lr": lr, "beta": config.beta, "seed": config.seed,
