@@ -54,6 +54,28 @@ def honest():
             "lipschitz": prob.lipschitz, "batch_size": BATCH}
 
 
+def _kfac(lr: float = 0.3):
+    return lambda model: KFAC(model, lr=lr, damping=1.0, **theory_mode_kwargs())
+
+
+def honest_kfac():
+    """KFAC (damping 1) on least squares with the exact L: lr 0.3 is inside kappa_lo/(L kappa_hi^2)."""
+    prob = _least_squares()
+    return {"model": prob.model, "loss_fn": prob.loss_fn, "data": prob.dataset, "make_optimizer": _kfac(),
+            "lipschitz": prob.lipschitz, "batch_size": BATCH}
+
+
+def repeated_batches_kfac():
+    """E8p: as ``repeated_batches``, with the honest_kfac optimizer (inside the step-size condition)."""
+    prob = _least_squares()
+
+    def make_loader(seed: int, batch_size: int, num_batches: int):
+        return _repeated_loader(prob.dataset, batch_size, seed, num_batches)
+
+    return {"model": prob.model, "loss_fn": prob.loss_fn, "data": prob.dataset, "make_optimizer": _kfac(),
+            "make_loader": make_loader, "batch_size": BATCH, "lipschitz": prob.lipschitz}
+
+
 def identical_examples():
     """Every example is the same: sigma_1^2 = 0, so E3 cannot tell batch sizes apart (NOT_APPLICABLE)."""
     prob = _least_squares()

@@ -184,3 +184,19 @@ def test_violated_step_size_condition_and_constant_step_is_not_applicable():
     res = check_rate(g2, beta=0.0, step_sizes=np.full(40, 10.0), f_initial=1.0, lipschitz=1.0, lipschitz_is_upper=True,
                      sigma2=1.0, kappa=(1.0, 1.0), batch_size=1)
     assert res.verdict is Verdict.NOT_APPLICABLE and "step-size condition" in res.reason
+
+
+def test_plateau_ratio_rule():
+    """E8p on synthetic floors: ratio 4 passes, ratio 1 fails, a still-falling tail is not applicable."""
+    from convergence.checks.rate import check_plateau_ratio
+
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 61)
+    small = 4e-3 * (1 + 0.2 * rng.random((6, 60)))
+    large = 1e-3 * (1 + 0.2 * rng.random((6, 60)))
+    ok = check_plateau_ratio(small, large, steps)
+    assert ok.verdict is Verdict.PASS and 3 < ok.statistic < 5
+    same = check_plateau_ratio(small, 4 * large, steps)
+    assert same.verdict is Verdict.FAIL and same.evidence["ratio_ci"][1] < 4 / 1.5
+    falling = check_plateau_ratio(small * np.exp(-steps / 5.0), large, steps)
+    assert falling.verdict is Verdict.NOT_APPLICABLE and "noise floor" in falling.reason

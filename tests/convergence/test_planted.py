@@ -147,26 +147,17 @@ def test_e7b_schedule_outside_the_theorem_fails(tmp_path, capsys):
 
 
 # ============================================================================================ E8
-def test_e8p_repeated_batches_do_not_lower_the_noise_floor(tmp_path, capsys):
+def test_e8p_outside_the_step_size_condition_is_not_applicable(tmp_path, capsys):
+    """The 1/m floor is a small-step prediction: above kappa_lo/(L kappa_hi^2) it is not claimed (an honest MLP
+    run at lr 0.2 showed a floor ratio of 1.4, so deciding there would be a false FAIL)."""
     out = tmp_path / "run"
-    rc = cli.main(["check", "--problem", "planted_problems:repeated_batches", "--steps", "40", "--checks", "E8",
-                   "--out", str(out), "--no-progress", "--no-plots", "--checkpoints", "1", "--rate-seeds", "6"])
+    rc = cli.main(["check", "--problem", "planted_problems:repeated_batches", "--steps", "12", "--checks", "E8",
+                   "--out", str(out), "--no-progress", "--no-plots", "--checkpoints", "1", "--rate-seeds", "2"])
     capsys.readouterr()
     checks = {c["check"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
-    assert rc == 1 and checks["E8p"]["verdict"] == "FAIL"
-    assert checks["E8p"]["evidence"]["ratio_ci"][1] < 4 / 1.5
-    assert checks["E8"]["verdict"] == "NOT_APPLICABLE"  # constant step: the rate rule cannot discriminate
-
-
-def test_e8p_honest_noise_floor_scales_as_one_over_m(tmp_path, capsys):
-    out = tmp_path / "run"
-    rc = cli.main(["check", "--problem", "planted_problems:honest", "--lr", "0.3", "--steps", "60", "--checks", "E8",
-                   "--out", str(out), "--no-progress", "--no-plots", "--checkpoints", "1", "--rate-seeds", "6"])
-    capsys.readouterr()
-    checks = {c["check"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
-    assert rc == 0 and checks["E8p"]["verdict"] == "PASS"
-    lo, hi = checks["E8p"]["evidence"]["ratio_ci"]
-    assert lo <= 4 * 1.5 and hi >= 4 / 1.5
+    assert checks["E8p"]["verdict"] == "NOT_APPLICABLE"
+    assert "small-step prediction" in checks["E8p"]["evidence"]["not_applicable"]
+    assert checks["E8"]["verdict"] == "NOT_APPLICABLE"  # constant step above the limit: no rate promised
 
 
 def test_e8p_with_a_fixed_loader_is_not_applicable(tmp_path, capsys):
