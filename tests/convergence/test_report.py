@@ -68,7 +68,7 @@ def test_table_lists_every_check_and_the_violations():
     assert "theory mode: off" in text and "momentum=0.9" in text
     assert "E2@0: bias found" in text
     assert "theory-mode violations: none" in format_table(_results(), theory_mode=True)
-    assert summary_counts(_results()) == {"PASS": 1, "FAIL": 1, "INCONCLUSIVE": 1}
+    assert summary_counts(_results()) == {"PASS": 1, "FAIL": 1, "NOT_APPLICABLE": 0, "INCONCLUSIVE": 1, "ERROR": 0}
 
 
 def test_print_table_plain_text(capsys):
