@@ -97,7 +97,7 @@ def test_json_is_strict_and_structured(tmp_path):
     assert checks["E1"]["evidence"]["curve"] == [1.0, "nan"]
     assert checks["E2@0"]["evidence"]["inf"] == "inf" and checks["E8"]["statistic"] == "nan"
     assert checks["E8"]["evidence"]["tensor"] == [1.0, 2.0]
-    assert report_dict([])["summary"] == {"PASS": 0, "FAIL": 0, "INCONCLUSIVE": 0}
+    assert report_dict([])["summary"] == {"PASS": 0, "FAIL": 0, "NOT_APPLICABLE": 0, "INCONCLUSIVE": 0, "ERROR": 0}
 
 
 def _record(step, pairs):
