@@ -249,15 +249,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return slots, fallback
 
     def describe(self) -> str:
-        """A table of which block (or fallback rule) each layer got."""
-        rows = [("layer", "module", "curvature", "parameters")]
+        """A table of which adapter and block (or fallback rule) each layer got."""
+        rows = [("layer", "module", "adapter", "curvature", "parameters")]
         for name, slot in self.slots.items():
-            rows.append((name, type(slot.module).__name__, slot.block.describe(),
+            rows.append((name, type(slot.module).__name__, type(slot.adapter).__name__, slot.block.describe(),
                          str(sum(p.numel() for p in slot.adapter.parameters()))))
         for name, module in self.fallback_modules.items():
             n = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-            rows.append((name, type(module).__name__, f"fallback ({self.fallback})", str(n)))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            rows.append((name, type(module).__name__, "-", f"fallback ({self.fallback})", str(n)))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
     @property
