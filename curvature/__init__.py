@@ -16,7 +16,7 @@ from curvature.adapters import (
     registered_adapters,
     unregister_adapter,
 )
-from curvature.blocks import CurvatureBlock, DiagonalBlock, KroneckerBlock, vec_c
+from curvature.blocks import CurvatureBlock, DiagonalBlock, KroneckerBlock, a_statistic, g_statistic, vec_c
 from curvature.capture import LayerRecord
 from curvature.damping import AdaptiveLM, DampingPolicy, FactoredPi, Tikhonov
 from curvature.factors import (
@@ -45,7 +45,7 @@ __all__ = [
     "LayerAdapter", "LinearAdapter", "Conv2dAdapter", "UnsupportedLayerError",
     "register_adapter", "unregister_adapter", "registered_adapters", "adapter_for",
     # blocks and factors
-    "CurvatureBlock", "KroneckerBlock", "DiagonalBlock", "vec_c",
+    "CurvatureBlock", "KroneckerBlock", "DiagonalBlock", "vec_c", "a_statistic", "g_statistic",
     "Factor", "EMACovarianceFactor", "SecantFactor", "BFGSFactor", "LBFGSFactor", "HessianActionFactor",
     # what blocks receive
     "LayerRecord", "BatchedInverter", "DampingPolicy", "Tikhonov", "FactoredPi", "AdaptiveLM", "DoubleDamping",
