@@ -334,7 +334,9 @@ class LayerCapture:
                 self._pass += 1
                 self._new_pass = False
             x = inputs[0]
-            call = _Call(self._pass, adapter.num_groups(x), adapter.has_bias, adapter.num_samples(x))
+            groups = adapter.num_groups(x) if hasattr(adapter, "num_groups") else int(x.shape[0])
+            samples = adapter.num_samples(x) if hasattr(adapter, "num_samples") else int(x.shape[0])
+            call = _Call(self._pass, groups, adapter.has_bias, samples)
             if cfg.a:
                 call.input_rows = adapter.input_rows(x.detach())
             if cfg.h:
