@@ -189,6 +189,8 @@ class OneHotCountFactor(Factor):
     formed except by :meth:`to_dense` (tests). ``statistic`` is None, so π-damping uses the √λ split.
     """
 
+    uses_statistics = True
+
     def __init__(self, dim: int, decay: float = 0.9, *, dtype=torch.float32, device=None) -> None:
         super().__init__(dim)
         if not 0.0 <= decay < 1.0:

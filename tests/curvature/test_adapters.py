@@ -44,7 +44,9 @@ def test_shipped_adapters_are_registered_and_follow_the_protocol():
     assert registered_adapters()[nn.Linear] is LinearAdapter and registered_adapters()[nn.Conv2d] is Conv2dAdapter
     assert isinstance(adapter_for(nn.Linear(2, 3)), AdapterProtocol)
     assert isinstance(adapter_for(nn.Conv2d(2, 3, 3)), AdapterProtocol)
-    assert adapter_for(nn.LayerNorm(3)) is None
+    for module in (nn.Embedding(4, 2), nn.LayerNorm(3), nn.MultiheadAttention(4, 2), nn.Conv1d(1, 2, 3)):
+        assert isinstance(adapter_for(module), AdapterProtocol)
+    assert adapter_for(nn.PReLU()) is None
 
 
 def test_subclasses_use_the_most_specific_registration(clean_registry):

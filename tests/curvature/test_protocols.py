@@ -258,6 +258,6 @@ def test_describe_names_user_blocks(device):
 
     opt = CurvatureOptimizer(model, lr=0.1, blocks={"0": lambda n, a, c: MyBlock(n, a), "2": kfac_block()})
     table = opt.describe()
-    assert "MyBlock" in table and "kfac[A: EMACovarianceFactor, G: EMACovarianceFactor]" in table
+    assert "MyBlock" in table and "kfac-expand[A: EMACovarianceFactor, G: EMACovarianceFactor]" in table
     assert table.splitlines()[0].split() == ["layer", "module", "adapter", "curvature", "parameters"]
     assert all("LinearAdapter" in line for line in table.splitlines()[1:])

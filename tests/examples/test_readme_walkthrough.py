@@ -20,7 +20,7 @@ def test_walkthrough_runs_and_its_factor_sees_the_statistic_diagonal(capsys):
     ns: dict = {}
     torch.manual_seed(0)
     exec(compile(_walkthrough(), "README walkthrough", "exec"), ns)
-    assert "diag-a-kfac[A: DiagonalFactor, G: EMACovarianceFactor]" in capsys.readouterr().out
+    assert "diag-a-kfac-expand[A: DiagonalFactor, G: EMACovarianceFactor]" in capsys.readouterr().out
     model, opt = ns["model"], ns["opt"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 10, generator=g)

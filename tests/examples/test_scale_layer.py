@@ -93,7 +93,7 @@ def test_kbfgs_on_scale_uses_the_layer_pairs_and_trains(device, example):
     model, x, t = _problem(ns["Scale"], device)
     d = 4
     opt = KBFGS(model, lr=0.2, damping=0.3, momentum=0.0, weight_decay=0.0, layer_types=(nn.Linear, ns["Scale"]))
-    assert "kbfgs[A: HessianActionFactor, G: BFGSFactor]" in opt.describe()
+    assert "kbfgs-expand[A: HessianActionFactor, G: BFGSFactor]" in opt.describe()
     _, y0, g0, _ = _definitions(model, x, t)
     first = float(opt.step(_closure(opt, model, x, t)).detach())
     _, y1, g1, _ = _definitions(model, x, t)

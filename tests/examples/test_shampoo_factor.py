@@ -60,7 +60,7 @@ def test_shampoo_blocks_train_a_small_network(device, example):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2)).to(D).to(device)
     opt = CurvatureOptimizer(model, lr=0.5, damping=1e-4, blocks={nn.Linear: ns["shampoo_block"]()})
-    assert "shampoo[A: ShampooFactor, G: ShampooFactor]" in opt.describe()
+    assert "shampoo-expand[A: ShampooFactor, G: ShampooFactor]" in opt.describe()
 
     def closure():
         opt.zero_grad()
