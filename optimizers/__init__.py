@@ -1,11 +1,12 @@
-"""Optimizers composed from curvature blocks: a generic driver, KFAC, K-BFGS and K-BFGS(L)."""
+"""Optimizers composed from curvature blocks: a generic driver, KFAC, K-BFGS, K-BFGS(L) and a diagonal method."""
 
+from optimizers.diagonal import Diagonal
 from optimizers.driver import CurvatureOptimizer, StepInfo
 from optimizers.kbfgs import KBFGS, KBFGSL
 from optimizers.kfac import KFAC
 from optimizers.recipes import RecipeContext, diagonal_block, kbfgs_block, kbfgsl_block, kfac_block
 
 __all__ = [
-    "CurvatureOptimizer", "StepInfo", "KFAC", "KBFGS", "KBFGSL", "RecipeContext",
+    "CurvatureOptimizer", "StepInfo", "KFAC", "Diagonal", "KBFGS", "KBFGSL", "RecipeContext",
     "kfac_block", "kbfgs_block", "kbfgsl_block", "diagonal_block",
 ]

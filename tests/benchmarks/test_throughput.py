@@ -296,8 +296,8 @@ def test_profile_breakdown_partitions_the_step(method, device):
         assert "inverter.BatchedInverter.run" in {r[0] for r in phases["inverse+stats"].tables[0].rows}
         # outside the inverse phase the inverter is constructed but inverts nothing
         stats = {r[0]: r for r in phases["stats"].tables[0].rows}
-        assert "linalg.damped_inverse" not in stats
-        assert "linalg.damped_inverse" in {r[0] for r in phases["inverse+stats"].tables[0].rows}
+        assert "linalg.damped_inverse_entries" not in stats
+        assert "linalg.damped_inverse_entries" in {r[0] for r in phases["inverse+stats"].tables[0].rows}
     assert report.text().count("by region, exclusive") == len(expected)
 
 
