@@ -97,11 +97,17 @@ def moons() -> Problem:
 
 
 def mnist() -> Problem | None:
-    from benchmarks.data.mnist import load_mnist
-    from tests.conftest import mnist_dir
+    import os
+    from pathlib import Path
 
-    path = mnist_dir()
+    from benchmarks.data.mnist import load_mnist
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ.get("SECONDORDER_MNIST_DIR")
+    candidates = ([Path(env)] if env else []) + [root.parent / "shared" / "data" / "mnist", root / "shared" / "data" / "mnist"]
+    path = next((c for c in candidates if (c / "t10k-images-idx3-ubyte.gz").exists()), None)
     if path is None:
+        print("mnist: the MNIST test split was not found (../shared/data/mnist or $SECONDORDER_MNIST_DIR); skipped")
         return None
     images, _ = load_mnist(path, split="test")
     x = images[:2000]
@@ -137,8 +143,11 @@ CANDIDATES: dict[str, tuple[Callable[..., torch.optim.Optimizer], dict[str, dict
         "defaults": {},
         "lr 0.1 λ 1 empirical": {"lr": 0.1, "damping": 1.0, "fisher": "empirical"},
         "lr 1 λ 3 empirical": {"lr": 1.0, "damping": 3.0, "fisher": "empirical"},
+        "defaults, no likelihood": {"fisher": None},
         "lr 1 λ 3 mc": {"lr": 1.0, "damping": 3.0, "fisher": "mc", "likelihood": None},
         "lr 0.3 λ 1 mc": {"lr": 0.3, "damping": 1.0, "fisher": "mc", "likelihood": None},
+        "lr 0.1 λ 3 empirical": {"lr": 0.1, "damping": 3.0, "fisher": "empirical"},
+        "lr 0.3 λ 3 empirical": {"lr": 0.3, "damping": 3.0, "fisher": "empirical"},
     }),
     "kbfgs": (KBFGS, {
         "defaults": {},
@@ -179,6 +188,7 @@ def run_one(make_problem: Callable[[], Problem | None], opt_name: str, label: st
         kwargs["likelihood"] = problem.likelihood
     if opt_name == "kfac" and not kwargs:
         kwargs = {"likelihood": problem.likelihood}  # the caller names the model's distribution
+    kwargs = {k: v for k, v in kwargs.items() if not (k == "fisher" and v is None)}
     model = problem.model
     opt = cls(model, **kwargs)
     n = problem.x.shape[0]

@@ -245,6 +245,15 @@ class SecantFactor(Factor):
     def _incorporate(self, s: torch.Tensor, y: torch.Tensor, reference_norm: float | None) -> str | None:
         raise NotImplementedError
 
+    def reset_secant_memory(self) -> None:
+        """Forget the pairs: H back to its initial matrix and the pair EMA to zero (recovery after a fault)."""
+        self.s_avg.zero_()
+        self.y_avg.zero_()
+        self._reset_h()
+
+    def _reset_h(self) -> None:
+        raise NotImplementedError
+
     def _secant_state(self) -> dict[str, Any]:
         return {"s_avg": self.s_avg.clone(), "y_avg": self.y_avg.clone(), "updates": self.updates,
                 "counters": self.counters.as_dict()}
@@ -271,6 +280,9 @@ class BFGSFactor(SecantFactor):
     def _incorporate(self, s, y, reference_norm):
         self.H, reason = guarded_bfgs_inverse_update(self.H, s, y, reference_norm, self.curvature_threshold)
         return reason
+
+    def _reset_h(self) -> None:
+        self.H = self.init_scale * torch.eye(self.dim, dtype=self.H.dtype, device=self.H.device)
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         return self.H @ V
@@ -301,6 +313,10 @@ class LBFGSFactor(SecantFactor):
             return check.reason
         self.lbfgs.append(s, y)
         return None
+
+    def _reset_h(self) -> None:
+        old = self.lbfgs
+        self.lbfgs = CompactLBFGS(self.dim, old.memory, old.gamma, dtype=old.S.dtype, device=old.S.device)
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         return self.lbfgs.apply(V)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from optimizers.driver import CurvatureOptimizer
+from optimizers.recovery import Recovery
 from optimizers.recipes import diagonal_block
 
 
@@ -36,10 +37,13 @@ class Diagonal(CurvatureOptimizer):
         lag_factors: bool = False,
         layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
         seed: int = 0,
+        recovery: Recovery | bool | None = None,
+        strict: bool = False,
     ) -> None:
         recipe = diagonal_block(decay=decay, power=power, source=source)
         super().__init__(
             model, lr, {t: recipe for t in layer_types}, damping=damping, momentum=momentum,
             weight_decay=weight_decay, fallback=fallback, loss_reduction=loss_reduction,
             lag_factors=lag_factors, seed=seed,
+            recovery=recovery, strict=strict,
         )

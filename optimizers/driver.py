@@ -23,6 +23,12 @@ With ``lag_factors=True`` (theory mode, AS.4) statistics of batch :math:`k` are 
 
 A step whose loss or gradient is not finite is skipped: parameters, momentum and curvature state
 stay exactly as they were, and the skip is counted in :attr:`CurvatureOptimizer.counters`.
+
+**Recovery** (:mod:`optimizers.recovery`, ``recovery=``): a step whose new point is not finite
+(non-finite parameters after the update, or K-BFGS's second pass) is reverted; when the first
+passes of two consecutive steps fail on finite inputs, the point itself is bad and the optimizer
+rolls back to the point before the last applied step. After a revert or a rollback the secant
+memory is reset and the step is shrunk, then relaxed back; all counted in ``counters``.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from curvature.inverter import BatchedInverter
 from curvature.linalg import InversionStats, all_finite
 from optimizers.fallback import FALLBACK_RULES, fallback_update
 from optimizers.likelihoods import LIKELIHOODS, sampled_loss
+from optimizers.recovery import Recovery, inputs_finite, make_recovery, reset_secant_memory
 from optimizers.recipes import Recipe, RecipeContext
 
 
@@ -129,6 +136,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: KL-clipping constant c, or None.
         inverse_method: "cholesky" or "eigh" for damped factor inverses.
         seed: seed of the optimizer's own generator (MC Fisher sampling).
+        recovery: the :class:`~optimizers.recovery.Recovery` policy after a fault at the new point
+            (True: the default policy; False: revert/skip only).
+        strict: raise :class:`~curvature.linalg.InversionError` when a factor cannot be inverted
+            even in float64, instead of keeping its previous inverse and raising its damping.
     """
 
     def __init__(
@@ -152,6 +163,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: float | None = None,
         inverse_method: str = "cholesky",
         seed: int = 0,
+        recovery: Recovery | bool | None = None,
+        strict: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -185,6 +198,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.fisher, self.likelihood, self.kl_clip = fisher, likelihood, kl_clip
         self.inversion_stats = InversionStats()
         self.inverse_method = inverse_method
+        self.recovery, self.strict = make_recovery(recovery), bool(strict)
+        self._rollback_point: tuple[dict, dict] | None = None
 
         self.slots, self.fallback_modules = self._assign_blocks(model, blocks)
         if not self.slots and not self.fallback_modules:
@@ -198,7 +213,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, {"lr": lr})
         self.steps = 0
-        self.counters: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "reverted_steps": 0, "skip_reasons": {}}
+        self.counters: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "reverted_steps": 0, "skip_reasons": {},
+                                         "rollbacks": 0, "recoveries": 0, "secant_resets": 0,
+                                         "inversion_recoveries": 0, "step_scale": 1.0,
+                                         "bad_point_streak": 0}  # first passes failing on finite inputs in a row
         self._generator = torch.Generator(device=params[0].device).manual_seed(seed)
         self._hooks: OrderedDict[int, Callable[[StepInfo], None]] = OrderedDict()
         self._precondition_hooks: OrderedDict[int, Callable] = OrderedDict()
@@ -282,7 +300,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return handle
 
     def _record_inputs(self, module, args, kwargs):
-        if self.capture.config.active and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             self._last_inputs = (args, kwargs)
 
     # ------------------------------------------------------------------ capture scheduling
@@ -345,9 +363,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.capture.clear()
         reason = self._nonfinite_reason(loss)
         if reason is not None:
-            self._skip(k, reason, loss)
+            self._skip(k, self._first_pass_fault(reason), loss)
             self._configure_capture(k)
             return loss
+        self.counters["bad_point_streak"] = 0
 
         grads = {name: slot.adapter.grad_matrix() for name, slot in self.slots.items()}
         stats_due = self._stats_due(k)
@@ -375,23 +394,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             directions[name] = slot.block.precondition(g)
             for hook in list(self._precondition_hooks.values()):
                 hook(k, name, slot.block, g, directions[name])
-        scale = self._kl_scale(lr, inputs, directions)
+        scale = self._kl_scale(lr, inputs, directions) * self.recovery.step_scale
 
         second_pass = any(s.block.needs_second_pass for s in self.slots.values()) or self.damping.needs_reduction_ratio
-        snapshot = self._snapshot() if second_pass else None
+        snapshot = self._snapshot() if second_pass or self.recovery.rollback else None
         for name, slot in self.slots.items():
             d_w, d_b = slot.adapter.split_matrix(directions[name])
             slot.module.weight.add_(d_w, alpha=-lr * scale)
             if d_b is not None:
                 slot.module.bias.add_(d_b, alpha=-lr * scale)
-        self._fallback_step(lr)
+        self._fallback_step(lr * self.recovery.step_scale)
         if stats_due and self.lag_factors:
             self._update_statistics(records, grads)
 
         info = StepInfo(step=k, lr=lr, loss=_as_float(loss), step_scale=scale,
                         grads=grads, inputs=inputs, directions=directions, records=records)
-        if second_pass:
+        if snapshot is not None and not all_finite(*[p for g in self.param_groups for p in g["params"]]):
+            self._revert(snapshot, "non-finite parameters after the update (step reverted)", info)
+        elif second_pass:
             self._second_pass(closure, records, loss, lr * scale, grads, directions, snapshot, info)
+        if not info.skipped:
+            self._rollback_point = snapshot
+            self.recovery.after_accepted_step()
+            self.counters["step_scale"] = self.recovery.step_scale
         self.steps += 1
         self.counters["steps"] = self.steps
         self._configure_capture(self.steps)
@@ -411,10 +436,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             slot.block.update_statistics(record, grads[name])
 
     def _refresh_inverses(self) -> None:
-        inverter = BatchedInverter(self.inverse_method, self.inversion_stats)
+        inverter = BatchedInverter(self.inverse_method, self.inversion_stats, strict=self.strict)
         for slot in self.slots.values():
             slot.block.request_inverses(inverter, self.damping)
         inverter.run()
+        self.counters["inversion_recoveries"] = self.inversion_stats.recovered
 
     def _kl_scale(self, lr: float, inputs, directions) -> float:
         if self.kl_clip is None:
@@ -454,11 +480,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             *[r.grad_rows for r in after.values() if r.grad_rows is not None]
         )
         if bad:
-            self._restore(snapshot)
-            self.counters["reverted_steps"] += 1
-            reason = "non-finite loss or gradient at the new point (step reverted)"
-            self.counters["skip_reasons"][reason] = self.counters["skip_reasons"].get(reason, 0) + 1
-            info.skipped, info.skip_reason = True, reason
+            self._revert(snapshot, "non-finite loss or gradient at the new point (step reverted)", info)
             return
         for name, slot in self.slots.items():
             if slot.block.needs_second_pass:
@@ -474,6 +496,42 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             rho = (info.loss_after - _as_float(loss)) / model_change if model_change < 0 else -math.inf
             info.reduction_ratio = rho
             self.damping.observe_reduction_ratio(rho)
+
+    def _revert(self, snapshot, reason: str, info: StepInfo) -> None:
+        """Undo the step (parameters and momentum from ``snapshot``), count it, and recover."""
+        self._restore(snapshot)
+        self.counters["reverted_steps"] += 1
+        self.counters["skip_reasons"][reason] = self.counters["skip_reasons"].get(reason, 0) + 1
+        info.skipped, info.skip_reason = True, reason
+        self._recover()
+
+    def _first_pass_fault(self, reason: str) -> str:
+        """Classify a non-finite first pass; roll back when the point itself is bad. Returns the skip reason.
+
+        Non-finite model inputs are a data fault: the step is skipped and nothing else happens.
+        On finite inputs, the second such step in a row means the parameters are the problem: the
+        optimizer returns to the point before the last applied step (if it kept it) and recovers.
+        """
+        if self._last_inputs is not None and not inputs_finite(self._last_inputs):
+            return "non-finite input batch"
+        self.counters["bad_point_streak"] = self.counters.get("bad_point_streak", 0) + 1
+        if self.counters["bad_point_streak"] >= 2 and self._rollback_point is not None and self.recovery.enabled:
+            self._restore(self._rollback_point)
+            self._rollback_point = None
+            self.counters["bad_point_streak"] = 0
+            self.counters["rollbacks"] += 1
+            self._recover()
+            return "non-finite loss or gradient at the point of the last step (rolled back)"
+        return reason
+
+    def _recover(self) -> None:
+        if not self.recovery.enabled:
+            return
+        self.counters["recoveries"] += 1
+        if self.recovery.reset_secant:
+            self.counters["secant_resets"] += reset_secant_memory(s.block for s in self.slots.values())
+        self.recovery.after_fault()
+        self.counters["step_scale"] = self.recovery.step_scale
 
     def _monte_carlo_fisher_pass(self, records: dict[str, LayerRecord]) -> None:
         if self._last_inputs is None:
@@ -542,6 +600,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "damping": self.damping.state_dict(),
             "generator": self._generator.get_state(),
             "blocks": {name: slot.block.state_dict() for name, slot in self.slots.items()},
+            "recovery": self.recovery.state_dict(),
+            "inversion_recovered": self.inversion_stats.recovered,
         }
         return state
 
@@ -560,4 +620,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._generator.set_state(extra["generator"])
         for name, slot in self.slots.items():
             slot.block.load_state_dict(extra["blocks"][name])
+        if "recovery" in extra:
+            self.recovery.load_state_dict(extra["recovery"])
+        self.inversion_stats.recovered = int(extra.get("inversion_recovered", 0))
         self._configure_capture(self.steps)

@@ -8,7 +8,7 @@ Per layer :math:`\\tilde W \\leftarrow \\tilde W - \\alpha H_g M H_a` with
   the pairs :math:`s_g = \\bar h(w_{k+1}) - \\bar h(w_k)`, :math:`y_g = \\bar g(w_{k+1}) - \\bar g(w_k)`
   from a second pass on the same batch, EMA-averaged (0.9) and double-damped (μ1 = 0.2, μ2 = √λ).
 
-Defaults: λ_A = μ2 = √λ, momentum 0.9 (EMA form), weight decay 1e-5, H_g starts at I. The H updates
+Defaults: lr 0.3, λ = 0.3 (the authors' values; confirmed by the defaults study, README "Defaults"), λ_A = μ2 = √λ, momentum 0.9 (EMA form), weight decay 1e-5, H_g starts at I. The H updates
 of step k happen after the direction p_k is formed, as in the authors' code; with
 ``lag_factors=True`` the A statistics of batch k are also folded in only after the step.
 
@@ -22,11 +22,16 @@ from __future__ import annotations
 from torch import nn
 
 from optimizers.driver import CurvatureOptimizer
+from optimizers.recovery import Recovery
 from optimizers.recipes import kbfgs_block
 
 
 class KBFGS(CurvatureOptimizer):
-    """K-BFGS: dense BFGS H_g. ``step(closure)`` is required (a second pass on the same batch)."""
+    """K-BFGS: dense BFGS H_g. ``step(closure)`` is required (a second pass on the same batch).
+
+    ``full_batch=True`` declares that every step sees the whole training set: the pair EMA is then
+    off (``pair_decay`` defaults to 0 instead of 0.9), as in the authors' code. A warm start is
+    unnecessary then (A at step 0 is the full-data statistic of batch 0, used once)."""
 
     _memory: int | None = None
 
@@ -39,7 +44,7 @@ class KBFGS(CurvatureOptimizer):
         momentum: float = 0.9,
         weight_decay: float = 1e-5,
         a_decay: float = 0.9,
-        pair_decay: float = 0.9,
+        pair_decay: float | None = None,
         mu1: float = 0.2,
         mu2: float | None = None,
         lambda_a: float | None = None,
@@ -50,9 +55,14 @@ class KBFGS(CurvatureOptimizer):
         lag_factors: bool = False,
         layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
         seed: int = 0,
+        full_batch: bool = False,
+        recovery: Recovery | bool | None = None,
+        strict: bool = False,
     ) -> None:
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
             raise ValueError(f"damping (lambda) must be a number > 0, got {damping!r}")
+        if pair_decay is None:  # the authors' code: EMA 0.9 of the pairs, none when the batch is the data set
+            pair_decay = 0.0 if full_batch else 0.9
         memory = self._memory if memory is None else memory
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
             raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
@@ -62,6 +72,7 @@ class KBFGS(CurvatureOptimizer):
             model, lr, {t: recipe for t in layer_types}, damping=float(damping), momentum=momentum,
             weight_decay=weight_decay, curvature_update_freq=1, inverse_update_freq=1, fallback=fallback,
             loss_reduction=loss_reduction, lag_factors=lag_factors, require_closure=True, seed=seed,
+            recovery=recovery, strict=strict,
         )
 
 
