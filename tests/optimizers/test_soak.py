@@ -99,7 +99,8 @@ def test_soak_with_injected_faults(name):
     spikes = {k for k, kind in plan.items() if kind == "spike"}
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: SPIKE if k in spikes else 1.0)
     roundtrips = set(rng.sample(range(20, STEPS - 2), 5))
-    initial = float(_loss(model(data), data))
+    with torch.no_grad():
+        initial = float(_loss(model(data), data))
 
     for k in range(STEPS):
         kind = plan.get(k)
@@ -162,5 +163,6 @@ def test_soak_with_injected_faults(name):
         assert c["skipped_steps"] == n["nan_batch"] + 2 * c["rollbacks"], c
         assert c["skip_reasons"].get("non-finite loss", 0) + c["skip_reasons"].get("non-finite gradient", 0) == c["rollbacks"], c
     assert c["recoveries"] == n["spike"] + n["nan_second"], c
-    final = float(_loss(model(data), data))
+    with torch.no_grad():
+        final = float(_loss(model(data), data))
     assert final < initial, (initial, final)
