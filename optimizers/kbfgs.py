@@ -8,7 +8,8 @@ Per layer :math:`\\tilde W \\leftarrow \\tilde W - \\alpha H_g M H_a` with
   the pairs :math:`s_g = \\bar h(w_{k+1}) - \\bar h(w_k)`, :math:`y_g = \\bar g(w_{k+1}) - \\bar g(w_k)`
   from a second pass on the same batch, EMA-averaged (0.9) and double-damped (μ1 = 0.2, μ2 = √λ).
 
-Defaults: lr 0.3, λ = 0.3 (the authors' values; confirmed by the defaults study, README "Defaults"), λ_A = μ2 = √λ, momentum 0.9 (EMA form), weight decay 1e-5, H_g starts at I. The H updates
+Defaults: lr 0.3, λ = 0.3 (the authors' values, also the best of the defaults study's candidates,
+README "Defaults"), λ_A = μ2 = √λ, momentum 0.9 (EMA form), weight decay 1e-5, H_g starts at I. The H updates
 of step k happen after the direction p_k is formed, as in the authors' code; with
 ``lag_factors=True`` the A statistics of batch k are also folded in only after the step.
 
@@ -29,9 +30,33 @@ from optimizers.recipes import kbfgs_block
 class KBFGS(CurvatureOptimizer):
     """K-BFGS: dense BFGS H_g. ``step(closure)`` is required (a second pass on the same batch).
 
-    ``full_batch=True`` declares that every step sees the whole training set: the pair EMA is then
-    off (``pair_decay`` defaults to 0 instead of 0.9), as in the authors' code. A warm start is
-    unnecessary then (A at step 0 is the full-data statistic of batch 0, used once)."""
+    The closure zeroes the gradients, runs forward and backward on the batch and returns the loss;
+    it is called a second time at the new parameters. For gradient accumulation the closure runs all
+    micro-batches (``(loss_j / k).backward()`` each) and returns the total.
+
+    Args:
+        model: the module to train; every ``layer_types`` layer gets a K-BFGS block.
+        lr: learning rate α (per group in ``param_groups``; schedulers work).
+        damping: λ (> 0); λ_A and μ2 default to √λ, fixed when the optimizer is built.
+        momentum: β of the EMA momentum.
+        weight_decay: τ (L2 term added to the gradient; per group).
+        a_decay: EMA decay of A (the Hessian-action matrix of H_a).
+        pair_decay: EMA decay of the (s, y) pairs of H_g (default 0.9, or 0 with ``full_batch``).
+        mu1, mu2: double-damping constants (μ2 default √λ).
+        lambda_a: λ_A (default √λ).
+        damping_variant: "interpolate" (authors' code) or "lm".
+        memory: only for :class:`KBFGSL` (here an error).
+        fallback: "sgd", "adam" or "error" for parameters of layers without a block.
+        fallback_lr, fallback_betas, fallback_eps: settings of the fallback rule.
+        loss_reduction: "mean" or "sum".
+        lag_factors: theory mode (A of batch k used from step k+1).
+        layer_types: module types that get a block.
+        seed: seed of the optimizer's generator.
+        param_groups: optional torch.optim-style groups covering every trainable parameter.
+        full_batch: declare that every step sees the whole training set: ``pair_decay`` then defaults
+            to 0 (the authors' code turns the pair EMA off in that case; README "Full-batch training").
+        recovery, strict: see :class:`~optimizers.driver.CurvatureOptimizer`.
+    """
 
     _memory: int | None = None
 
@@ -51,14 +76,23 @@ class KBFGS(CurvatureOptimizer):
         damping_variant: str = "interpolate",
         memory: int | None = None,
         fallback: str = "sgd",
+        fallback_lr: float | None = None,
+        fallback_betas: tuple[float, float] | None = None,
+        fallback_eps: float = 1e-8,
         loss_reduction: str = "mean",
         lag_factors: bool = False,
         layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
         seed: int = 0,
+        param_groups=None,
         full_batch: bool = False,
         recovery: Recovery | bool | None = None,
         strict: bool = False,
     ) -> None:
+        if memory is not None and self._memory is None:
+            raise ValueError(
+                f"KBFGS has a dense H_g and takes no memory (got memory={memory!r}); for limited memory use "
+                "KBFGSL(model, memory=...)"
+            )
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
             raise ValueError(f"damping (lambda) must be a number > 0, got {damping!r}")
         if pair_decay is None:  # the authors' code: EMA 0.9 of the pairs, none when the batch is the data set
@@ -72,11 +106,19 @@ class KBFGS(CurvatureOptimizer):
             model, lr, {t: recipe for t in layer_types}, damping=float(damping), momentum=momentum,
             weight_decay=weight_decay, curvature_update_freq=1, inverse_update_freq=1, fallback=fallback,
             loss_reduction=loss_reduction, lag_factors=lag_factors, require_closure=True, seed=seed,
-            recovery=recovery, strict=strict,
+            fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,
+            param_groups=param_groups, recovery=recovery, strict=strict,
         )
 
 
 class KBFGSL(KBFGS):
-    """K-BFGS(L): H_g in limited memory (default 100 pairs, compact form, H0 = I)."""
+    """K-BFGS(L): H_g in limited memory (default ``memory=100`` pairs, compact form, H0 = I).
+
+    Same arguments as :class:`KBFGS`, with ``memory`` the number of (s, y) pairs kept for H_g.
+    """
 
     _memory = 100
+
+
+KBFGSL.__doc__ = (KBFGSL.__doc__ or "") + "\n" + KBFGS.__doc__[KBFGS.__doc__.index("    Args:"):].replace(
+    "memory: only for :class:`KBFGSL` (here an error).", "memory: number of (s, y) pairs kept for H_g (default 100).")
