@@ -27,6 +27,7 @@ stay exactly as they were, and the skip is counted in :attr:`CurvatureOptimizer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections import OrderedDict
@@ -43,8 +44,10 @@ from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_par
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
 from curvature.linalg import InversionStats, all_finite
+from optimizers.communicator import Communicator, LocalCommunicator, TorchCommunicator
+from optimizers.data_parallel import DataParallel
 from optimizers.fallback import FALLBACK_RULES, fallback_update
-from optimizers.likelihoods import LIKELIHOODS, sampled_loss
+from optimizers.likelihoods import LIKELIHOODS, draw_noise, sampled_loss
 from optimizers.recipes import Recipe, RecipeContext
 
 
@@ -90,6 +93,22 @@ def _as_float(value: torch.Tensor | float | None) -> float | None:
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def _communicator(distributed: bool | Communicator | None, ddp: nn.Module | None) -> Communicator:
+    """The communicator for the ``distributed`` argument (see :class:`CurvatureOptimizer`)."""
+    if isinstance(distributed, Communicator):
+        return distributed
+    if distributed is None:
+        return TorchCommunicator(ddp.process_group) if ddp is not None else LocalCommunicator()
+    if distributed is True:
+        return TorchCommunicator(ddp.process_group if ddp is not None else None)
+    if distributed is False:
+        if ddp is not None:
+            raise ValueError("distributed=False with a DistributedDataParallel model would let the ranks' curvature "
+                             "drift apart; pass the unwrapped module to train on one process")
+        return LocalCommunicator()
+    raise TypeError(f"distributed must be None, a bool or a Communicator, got {type(distributed).__name__}")
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -129,6 +148,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: KL-clipping constant c, or None.
         inverse_method: "cholesky" or "eigh" for damped factor inverses.
         seed: seed of the optimizer's own generator (MC Fisher sampling).
+        distributed: data-parallel training (see :mod:`optimizers.data_parallel`): None (default)
+            follows the model -- a ``DistributedDataParallel`` model trains over its process group,
+            anything else on one process; True: the default ``torch.distributed`` group (a plain
+            module whose gradients the user averages, e.g. with
+            :func:`~optimizers.data_parallel.all_reduce_gradients`); False: one process; or a
+            :class:`~optimizers.communicator.Communicator`.
+        distribute: "replicate" (every rank computes every inverse and BFGS update) or "layerwise"
+            (each layer's on one rank, results broadcast).
     """
 
     def __init__(
@@ -152,9 +179,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: float | None = None,
         inverse_method: str = "cholesky",
         seed: int = 0,
+        distributed: bool | Communicator | None = None,
+        distribute: str = "replicate",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        comm = _communicator(distributed, ddp)
+        if ddp is not None:
+            model = ddp.module  # layer names (and checkpoints) are those of the wrapped module
+        self._ddp = ddp
+        self.data_parallel = DataParallel(comm, distribute, loss_reduction if loss_reduction in ("mean", "sum") else "mean")
         _check_float("lr", lr, 0.0, lo_open=True, hi=None)
         _check_float("momentum", momentum, 0.0, 1.0)
         _check_float("weight_decay", weight_decay, 0.0, None)
@@ -189,6 +224,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.slots, self.fallback_modules = self._assign_blocks(model, blocks)
         if not self.slots and not self.fallback_modules:
             raise ValueError("the model has no trainable parameters")
+        self.data_parallel.attach(self.slots)
         self.require_closure = bool(require_closure) or any(s.block.needs_second_pass for s in self.slots.values())
         if self.damping.needs_reduction_ratio:
             lacking = [s.name for s in self.slots.values() if not s.block.has_quadratic_form]
@@ -337,17 +373,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise RuntimeError("adaptive damping needs step(closure) to measure the reduction ratio")
         k = self.steps
         loss = None
+        self.data_parallel.begin_step()
         if closure is not None:
             self._configure_capture(k)
             with torch.enable_grad():
                 loss = closure()
         records = self.capture.records
         self.capture.clear()
-        reason = self._nonfinite_reason(loss)
-        if reason is not None:
-            self._skip(k, reason, loss)
+        agreement = self.data_parallel.agree(self._nonfinite_reason(loss), _as_float(loss), records, list(self.slots))
+        if agreement.reason is not None:
+            self._skip(k, agreement.reason, loss)
             self._configure_capture(k)
             return loss
+        self.data_parallel.set_grad_scales(records)
 
         grads = {name: slot.adapter.grad_matrix() for name, slot in self.slots.items()}
         stats_due = self._stats_due(k)
@@ -400,20 +438,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _update_statistics(self, records: Mapping[str, LayerRecord], grads: Mapping[str, torch.Tensor]) -> None:
         for name, slot in self.slots.items():
-            record = records.get(name)
-            if record is None:
-                if slot.block.needs_a or slot.block.needs_g:
-                    raise RuntimeError(
-                        f"no statistics were captured for layer {name!r}: run forward and backward on the "
-                        "batch (with gradients enabled) before step(), or pass a closure"
-                    )
-                record = LayerRecord()
-            slot.block.update_statistics(record, grads[name])
+            if records.get(name) is None and (slot.block.needs_a or slot.block.needs_g):
+                raise RuntimeError(
+                    f"no statistics were captured for layer {name!r}: run forward and backward on the "
+                    "batch (with gradients enabled) before step(), or pass a closure"
+                )
+        self.data_parallel.update_statistics(self.slots, records, grads, LayerRecord)
 
     def _refresh_inverses(self) -> None:
-        inverter = BatchedInverter(self.inverse_method, self.inversion_stats)
-        for slot in self.slots.values():
-            slot.block.request_inverses(inverter, self.damping)
+        inverter = self.data_parallel.inverter(BatchedInverter(self.inverse_method, self.inversion_stats))
+        for name, slot in self.slots.items():
+            slot.block.request_inverses(inverter.for_layer(name), self.damping)
         inverter.run()
 
     def _kl_scale(self, lr: float, inputs, directions) -> float:
@@ -445,7 +480,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _second_pass(self, closure, before, loss, step_size, grads, directions, snapshot, info: StepInfo) -> None:
         self.capture.set(h=True, g=True, preactivation_grads_only=True)
-        with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
+        no_sync = self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
+        with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad(), no_sync:
             loss_after = closure()
         after = self.capture.records
         self.capture.clear()
@@ -453,6 +489,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         bad = loss_after is None or not math.isfinite(info.loss_after) or not all_finite(
             *[r.grad_rows for r in after.values() if r.grad_rows is not None]
         )
+        bad, global_after = self.data_parallel.second_pass(self.slots, before, after, bad, info.loss_after)
         if bad:
             self._restore(snapshot)
             self.counters["reverted_steps"] += 1
@@ -460,18 +497,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.counters["skip_reasons"][reason] = self.counters["skip_reasons"].get(reason, 0) + 1
             info.skipped, info.skip_reason = True, reason
             return
-        for name, slot in self.slots.items():
-            if slot.block.needs_second_pass:
-                if name not in after or name not in before:
-                    raise RuntimeError(f"layer {name!r} was not evaluated by the closure on both passes")
-                slot.block.update_after_step(before[name], after[name])
         if self.damping.needs_reduction_ratio:
             model_change = 0.0
             for name, slot in self.slots.items():
                 delta = -step_size * directions[name]
                 model_change += float(torch.sum(grads[name] * delta))
                 model_change += 0.5 * float(slot.block.curvature_quadratic(delta) + self.damping.damping * torch.sum(delta * delta))
-            rho = (info.loss_after - _as_float(loss)) / model_change if model_change < 0 else -math.inf
+            loss_before = self.data_parallel.agreed_loss(_as_float(loss))
+            rho = (global_after - loss_before) / model_change if model_change < 0 else -math.inf
             info.reduction_ratio = rho
             self.damping.observe_reduction_ratio(rho)
 
@@ -482,7 +515,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.capture.set(g=True, preactivation_grads_only=True)
         with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
             out = self.model(*args, **kwargs)
-            sampled_loss(out, self.likelihood, self.loss_reduction, self._generator).backward()
+            noise = self.data_parallel.mc_noise(
+                next(iter(self.slots)), lambda n: draw_noise(self.likelihood, out, n, self._generator), out.shape[0])
+            sampled_loss(out, self.likelihood, self.loss_reduction, self._generator, noise=noise).backward()
         for name, rec in self.capture.records.items():
             if name in records:
                 records[name].take_grads(rec)
@@ -524,7 +559,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError("warm_start got no batches")
         for name, slot in self.slots.items():
             a_sum, g_sum = sums[name]
-            slot.block.warm_start(a_sum / count, None if g_sum is None else g_sum / count)
+            averages = [a_sum / count] + ([] if g_sum is None else [g_sum / count])
+            averages = self.data_parallel.comm.weighted_mean([(t, count) for t in averages])  # over ranks' batches
+            slot.block.warm_start(averages[0], averages[1] if g_sum is not None else None)
         self._configure_capture(self.steps)
         return count
 

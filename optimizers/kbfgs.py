@@ -50,6 +50,8 @@ class KBFGS(CurvatureOptimizer):
         lag_factors: bool = False,
         layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
         seed: int = 0,
+        distributed=None,
+        distribute: str = "replicate",
     ) -> None:
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
             raise ValueError(f"damping (lambda) must be a number > 0, got {damping!r}")
@@ -62,6 +64,7 @@ class KBFGS(CurvatureOptimizer):
             model, lr, {t: recipe for t in layer_types}, damping=float(damping), momentum=momentum,
             weight_decay=weight_decay, curvature_update_freq=1, inverse_update_freq=1, fallback=fallback,
             loss_reduction=loss_reduction, lag_factors=lag_factors, require_closure=True, seed=seed,
+            distributed=distributed, distribute=distribute,
         )
 
 

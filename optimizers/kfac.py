@@ -42,6 +42,8 @@ class KFAC(CurvatureOptimizer):
         inverse_method: str = "cholesky",
         layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
         seed: int = 0,
+        distributed=None,
+        distribute: str = "replicate",
     ) -> None:
         recipe = kfac_block(factor_decay)
         super().__init__(
@@ -50,4 +52,5 @@ class KFAC(CurvatureOptimizer):
             inverse_update_freq=inverse_update_freq, inverse_warmup_steps=inverse_warmup_steps,
             fallback=fallback, loss_reduction=loss_reduction, lag_factors=lag_factors, fisher=fisher,
             likelihood=likelihood, kl_clip=kl_clip, inverse_method=inverse_method, seed=seed,
+            distributed=distributed, distribute=distribute,
         )

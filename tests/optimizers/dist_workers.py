@@ -113,3 +113,164 @@ def communicator_scenario(rank: int, world: int) -> dict:
     out["any"] = comm.any_true(rank == world - 1, False, True)
     out["final_stats"] = comm.stats.as_dict()
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer scenarios: the same 20-step runs on one process (the parent's oracle) and on W ranks
+
+B = 10
+STEPS = 20
+D = torch.float64
+SPLITS = {(2, "equal"): [5, 5], (2, "unequal"): [3, 7], (4, "equal"): [3, 3, 2, 2], (4, "unequal"): [1, 2, 3, 4]}
+
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    from torch import nn
+
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+
+
+def batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + k)
+    return torch.randn(B, 5, generator=g, dtype=D), torch.rand(B, 3, generator=g, dtype=D)
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample summed BCE-with-logits, mean over the batch (the Bernoulli likelihood's loss)."""
+    return torch.nn.functional.binary_cross_entropy_with_logits(out, y, reduction="none").sum(1).mean()
+
+
+def make_optimizer(kind: str, model, **kw):
+    from torch import nn
+
+    from optimizers import KBFGS, KBFGSL, KFAC, CurvatureOptimizer
+    from optimizers.recipes import diagonal_block, kbfgsl_block, kfac_block
+
+    if kind == "kfac":
+        return KFAC(model, lr=0.3, damping=0.5, inverse_update_freq=3, inverse_warmup_steps=2, **kw)
+    if kind == "kfac_mc":
+        return KFAC(model, lr=0.3, damping=0.5, inverse_update_freq=3, inverse_warmup_steps=2, fisher="mc",
+                    likelihood="bernoulli", seed=3, **kw)
+    if kind == "kbfgs":
+        return KBFGS(model, lr=0.2, damping=0.3, **kw)
+    if kind == "kbfgsl":
+        return KBFGSL(model, lr=0.2, damping=0.3, memory=4, **kw)
+    if kind == "mixed":
+        return CurvatureOptimizer(model, lr=0.2, damping=0.3, inverse_update_freq=2,
+                                  blocks={nn.Linear: kbfgsl_block(memory=3), "2": kfac_block(), "4": diagonal_block()},
+                                  **kw)
+    raise ValueError(kind)
+
+
+def flat_state(opt, model) -> torch.Tensor:
+    """Parameters and every tensor of the optimizer's state_dict, flattened in a fixed order."""
+    parts = [p.detach().reshape(-1) for p in model.parameters()]
+
+    def walk(obj):
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point():
+                parts.append(obj.detach().reshape(-1).to(D))
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                walk(obj[key])
+        elif isinstance(obj, (list, tuple)):
+            for item in obj:
+                walk(item)
+
+    walk(opt.state_dict())
+    return torch.cat(parts)
+
+
+def params(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def reference_run(kind: str, steps: int = STEPS, start: int = 0, checkpoint: dict | None = None) -> dict:
+    """One process, the full batch of B: parameters after every step (the oracle)."""
+    from optimizers.communicator import LocalCommunicator
+
+    model = make_model()
+    opt = make_optimizer(kind, model, distributed=LocalCommunicator())
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        opt.load_state_dict(checkpoint["opt"])
+    trajectory = []
+    for k in range(start, start + steps):
+        x, y = batch(k)
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        trajectory.append(params(model))
+    return {"params": trajectory, "model": model.state_dict(), "opt": opt.state_dict(),
+            "skipped": opt.skipped_steps}
+
+
+def distributed_run(rank: int, world: int, kind: str, distribute: str, wrap: str, split: list[int],
+                    steps: int = STEPS, start: int = 0, checkpoint: dict | None = None,
+                    nan_loss_at: tuple[int, int] | None = None, nan_second_at: tuple[int, int] | None = None) -> dict:
+    """W ranks, rank r on ``split[r]`` rows of each batch; DDP ("ddp") or a plain module whose
+    gradients :func:`all_reduce_gradients` averages ("plain")."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from optimizers.communicator import TorchCommunicator
+    from optimizers.data_parallel import all_reduce_gradients
+
+    comm = TorchCommunicator()
+    model = make_model()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+    net = DDP(model) if wrap == "ddp" else model
+    reductions = []
+    if wrap == "ddp":
+        def count_hook(state, bucket):
+            reductions.append(1)
+            fut = torch.distributed.all_reduce(bucket.buffer().div_(world), async_op=True).get_future()
+            return fut.then(lambda f: f.value()[0])
+
+        net.register_comm_hook(None, count_hook)
+        opt = make_optimizer(kind, net, distribute=distribute)
+    else:
+        opt = make_optimizer(kind, model, distributed=comm, distribute=distribute)
+    if checkpoint is not None:
+        opt.load_state_dict(checkpoint["opt"])
+    lo = sum(split[:rank])
+    n = split[rank]
+    weight = n * world / sum(split)  # local mean * N_r W / B: DDP's average is the global mean
+    trajectory, states, per_step_reductions, comm_bytes = [], [], [], []
+    for k in range(start, start + steps):
+        x, y = batch(k)
+        x, y = x[lo:lo + n], y[lo:lo + n]
+        calls = []
+
+        def closure():
+            calls.append(1)
+            opt.zero_grad()
+            loss = loss_fn(net(x), y) * weight
+            loss.backward()
+            if wrap == "plain":
+                all_reduce_gradients(model, comm)
+            if nan_loss_at == (k, rank) and len(calls) == 1:
+                return loss * float("nan")
+            if nan_second_at == (k, rank) and len(calls) == 2:
+                return loss * float("nan")
+            return loss
+
+        before = len(reductions)
+        opt.step(closure)
+        per_step_reductions.append(len(reductions) - before)
+        trajectory.append(params(model))
+        states.append(flat_state(opt, model))
+        comm_bytes.append(opt.data_parallel.comm.stats.as_dict())
+    return {"params": trajectory, "states": states, "reductions": per_step_reductions, "comm": comm_bytes,
+            "model": model.state_dict(), "opt": opt.state_dict(), "counters": opt.counters,
+            "closure_calls": None}
+
+
+def optimizer_suite(rank: int, world: int, cases: list[dict]) -> list[dict]:
+    return [distributed_run(rank, world, **case) for case in cases]
