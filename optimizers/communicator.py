@@ -318,11 +318,14 @@ def init_process_group_from_env(backend: str | None = None, timeout_s: float = 6
     """Initialize ``torch.distributed`` from torchrun's environment (``RANK``, ``WORLD_SIZE``,
     ``MASTER_ADDR``, ``MASTER_PORT``) when ``WORLD_SIZE > 1`` and return a communicator.
 
-    ``backend`` defaults to NCCL when CUDA is available, gloo otherwise. Without those variables
-    (a plain ``python`` run) nothing is initialized and a :class:`LocalCommunicator` is returned.
+    ``backend`` defaults to NCCL when CUDA is available, gloo otherwise. An already initialized
+    group is used as it is. Without those variables (a plain ``python`` run) nothing is initialized
+    and a :class:`LocalCommunicator` is returned.
     """
     import os
 
+    if dist.is_available() and dist.is_initialized():
+        return TorchCommunicator()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return LocalCommunicator()

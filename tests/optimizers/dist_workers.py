@@ -274,3 +274,45 @@ def distributed_run(rank: int, world: int, kind: str, distribute: str, wrap: str
 
 def optimizer_suite(rank: int, world: int, cases: list[dict]) -> list[dict]:
     return [distributed_run(rank, world, **case) for case in cases]
+
+
+# ---------------------------------------------------------------------------------------------
+# integration: examples/ddp.py and the experiment runner on W ranks
+
+RUNNER_CONFIG = {"dataset": "curves", "n_train": 200, "n_test": 100, "batch_size": 50, "epochs": 2,
+                 "widths": [196, 16, 4, 16, 196], "threads": 1, "optimizers": ["kbfgs", "kfac"]}
+
+
+def runner_data():
+    from benchmarks.experiment.datasets import DataBundle
+
+    g = torch.Generator().manual_seed(5)
+    return DataBundle(torch.rand(200, 196, generator=g), torch.rand(100, 196, generator=g), "synthetic")
+
+
+def run_runner(out: str, parallel=None) -> dict[str, float]:
+    from benchmarks.experiment import build_config, run_experiment
+
+    cfg = build_config(config_file=dict(RUNNER_CONFIG))
+    res = run_experiment(cfg, out, progress=False, print_fn=None, data=runner_data(), parallel=parallel)
+    return {name: rec.final_train_loss for name, rec in res.records.items()}
+
+
+def run_example(steps: int = 8) -> list[float]:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "ddp.py"
+    spec = importlib.util.spec_from_file_location("example_ddp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.train(steps)
+
+
+def integration_scenario(rank: int, world: int, out: str) -> dict:
+    from benchmarks.experiment.parallel import Parallel
+    from optimizers.communicator import TorchCommunicator
+
+    rank_out = Path(out) / f"rank{rank}"
+    finals = run_runner(str(rank_out), Parallel(TorchCommunicator()))
+    files = sorted(str(p.relative_to(rank_out)) for p in rank_out.rglob("*") if p.is_file())
+    return {"finals": finals, "files": files, "example": run_example()}

@@ -167,3 +167,23 @@ def test_single_process_data_parallel_is_inert():
     assert not dp.active and dp.loss_weight(7) == 1.0
     with pytest.raises(ValueError, match="distribute"):
         DataParallel(LocalCommunicator(), "sharded")
+
+
+def test_runner_and_example_on_two_ranks(tmp_path):
+    """``run_experiment`` with two ranks ends where one process ends (float32, reduction order
+    apart), only rank 0 writes; ``examples/ddp.py`` trains the same on two ranks as on one."""
+    ranks = W.spawn(W.integration_scenario, 2, tmp_path, out=str(tmp_path / "runner"))
+    single = W.run_runner(str(tmp_path / "single"))
+    for name, value in single.items():
+        assert ranks[0]["finals"][name] == pytest.approx(value, rel=1e-4), name
+        assert ranks[1]["finals"][name] == ranks[0]["finals"][name]
+    assert "results.json" in ranks[0]["files"] and "curves.csv" in ranks[0]["files"]
+    assert any(f.endswith(".png") for f in ranks[0]["files"])
+    assert ranks[1]["files"] == []
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    example_single = W.run_example()
+    assert ranks[0]["example"] == ranks[1]["example"]
+    assert ranks[0]["example"] == pytest.approx(example_single, rel=1e-4)
+    assert ranks[0]["example"][-1] < ranks[0]["example"][0]
