@@ -286,14 +286,15 @@ class DataParallel:
         batch means (layerwise: on its owner, the updated state then broadcast).
         """
         users = [n for n, s in slots.items() if s.block.needs_second_pass]
+        if bad and not self.active:
+            return True, loss_after
         for name in users:
             if name not in after or name not in before:
                 raise RuntimeError(f"layer {name!r} was not evaluated by the closure on both passes")
         if not self.active:
-            if not bad:
-                for name in users:
-                    slots[name].block.update_after_step(before[name], after[name])
-            return bad, loss_after
+            for name in users:
+                slots[name].block.update_after_step(before[name], after[name])
+            return False, loss_after
         self.set_grad_scales(after)
         sums: list[torch.Tensor] = []
         rows: list[float] = []
