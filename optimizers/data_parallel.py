@@ -280,17 +280,14 @@ class DataParallel:
                     after: Mapping[str, LayerRecord], bad: bool, loss_after: float | None) -> tuple[bool, float | None]:
         """Agree on the second pass and update the blocks that consume it.
 
-        Returns ``(bad, loss_after)`` over all ranks: whether any rank saw a non-finite loss or
-        gradient at the new point (then no block was updated and every rank reverts) and the mean
+        The caller has checked that every such layer has records of both passes. Returns
+        ``(bad, loss_after)`` over all ranks: whether any rank saw a non-finite loss or gradient at the new point (then no block was updated and every rank reverts) and the mean
         loss at the new point. Otherwise every ``needs_second_pass`` block has consumed the global
         batch means (layerwise: on its owner, the updated state then broadcast).
         """
         users = [n for n, s in slots.items() if s.block.needs_second_pass]
         if bad and not self.active:
             return True, loss_after
-        for name in users:
-            if name not in after or name not in before:
-                raise RuntimeError(f"layer {name!r} was not evaluated by the closure on both passes")
         if not self.active:
             for name in users:
                 slots[name].block.update_after_step(before[name], after[name])
