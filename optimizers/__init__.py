@@ -3,9 +3,9 @@
 from optimizers.driver import CurvatureOptimizer, StepInfo
 from optimizers.kbfgs import KBFGS, KBFGSL
 from optimizers.kfac import KFAC
-from optimizers.recipes import RecipeContext, diagonal_block, kbfgs_block, kbfgsl_block, kfac_block
+from optimizers.recipes import Recipe, RecipeContext, diagonal_block, kbfgs_block, kbfgsl_block, kfac_block
 
 __all__ = [
-    "CurvatureOptimizer", "StepInfo", "KFAC", "KBFGS", "KBFGSL", "RecipeContext",
+    "CurvatureOptimizer", "StepInfo", "KFAC", "KBFGS", "KBFGSL", "Recipe", "RecipeContext",
     "kfac_block", "kbfgs_block", "kbfgsl_block", "diagonal_block",
 ]

@@ -45,6 +45,7 @@ from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_par
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
 from curvature.linalg import InversionStats, all_finite
+from curvature.protocols import BlockProtocol
 from optimizers.communicator import Communicator, LocalCommunicator, TorchCommunicator
 from optimizers.data_parallel import DataParallel
 from optimizers.fallback import FALLBACK_RULES, fallback_update
@@ -208,7 +209,7 @@ def _check_blocks(model: nn.Module, blocks: Mapping[Any, Any]) -> None:
             if recipe is not None and not any(issubclass(key, cls) for cls in ADAPTERS):
                 raise ValueError(
                     f"blocks key {label}: there is no adapter for {key.__name__}, so a block can never apply to it; map "
-                    f"it to None for the fallback rule, or register an adapter in curvature.adapters.ADAPTERS"
+                    f"it to None for the fallback rule, or register an adapter with curvature.register_adapter"
                 )
         else:
             raise TypeError(f"blocks key {key!r} must be a module type (e.g. nn.Linear) or a layer name (e.g. 'encoder.0')")
@@ -261,8 +262,9 @@ def _compare_state(saved: Any, current: Any, path: str) -> None:
 def _build_block(recipe: Any, name: str, adapter: LayerAdapter, ctx: RecipeContext) -> CurvatureBlock:
     """Call ``recipe(name, adapter, ctx)`` and check that it built a block."""
     block = recipe(name, adapter, ctx)
-    if not isinstance(block, CurvatureBlock):
-        raise TypeError(f"the recipe for layer {name!r} returned {type(block).__name__}, not a CurvatureBlock")
+    if not isinstance(block, BlockProtocol):
+        raise TypeError(f"the recipe for layer {name!r} returned {type(block).__name__}, not a curvature block "
+                        "(a CurvatureBlock, or any object with the members of curvature.BlockProtocol)")
     return block
 
 
@@ -532,19 +534,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return slots, fallback
 
     def describe(self) -> str:
-        """A table of which block (or fallback rule, with its learning rate) each layer got."""
-        rows = [("layer", "module", "curvature", "parameters")]
+        """A table of which adapter and block (or fallback rule, with its learning rate) each layer got."""
+        rows = [("layer", "module", "adapter", "curvature", "parameters")]
         for name, slot in self.slots.items():
-            rows.append((name, type(slot.module).__name__, slot.block.describe(),
+            rows.append((name, type(slot.module).__name__, type(slot.adapter).__name__, slot.block.describe(),
                          str(sum(p.numel() for p in slot.adapter.parameters()))))
         for name, module in self.fallback_modules.items():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            rows.append((name, type(module).__name__, self._fallback_text(own[0] if own else None),
+            rows.append((name, type(module).__name__, "-", self._fallback_text(own[0] if own else None),
                          str(sum(p.numel() for p in own))))
         for pid, label in self._extra_params.items():
             p = next(q for g in self.param_groups for q in g["params"] if id(q) == pid)
-            rows.append((label, "Parameter", self._fallback_text(p), str(p.numel())))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            rows.append((label, "Parameter", "-", self._fallback_text(p), str(p.numel())))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
     def _group_of(self, param: torch.Tensor | None) -> dict[str, Any]:
@@ -1082,15 +1084,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             inputs, targets = (batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None))
             self.capture.set(a=True, g=need_g, preactivation_grads_only=True)
             self._internal_pass = True
-            with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
-                out = self.model(inputs)
+            try:
+                with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
+                    out = self.model(inputs)
+                    if need_g:
+                        if self.fisher == "mc":
+                            loss = sampled_loss(out, self.likelihood, self.loss_reduction, self._generator)
+                        else:
+                            loss = loss_fn(out, targets)
+                        loss.backward()
+            finally:
                 self._internal_pass = False
-                if need_g:
-                    if self.fisher == "mc":
-                        loss = sampled_loss(out, self.likelihood, self.loss_reduction, self._generator)
-                    else:
-                        loss = loss_fn(out, targets)
-                    loss.backward()
             for name, slot in self.slots.items():
                 rec = self.capture.records[name]
                 a = a_statistic(rec, slot.adapter)
