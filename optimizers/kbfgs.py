@@ -87,6 +87,8 @@ class KBFGS(CurvatureOptimizer):
         full_batch: bool = False,
         recovery: Recovery | bool | None = None,
         strict: bool = False,
+        distributed=None,
+        distribute: str = "replicate",
     ) -> None:
         if memory is not None and self._memory is None:
             raise ValueError(
@@ -108,6 +110,7 @@ class KBFGS(CurvatureOptimizer):
             loss_reduction=loss_reduction, lag_factors=lag_factors, require_closure=True, seed=seed,
             fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,
             param_groups=param_groups, recovery=recovery, strict=strict,
+            distributed=distributed, distribute=distribute,
         )
 
 

@@ -81,6 +81,8 @@ class KFAC(CurvatureOptimizer):
         param_groups=None,
         recovery: Recovery | bool | None = None,
         strict: bool = False,
+        distributed=None,
+        distribute: str = "replicate",
     ) -> None:
         if fisher is None:
             fisher = "mc" if likelihood is not None else "empirical"
@@ -97,4 +99,5 @@ class KFAC(CurvatureOptimizer):
             likelihood=likelihood, kl_clip=kl_clip, inverse_method=inverse_method, seed=seed,
             fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,
             param_groups=param_groups, recovery=recovery, strict=strict,
+            distributed=distributed, distribute=distribute,
         )
