@@ -1,11 +1,16 @@
-"""Optimizers composed from curvature blocks: a generic driver, KFAC, K-BFGS and K-BFGS(L)."""
+"""Optimizers composed from curvature blocks (a generic driver, KFAC, K-BFGS, K-BFGS(L)) and the
+whole-model matrix-free methods (Hessian-free, saddle-free Newton, Levenberg–Marquardt)."""
 
 from optimizers.driver import CurvatureOptimizer, StepInfo
+from optimizers.hessian_free import HessianFree
 from optimizers.kbfgs import KBFGS, KBFGSL
 from optimizers.kfac import KFAC
+from optimizers.levenberg_marquardt import LevenbergMarquardt
+from optimizers.saddle_free import SaddleFreeNewton
 from optimizers.recipes import RecipeContext, diagonal_block, kbfgs_block, kbfgsl_block, kfac_block
 
 __all__ = [
     "CurvatureOptimizer", "StepInfo", "KFAC", "KBFGS", "KBFGSL", "RecipeContext",
     "kfac_block", "kbfgs_block", "kbfgsl_block", "diagonal_block",
+    "HessianFree", "SaddleFreeNewton", "LevenbergMarquardt",
 ]
