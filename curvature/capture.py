@@ -15,6 +15,26 @@ as they are.
 ``requires_grad`` on the parameters; a layer whose output then does not require grad gets its
 output replaced by a detached leaf that does, so backward computes :math:`\partial L/\partial h`
 for every layer but no weight gradient (K-BFGS's second pass pays only for what it uses).
+
+**Accumulation: every call's rows are extra rows.** Between two :meth:`LayerCapture.clear` (the
+optimizer clears at ``zero_grad()`` and after every ``step()``) the capture keeps *every* forward
+call of a layer, grouped into *passes*. A pass is one forward/backward of the model: it starts when
+the owner calls :meth:`LayerCapture.begin_pass` (the optimizer does so from a forward pre-hook on
+the model) and also at the first forward call after a backward reached a layer. The record of a
+layer is built from all its calls by one rule:
+
+* within a pass, the calls of a layer are the *same samples* seen several times ("expand", e.g. a
+  module applied to several inputs in one forward): call :math:`c` contributes :math:`T_c` rows per
+  sample, and the rows of sample :math:`i` are all its calls' rows (sample-major order, exactly as
+  if the inputs had been stacked along an extra dimension of one call);
+* different passes are *different samples* (gradient accumulation over micro-batches): the batch
+  size is :math:`N = \sum_p N_p` and the rows are concatenated.
+
+For ``loss_reduction="mean"`` the per-sample scale is this total :math:`N`: with the PyTorch
+convention ``(loss_p / k).backward()`` for :math:`k` equal micro-batches of a mean loss, autograd's
+rows are :math:`g_i / (kN_p) = g_i / N`, so the record is exactly the one a single full batch would
+give (A over all rows, G with the full batch's per-sample scaling). Micro-batches of unequal size
+with ``loss_p / k`` are not a full-batch mean, and are taken as they come.
 """
 
 from __future__ import annotations
@@ -31,13 +51,19 @@ LossReduction = Literal["mean", "sum"]
 
 
 class LayerRecord:
-    """What was recorded for one layer in the last forward/backward pass.
+    """What was recorded for one layer since the last clear (all its forward calls, see the module doc).
 
-    The hooks store raw tensors and nothing is copied until asked for: ``input_rows`` (the input
-    rows without the homogeneous coordinate) and ``grad_rows`` (autograd's ∂L/∂h rows) with the
-    per-sample ``grad_scale``. ``a_rows`` (with the 1 appended when the layer has a bias) and
-    ``g_rows`` (= ``grad_scale · grad_rows``) are built on first access and cached; assigning
-    them replaces the raw data.
+    ``input_rows`` (the input rows without the homogeneous coordinate) and ``grad_rows`` (autograd's
+    ∂L/∂h rows) with the per-sample ``grad_scale``; ``batch_size`` samples with ``rows_per_sample``
+    rows each. ``a_rows`` (with the 1 appended when the layer has a bias) and ``g_rows``
+    (= ``grad_scale · grad_rows``) are built on first access and cached; assigning them replaces
+    the raw data. ``calls`` is the number of forward calls the record joins and ``missing_grads``
+    how many of them received no gradient (a forward with gradients enabled but no backward).
+
+    Args:
+        batch_size: number of samples N.
+        rows_per_sample: rows per sample T (R = N·T).
+        a_rows, h_rows, g_rows: optional rows to set directly (tests, warm starts).
     """
 
     def __init__(self, batch_size: int = 0, rows_per_sample: int = 1, a_rows: torch.Tensor | None = None,
@@ -50,6 +76,8 @@ class LayerRecord:
         self.grad_scale = 1.0
         self._a_rows: torch.Tensor | None = None
         self._g_rows: torch.Tensor | None = None
+        self.calls = 1
+        self.missing_grads = 0
         if a_rows is not None:
             self.a_rows = a_rows
         if g_rows is not None:
@@ -57,6 +85,7 @@ class LayerRecord:
 
     @property
     def a_rows(self) -> torch.Tensor | None:
+        """The homogeneous input rows ``[a | 1]`` (``R × d_a``), built on first access; None if not captured."""
         if self._a_rows is None and self.input_rows is not None:
             rows = self.input_rows
             if self.has_bias:
@@ -70,6 +99,7 @@ class LayerRecord:
 
     @property
     def g_rows(self) -> torch.Tensor | None:
+        """The per-sample pre-activation gradient rows ``grad_scale · grad_rows``; None if not captured."""
         if self._g_rows is None and self.grad_rows is not None:
             self._g_rows = self.grad_rows * self.grad_scale if self.grad_scale != 1.0 else self.grad_rows
         return self._g_rows
@@ -103,25 +133,85 @@ class CaptureConfig:
 
     @property
     def active(self) -> bool:
+        """Whether anything is recorded at all."""
         return self.a or self.h or self.g
 
 
 @dataclass
+class _Call:
+    """One forward call of a layer: its pass, its sample count and the raw rows (grads come later)."""
+
+    pass_id: int
+    n: int
+    has_bias: bool
+    input_rows: torch.Tensor | None = None
+    h_rows: torch.Tensor | None = None
+    grad_rows: torch.Tensor | None = None
+    wants_grad: bool = False
+
+
+def _join(calls: list[_Call], attr: str) -> torch.Tensor | None:
+    """The rows ``attr`` of all calls as one ``R × d`` matrix (sample-major within a pass), or None
+    if any call lacks them."""
+    parts = [getattr(c, attr) for c in calls]
+    if any(p is None for p in parts):
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    per_pass: list[torch.Tensor] = []
+    i = 0
+    while i < len(calls):
+        j = i
+        while j < len(calls) and calls[j].pass_id == calls[i].pass_id:
+            j += 1
+        chunk = parts[i:j]
+        if len(chunk) == 1:
+            per_pass.append(chunk[0])
+        else:  # the same samples seen several times: each sample's rows from every call, in call order
+            n, d = calls[i].n, chunk[0].shape[1]
+            per_pass.append(torch.cat([c.reshape(n, -1, d) for c in chunk], dim=1).reshape(-1, d))
+        i = j
+    return per_pass[0] if len(per_pass) == 1 else torch.cat(per_pass, dim=0)
+
+
+@dataclass
 class LayerCapture:
-    """Hooks on a set of layers (name -> adapter) recording rows according to :attr:`config`."""
+    """Hooks on a set of layers (name -> adapter) recording rows according to :attr:`config`.
+
+    ``records`` maps each layer that ran forward since the last :meth:`clear` (or :meth:`set`) to
+    its :class:`LayerRecord`, built from *all* its calls by the accumulation rule of the module doc.
+
+    Args:
+        layers: layer name -> adapter (the adapter's module gets a forward hook).
+        loss_reduction: "mean" (the loss averages over the batch) or "sum".
+    """
 
     layers: dict[str, LayerAdapter]
     loss_reduction: LossReduction = "mean"
     config: CaptureConfig = field(default_factory=CaptureConfig)
-    records: dict[str, LayerRecord] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {self.loss_reduction!r}")
-        self._handles = [
-            adapter.module.register_forward_hook(InertOnCopy(self._make_forward_hook(name, adapter)))
-            for name, adapter in self.layers.items()
-        ]
+        self.layers = dict(self.layers)
+        self._calls: dict[str, list[_Call]] = {}
+        self._pass = 0
+        self._new_pass = True
+        self._version = 0
+        self._cache: tuple[int, dict[str, LayerRecord]] | None = None
+        self._handles = []
+        for name, adapter in self.layers.items():
+            self._hook(name, adapter)
+
+    def _hook(self, name: str, adapter: LayerAdapter) -> None:
+        self._handles.append(adapter.module.register_forward_hook(InertOnCopy(self._make_forward_hook(name, adapter))))
+
+    def add_layer(self, name: str, adapter: LayerAdapter) -> None:
+        """Start capturing one more layer."""
+        if name in self.layers:
+            raise ValueError(f"layer {name!r} is already captured")
+        self.layers[name] = adapter
+        self._hook(name, adapter)
 
     def remove(self) -> None:
         """Remove all hooks."""
@@ -132,39 +222,80 @@ class LayerCapture:
     def set(self, **flags: bool) -> None:
         """Replace the configuration (flags of :class:`CaptureConfig`) and forget old records."""
         self.config = CaptureConfig(**flags)
-        self.records = {}
+        self.clear()
 
     def clear(self) -> None:
-        self.records = {}
+        """Forget every recorded call (the next forward starts a new accumulation)."""
+        self._calls = {}
+        self._pass = 0
+        self._new_pass = True
+        self._version += 1
+
+    def begin_pass(self) -> None:
+        """Mark the start of a new forward pass of the model: the next calls are new samples."""
+        self._new_pass = True
+
+    @property
+    def records(self) -> dict[str, LayerRecord]:
+        """Layer name -> the record joining all its calls since the last clear (built lazily, cached)."""
+        if self._cache is None or self._cache[0] != self._version:
+            self._cache = (self._version, {name: self._record(calls) for name, calls in self._calls.items()})
+        return self._cache[1]
+
+    def _record(self, calls: list[_Call]) -> LayerRecord:
+        first = calls[0]
+        batch = 0
+        for i, call in enumerate(calls):
+            if i == 0 or call.pass_id != calls[i - 1].pass_id:
+                batch += call.n
+            elif call.n != calls[i - 1].n:
+                raise RuntimeError(
+                    f"a layer was called with different batch sizes ({calls[i - 1].n} and {call.n}) within one "
+                    "forward pass; every call of a layer in one forward must see the same samples"
+                )
+        record = LayerRecord(batch_size=batch)
+        record.calls = len(calls)
+        record.input_rows = _join(calls, "input_rows")
+        record.has_bias = first.has_bias if record.input_rows is not None else False
+        record.h_rows = _join(calls, "h_rows")
+        if any(c.wants_grad for c in calls):
+            record.missing_grads = sum(c.grad_rows is None for c in calls)
+            record.grad_rows = _join(calls, "grad_rows")
+            record.grad_scale = float(batch) if self.loss_reduction == "mean" else 1.0
+        rows = next((r for r in (record.input_rows, record.h_rows, record.grad_rows) if r is not None), None)
+        if rows is not None and batch > 0:
+            r = rows.shape[0]
+            record.rows_per_sample = r // batch if r % batch == 0 else r / batch
+        return record
 
     def _make_forward_hook(self, name: str, adapter: LayerAdapter):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
             cfg = self.config
             if not cfg.active or not torch.is_grad_enabled():
                 return None
+            if self._new_pass:
+                self._pass += 1
+                self._new_pass = False
             x = inputs[0]
-            n = x.shape[0]
-            record = LayerRecord(batch_size=n)
+            call = _Call(self._pass, x.shape[0], adapter.has_bias)
             if cfg.a:
-                record.input_rows = adapter.input_rows(x.detach())
-                record.has_bias = adapter.has_bias
-                record.rows_per_sample = record.input_rows.shape[0] // n
+                call.input_rows = adapter.input_rows(x.detach())
             if cfg.h:
-                record.h_rows = adapter.output_rows(output.detach())
-                record.rows_per_sample = record.h_rows.shape[0] // n
-            self.records[name] = record
+                call.h_rows = adapter.output_rows(output.detach())
+            self._calls.setdefault(name, []).append(call)
+            self._version += 1
             replaced = None
             if cfg.g:
+                call.wants_grad = True
                 if not output.requires_grad:
                     if not cfg.preactivation_grads_only:
                         return None
                     output = replaced = output.detach().requires_grad_(True)
-                scale = float(n) if self.loss_reduction == "mean" else 1.0
 
-                def grad_hook(grad: torch.Tensor, record: LayerRecord = record) -> None:
-                    rows = adapter.output_rows(grad.detach())
-                    record.rows_per_sample = rows.shape[0] // n
-                    record.grad_rows, record.grad_scale, record._g_rows = rows, scale, None
+                def grad_hook(grad: torch.Tensor, call: _Call = call) -> None:
+                    call.grad_rows = adapter.output_rows(grad.detach())
+                    self._version += 1
+                    self._new_pass = True  # a backward ran: the next forward call is a new pass
 
                 output.register_hook(grad_hook)
             return replaced

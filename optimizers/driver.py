@@ -28,6 +28,7 @@ stay exactly as they were, and the skip is counted in :attr:`CurvatureOptimizer.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from curvature.adapters import LayerAdapter, UnsupportedLayerError, adapter_for
+from curvature.adapters import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for
 from curvature.blocks import CurvatureBlock, a_statistic, g_statistic
 from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_parameters
 from curvature.damping import DampingPolicy, make_damping
@@ -64,7 +65,9 @@ class StepInfo:
 
     ``grads`` are the raw batch gradient matrices (data loss), ``inputs`` the matrices fed to the
     preconditioner (after weight decay and momentum), ``directions`` the preconditioned
-    :math:`d = P(m)`; the applied step is ``-lr * step_scale * d``. The operator used is the
+    :math:`d = P(m)`; the applied step is ``-lr * step_scale * d``, where ``lr`` is
+    ``param_groups[0]["lr"]`` and ``layer_lrs[name] = (lr of the weight's group, lr of the bias's
+    group)`` when parameter groups differ. The operator used is the
     blocks' state *before* ``update_after_step`` ran (``operators_before`` holds dense copies
     when the hook asked for them).
     """
@@ -81,6 +84,7 @@ class StepInfo:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     directions: dict[str, torch.Tensor] = field(default_factory=dict)
     records: dict[str, LayerRecord] = field(default_factory=dict)
+    layer_lrs: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def _as_float(value: torch.Tensor | float | None) -> float | None:
@@ -106,6 +110,143 @@ def _check_float(name: str, value: Any, lo: float, hi: float | None = None, lo_o
         raise ValueError(f"{name} must be a finite number in {lo_b}{lo}, {'inf' if hi is None else hi}{hi_b}, got {value!r}")
 
 
+def _check_group(group: Mapping[str, Any], where: str) -> None:
+    """Validate one parameter group's settings (read at every step, so schedulers may change them)."""
+    def bad(key: str, rule: str) -> ValueError:
+        return ValueError(f"{where}['{key}'] must be {rule}, got {group.get(key)!r}")
+
+    def number(key: str) -> float | None:
+        v = group.get(key)
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = float(v)
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+    lr = number("lr")
+    if lr is None or lr < 0:
+        raise bad("lr", "a finite number >= 0")
+    mom = number("momentum")
+    if mom is None or not 0.0 <= mom < 1.0:
+        raise bad("momentum", "a number in [0, 1)")
+    wd = number("weight_decay")
+    if wd is None or wd < 0:
+        raise bad("weight_decay", "a finite number >= 0")
+    lam = number("damping")
+    if lam is None or not lam > 0:
+        raise bad("damping", "a finite number > 0")
+    if group.get("fallback_lr") is not None:
+        flr = number("fallback_lr")
+        if flr is None or flr < 0:
+            raise bad("fallback_lr", "None or a finite number >= 0")
+    betas = group.get("fallback_betas")
+    if betas is not None:
+        ok = isinstance(betas, (tuple, list)) and len(betas) == 2 and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+        if not ok:
+            raise bad("fallback_betas", "None or a pair (beta1, beta2) of numbers in [0, 1)")
+    eps = number("fallback_eps")
+    if eps is None or not eps > 0:
+        raise bad("fallback_eps", "a finite number > 0")
+
+
+@dataclass
+class PartSettings:
+    """The settings one preconditioned layer uses at a step: the weight's and the bias's group
+    lr and weight decay, and the (shared) momentum and damping of the layer's block."""
+
+    lr_w: float
+    lr_b: float
+    wd_w: float
+    wd_b: float
+    momentum: float
+    damping: float
+
+
+def _key_label(key: Any) -> str:
+    if isinstance(key, type):
+        return f"nn.{key.__name__}" if key.__module__.startswith("torch.nn") else key.__name__
+    return repr(key)
+
+
+def _check_blocks(model: nn.Module, blocks: Mapping[Any, Any]) -> None:
+    """Every ``blocks`` entry can apply: keys are module types with an adapter or names of layers with
+    parameters of their own; values are recipes ``recipe(name, adapter, ctx)`` or None."""
+    from optimizers import recipes as recipe_module
+
+    modules = dict(model.named_modules())
+    for key, recipe in blocks.items():
+        label = _key_label(key)
+        if isinstance(key, str):
+            if key not in modules:
+                raise ValueError(f"blocks names layers that the model does not have: [{key!r}]")
+            module = modules[key]
+            if not any(True for _ in module.parameters(recurse=False)):
+                layers = [n for n, m in module.named_modules(prefix=key) if any(True for _ in m.parameters(recurse=False))]
+                raise ValueError(
+                    f"blocks key {key!r} names a {type(module).__name__} with no parameters of its own, so a block can "
+                    f"never apply to it; name its layers instead (e.g. {layers[:3]}) or use a module type as the key"
+                )
+        elif isinstance(key, type) and issubclass(key, nn.Module):
+            if recipe is not None and not any(issubclass(key, cls) for cls in ADAPTERS):
+                raise ValueError(
+                    f"blocks key {label}: there is no adapter for {key.__name__}, so a block can never apply to it; map "
+                    f"it to None for the fallback rule, or register an adapter in curvature.adapters.ADAPTERS"
+                )
+        else:
+            raise TypeError(f"blocks key {key!r} must be a module type (e.g. nn.Linear) or a layer name (e.g. 'encoder.0')")
+        if recipe is None:
+            continue
+        factories = {n for n in ("kfac_block", "kbfgs_block", "kbfgsl_block", "diagonal_block")
+                     if getattr(recipe_module, n) is recipe}
+        if factories:
+            raise TypeError(f"blocks[{label}] = {factories.pop()}: call the factory, e.g. {{{label}: {recipe.__name__}()}}")
+        if isinstance(recipe, type) or not callable(recipe):
+            raise TypeError(
+                f"blocks[{label}] = {recipe!r} is not a recipe: map it to a recipe such as kfac_block() or "
+                "kbfgsl_block(memory=20) (a callable recipe(name, adapter, ctx) -> CurvatureBlock), or to None"
+            )
+        try:
+            inspect.signature(recipe).bind("layer", None, None)
+        except TypeError:
+            raise TypeError(
+                f"blocks[{label}] = {recipe!r} cannot be called as a recipe: a recipe is called as "
+                "recipe(name, adapter, ctx) and returns a CurvatureBlock; use kfac_block(), kbfgs_block(), ..."
+            ) from None
+        except ValueError:  # no signature available (builtin): trust it, the call checks the result
+            pass
+
+
+#: State tensors whose leading sizes count stored pairs (L-BFGS memory) and so may differ.
+_COUNTED = {"S": 1, "Y": 1, "SY": 2, "YY": 2}
+
+
+def _compare_state(saved: Any, current: Any, path: str) -> None:
+    """``saved`` has the structure of ``current``: same keys, and tensors of the same shape (a tensor
+    may be None on one side, e.g. an inverse not computed yet; L-BFGS pair stacks may differ in count)."""
+    if isinstance(current, Mapping):
+        if not isinstance(saved, Mapping) or set(saved) != set(current):
+            got = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
+            raise ValueError(f"{path} has entries {got}, expected {sorted(current)}; the checkpoint is from a different optimizer")
+        for key in current:
+            _compare_state(saved[key], current[key], f"{path}.{key}")
+        return
+    if isinstance(current, torch.Tensor) and isinstance(saved, torch.Tensor):
+        key = path.rpartition(".")[2]
+        skip = _COUNTED.get(key, 0)
+        if saved.ndim != current.ndim or saved.shape[skip:] != current.shape[skip:]:
+            raise ValueError(
+                f"{path} has shape {tuple(saved.shape)} but this model needs {tuple(current.shape)}; the checkpoint "
+                "is from a different model"
+            )
+
+
+def _build_block(recipe: Any, name: str, adapter: LayerAdapter, ctx: RecipeContext) -> CurvatureBlock:
+    """Call ``recipe(name, adapter, ctx)`` and check that it built a block."""
+    block = recipe(name, adapter, ctx)
+    if not isinstance(block, CurvatureBlock):
+        raise TypeError(f"the recipe for layer {name!r} returned {type(block).__name__}, not a CurvatureBlock")
+    return block
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that preconditions each supported layer with its own curvature block.
 
@@ -121,6 +262,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         curvature_update_freq, inverse_update_freq: T_cov and T_inv in steps.
         inverse_warmup_steps: also refresh inverses at every step k ≤ this.
         fallback: rule for parameters of modules without a block: "sgd", "adam", or "error".
+        fallback_lr: learning rate of the fallback rule (default None: 1e-3 for Adam, the group's
+            ``lr`` for SGD; a scheduler changes ``lr``, not ``fallback_lr``).
+        fallback_betas: Adam fallback (β1, β2) (default None: (the group's momentum, 0.999)).
+        fallback_eps: Adam fallback ε.
         loss_reduction: "mean" (the loss averages over the batch) or "sum".
         lag_factors: theory mode: statistics of the current batch are used only from the next step.
         require_closure: K-BFGS needs ``step(closure)``.
@@ -129,6 +274,25 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: KL-clipping constant c, or None.
         inverse_method: "cholesky" or "eigh" for damped factor inverses.
         seed: seed of the optimizer's own generator (MC Fisher sampling).
+        param_groups: optional torch.optim-style groups ``[{"params": ..., "lr": ...}, ...]`` that
+            together cover every trainable parameter of ``model``. Keys (defaults from the arguments
+            above): ``lr``, ``weight_decay``, ``momentum``, ``damping``, ``fallback_lr``,
+            ``fallback_betas``, ``fallback_eps``. All are read at every step, so schedulers work
+            per group. A layer's block and momentum follow the group of its weight; its bias may sit
+            in another group with its own ``lr`` and ``weight_decay`` (but the same ``momentum``
+            and ``damping``, else the step raises).
+
+    Attributes:
+        counters: ``{"steps", "skipped_steps", "reverted_steps", "skip_reasons"}``; a skipped step
+            (non-finite loss or gradient) leaves everything else unchanged, a reverted step (K-BFGS's
+            second pass found a non-finite loss) is undone completely (see :meth:`step`).
+        slots, blocks: the preconditioned layers and their blocks; ``fallback_modules`` the layers
+            on the fallback rule.
+
+    **Gradient accumulation.** Every forward with gradients enabled since the last ``zero_grad()``
+    or ``step()`` is a micro-batch: with ``(loss / k).backward()`` per micro-batch the statistics
+    and the step equal those of the full batch (see :mod:`curvature.capture`). ``zero_grad()`` and
+    ``step()`` clear the captured statistics.
     """
 
     def __init__(
@@ -144,6 +308,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         inverse_update_freq: int = 1,
         inverse_warmup_steps: int = 0,
         fallback: str = "sgd",
+        fallback_lr: float | None = None,
+        fallback_betas: tuple[float, float] | None = None,
+        fallback_eps: float = 1e-8,
         loss_reduction: str = "mean",
         lag_factors: bool = False,
         require_closure: bool = False,
@@ -152,6 +319,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: float | None = None,
         inverse_method: str = "cholesky",
         seed: int = 0,
+        param_groups: Iterable[Mapping[str, Any]] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -185,8 +353,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.fisher, self.likelihood, self.kl_clip = fisher, likelihood, kl_clip
         self.inversion_stats = InversionStats()
         self.inverse_method = inverse_method
+        self._built = False
 
-        self.slots, self.fallback_modules = self._assign_blocks(model, blocks)
+        defaults = {"lr": float(lr), "momentum": float(momentum), "weight_decay": float(weight_decay),
+                    "damping": float(self.damping.damping), "fallback_lr": fallback_lr,
+                    "fallback_betas": None if fallback_betas is None else tuple(fallback_betas),
+                    "fallback_eps": fallback_eps}
+        _check_group(defaults, "the constructor")
+        groups = self._initial_groups(model, param_groups)
+        group_damping = {id(p): float(g.get("damping", defaults["damping"])) for g in groups for p in g["params"]}
+
+        self.slots, self.fallback_modules = self._assign_blocks(model, blocks, group_damping)
         if not self.slots and not self.fallback_modules:
             raise ValueError("the model has no trainable parameters")
         self.require_closure = bool(require_closure) or any(s.block.needs_second_pass for s in self.slots.values())
@@ -195,25 +372,95 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if lacking:
                 raise ValueError(f"{type(self.damping).__name__} needs blocks with a quadratic model; {lacking} have none")
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        super().__init__(params, {"lr": lr})
+        super().__init__(groups, defaults)
+        for i, group in enumerate(self.param_groups):
+            _check_group(group, f"param_groups[{i}]")
+        self._build_damping = {name: group_damping[id(s.module.weight)] for name, s in self.slots.items()}
+        self._extra_params: OrderedDict[int, str] = OrderedDict()
         self.steps = 0
         self.counters: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "reverted_steps": 0, "skip_reasons": {}}
-        self._generator = torch.Generator(device=params[0].device).manual_seed(seed)
+        first = next(p for g in self.param_groups for p in g["params"])
+        self._generator = torch.Generator(device=first.device).manual_seed(seed)
         self._hooks: OrderedDict[int, Callable[[StepInfo], None]] = OrderedDict()
         self._precondition_hooks: OrderedDict[int, Callable] = OrderedDict()
         self.capture = LayerCapture({n: s.adapter for n, s in self.slots.items()}, loss_reduction)
-        self._last_inputs: tuple[tuple, dict] | None = None
+        self._inputs: list[tuple[tuple, dict]] = []
+        self._internal_pass = False
         self._root_hook = model.register_forward_pre_hook(InertOnCopy(self._record_inputs), with_kwargs=True)
+        self._param_layer: dict[int, str] = {id(p): name for name, m in model.named_modules()
+                                             for p in m.parameters(recurse=False)}
+        self._signature = self._model_signature()
         self._configure_capture(self.steps)
+        self._built = True
+
+    def _model_signature(self) -> tuple[int, ...]:
+        return tuple(id(p) for p in self.model.parameters() if p.requires_grad)
+
+    def _check_model(self) -> None:
+        """The model's trainable parameters are those the optimizer was built (or extended) for."""
+        if self._model_signature() == self._signature:
+            return
+        advice = ("the optimizer cannot follow a changed model: build a new optimizer after changing the model "
+                  "(or add new parameters with add_param_group)")
+        managed = {id(p) for g in self.param_groups for p in g["params"]}
+        current = dict(self.model.named_modules())
+        for name, slot in self.slots.items():
+            if current.get(name) is not slot.module:
+                what = "replaced" if name in current else "removed"
+                raise RuntimeError(f"layer {name!r} was {what} after the optimizer was built; {advice}")
+        for pname, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in managed:
+                layer = pname.rpartition(".")[0]
+                known = layer in self.slots or layer in self.fallback_modules
+                what = f"has a new parameter {pname!r}" if known else "was added"
+                raise RuntimeError(f"layer {layer!r} {what} after the optimizer was built; {advice}")
+        names = {id(p) for p in self.model.parameters()}
+        for p in (q for g in self.param_groups for q in g["params"]):
+            layer = self._param_layer.get(id(p))
+            if layer is None:
+                continue
+            if id(p) not in names:
+                raise RuntimeError(f"a parameter of layer {layer!r} was removed from the model after the optimizer was built; {advice}")
+            if not p.requires_grad and id(p) in self._signature:
+                raise RuntimeError(
+                    f"a parameter of layer {layer!r} was frozen (requires_grad=False) after the optimizer was built; "
+                    f"{advice} (or set its group's lr to 0 to keep it fixed)"
+                )
+        self._signature = self._model_signature()  # e.g. parameters unfrozen again: nothing unknown
+
+    @staticmethod
+    def _initial_groups(model: nn.Module, param_groups) -> list[dict[str, Any]]:
+        """The constructor's groups: one group of all trainable parameters, or the user's groups,
+        which must cover every trainable parameter of the model (a parameter in no group would
+        silently never be trained)."""
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if param_groups is None:
+            return [{"params": trainable}]
+        if isinstance(param_groups, Mapping) or isinstance(param_groups, torch.Tensor):
+            raise TypeError("param_groups must be a list of dicts like [{'params': [...], 'lr': 0.1}, ...]")
+        groups = []
+        for i, group in enumerate(param_groups):
+            if not isinstance(group, Mapping) or "params" not in group:
+                raise TypeError(f"param_groups[{i}] must be a dict with a 'params' entry, like "
+                                "{'params': model.head.parameters(), 'lr': 0.01}")
+            group = dict(group)
+            params = group["params"]
+            group["params"] = [params] if isinstance(params, torch.Tensor) else list(params)
+            groups.append(group)
+        listed = {id(p) for g in groups for p in g["params"]}
+        names = {id(p): n for n, p in model.named_parameters()}
+        missing = [names[id(p)] for p in trainable if id(p) not in listed]
+        if missing:
+            raise ValueError(
+                f"parameters {missing} are trainable but in no entry of param_groups: add them to a group, "
+                "or set requires_grad=False to freeze them"
+            )
+        return groups
 
     # ------------------------------------------------------------------ assignment
-    def _assign_blocks(self, model: nn.Module, blocks: Mapping[type | str, Recipe | None]):
+    def _assign_blocks(self, model: nn.Module, blocks: Mapping[type | str, Recipe | None], group_damping: Mapping[int, float]):
+        _check_blocks(model, blocks)
         names = {k for k in blocks if isinstance(k, str)}
-        known = {n for n, _ in model.named_modules()}
-        unknown = names - known
-        if unknown:
-            raise ValueError(f"blocks names layers that the model does not have: {sorted(unknown)}")
         slots: OrderedDict[str, LayerSlot] = OrderedDict()
         fallback: OrderedDict[str, nn.Module] = OrderedDict()
         owner: dict[int, str] = {}
@@ -244,24 +491,128 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if extra:
                 raise UnsupportedLayerError(f"layer {name!r} has parameters {extra} the adapter does not know")
             weight = module.weight
-            ctx = RecipeContext(weight.dtype, weight.device, self.damping.damping)
-            slots[name] = LayerSlot(name, module, adapter, recipe(name, adapter, ctx))
+            ctx = RecipeContext(weight.dtype, weight.device, group_damping.get(id(weight), self.damping.damping))
+            slots[name] = LayerSlot(name, module, adapter, _build_block(recipe, name, adapter, ctx))
         return slots, fallback
 
     def describe(self) -> str:
-        """A table of which block (or fallback rule) each layer got."""
+        """A table of which block (or fallback rule, with its learning rate) each layer got."""
         rows = [("layer", "module", "curvature", "parameters")]
         for name, slot in self.slots.items():
             rows.append((name, type(slot.module).__name__, slot.block.describe(),
                          str(sum(p.numel() for p in slot.adapter.parameters()))))
         for name, module in self.fallback_modules.items():
-            n = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-            rows.append((name, type(module).__name__, f"fallback ({self.fallback})", str(n)))
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad]
+            rows.append((name, type(module).__name__, self._fallback_text(own[0] if own else None),
+                         str(sum(p.numel() for p in own))))
+        for pid, label in self._extra_params.items():
+            p = next(q for g in self.param_groups for q in g["params"] if id(q) == pid)
+            rows.append((label, "Parameter", self._fallback_text(p), str(p.numel())))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
+    def _group_of(self, param: torch.Tensor | None) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is param for q in group["params"]):
+                return group
+        return self.defaults
+
+    def _fallback_settings(self, group: Mapping[str, Any]) -> tuple[float, float, float, float]:
+        """(lr, beta1, beta2, eps) of the fallback rule for a parameter of ``group``."""
+        flr = group.get("fallback_lr")
+        if flr is None:
+            flr = 1e-3 if self.fallback == "adam" else group["lr"]
+        betas = group.get("fallback_betas")
+        beta1, beta2 = (float(group["momentum"]), 0.999) if betas is None else (float(betas[0]), float(betas[1]))
+        return float(flr), beta1, beta2, float(group.get("fallback_eps", 1e-8))
+
+    def _fallback_text(self, param: torch.Tensor | None) -> str:
+        flr, b1, b2, eps = self._fallback_settings(self._group_of(param))
+        if self.fallback == "adam":
+            return f"fallback (adam, lr={flr:g}, betas=({b1:g}, {b2:g}), eps={eps:g})"
+        return f"fallback ({self.fallback}, lr={flr:g}, momentum={b1:g})"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group (torch.optim semantics; missing settings take the defaults).
+
+        A new parameter gets the fallback rule; with ``param_group["block"] = recipe`` the layers
+        whose weight is in the group get a curvature block instead (the layer must have an adapter,
+        and its bias must be in the same group). With ``fallback="error"`` a parameter without a
+        block is an error. No parameter is ever ignored.
+        """
+        if not getattr(self, "_built", False):
+            super().add_param_group(param_group)
+            return
+        group = dict(param_group)
+        recipe = group.pop("block", None)
+        super().add_param_group(group)
+        index = len(self.param_groups) - 1
+        new = self.param_groups[index]
+        try:
+            _check_group(new, f"param_groups[{index}]")
+            self._adopt_group(new, index, recipe)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _adopt_group(self, group: dict[str, Any], index: int, recipe: Recipe | None) -> None:
+        owner = {id(p): (name, m) for name, m in self.model.named_modules() for p in m.parameters(recurse=False)}
+        ids = {id(p) for p in group["params"]}
+        new_slots: list[LayerSlot] = []
+        extra: list[tuple[int, str]] = []
+        for j, p in enumerate(group["params"]):
+            name, module = owner.get(id(p), (None, None))
+            if recipe is not None and module is not None and p is getattr(module, "weight", None):
+                if not callable(recipe):
+                    raise TypeError(f"param_groups[{index}]['block'] must be a recipe such as kfac_block(), got {recipe!r}")
+                adapter = adapter_for(module)
+                if adapter is None:
+                    raise UnsupportedLayerError(f"layer {name!r}: no adapter for {type(module).__name__}, so it cannot get a block")
+                others = [q for q in adapter.parameters() if id(q) not in ids]
+                if others:
+                    raise ValueError(f"layer {name!r}: put its weight and bias in the same new group to give it a block")
+                new_slots.append(LayerSlot(name, module, adapter, _build_block(recipe, name, adapter,
+                                 RecipeContext(p.dtype, p.device, float(group["damping"])))))
+                continue
+            if (recipe is not None and module is not None and p is getattr(module, "bias", None)
+                    and id(getattr(module, "weight", None)) in ids and adapter_for(module) is not None):
+                continue  # the bias of a layer that gets a block
+            if self.fallback == "error":
+                label = name if name is not None else f"param_groups[{index}][{j}]"
+                raise UnsupportedLayerError(
+                    f"parameter of {label!r} has no curvature block and fallback='error': pass a 'block' recipe "
+                    "in the group, or build the optimizer with fallback='sgd' or 'adam'"
+                )
+            if module is None:
+                extra.append((id(p), f"param_groups[{index}][{j}]"))
+            elif name not in self.fallback_modules:
+                self.fallback_modules[name] = module
+        for slot in new_slots:
+            self.slots[slot.name] = slot
+            self.capture.add_layer(slot.name, slot.adapter)
+            self._build_damping[slot.name] = float(group["damping"])
+            if slot.block.needs_second_pass:
+                self.require_closure = True
+        for pid, label in extra:
+            self._extra_params[pid] = label
+        for p in group["params"]:
+            if id(p) in owner:
+                self._param_layer[id(p)] = owner[id(p)][0]
+        self._signature = self._model_signature()
+        self._configure_capture(self.steps)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero (or unset) the gradients and forget the statistics captured since the last step."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._clear_captured()
+
+    def _clear_captured(self) -> None:
+        self.capture.clear()
+        self._inputs = []
+
     @property
     def blocks(self) -> dict[str, CurvatureBlock]:
+        """Layer name -> its curvature block."""
         return {name: slot.block for name, slot in self.slots.items()}
 
     # ------------------------------------------------------------------ hooks
@@ -282,8 +633,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return handle
 
     def _record_inputs(self, module, args, kwargs):
+        """Forward pre-hook on the model: every forward with gradients enabled starts a new capture
+        pass (a micro-batch); its inputs are kept for the Monte-Carlo Fisher pass."""
         if self.capture.config.active and torch.is_grad_enabled():
-            self._last_inputs = (args, kwargs)
+            self.capture.begin_pass()
+            if self.fisher == "mc" and not self._internal_pass:
+                self._inputs.append((args, kwargs))
 
     # ------------------------------------------------------------------ capture scheduling
     def _stats_due(self, k: int) -> bool:
@@ -301,6 +656,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             g=second or (due and self.fisher == "empirical" and any(b.needs_g for b in blocks)),
             h=second,
         )
+        self._inputs = []
 
     # ------------------------------------------------------------------ the step
     def _nonfinite_reason(self, loss: torch.Tensor | float | None) -> str | None:
@@ -321,9 +677,51 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for hook in list(self._hooks.values()):
             hook(info)
 
+    def _layer_settings(self) -> dict[str, PartSettings]:
+        """Every layer's settings from the groups holding its weight and bias (read at every step)."""
+        group_of: dict[int, tuple[int, dict[str, Any]]] = {}
+        for i, group in enumerate(self.param_groups):
+            _check_group(group, f"param_groups[{i}]")
+            for p in group["params"]:
+                group_of[id(p)] = (i, group)
+        if self.damping.needs_reduction_ratio:
+            values = {float(g["damping"]) for g in self.param_groups}
+            if len(values) > 1:
+                raise ValueError(
+                    f"{type(self.damping).__name__} adapts one damping for all layers, but the param groups set "
+                    f"{sorted(values)}: give every group the same damping"
+                )
+            self.damping.damping = values.pop()
+        out: dict[str, PartSettings] = {}
+        for name, slot in self.slots.items():
+            iw, gw = group_of[id(slot.module.weight)]
+            ib, gb = group_of[id(slot.module.bias)] if slot.adapter.has_bias else (iw, gw)
+            for key in ("momentum", "damping"):
+                if float(gw[key]) != float(gb[key]):
+                    raise ValueError(
+                        f"layer {name!r}: its weight (param_groups[{iw}]) and bias (param_groups[{ib}]) have different "
+                        f"{key} ({gw[key]} and {gb[key]}); the layer's block and momentum act on [W|b] as one matrix, "
+                        f"so give both groups the same {key} (lr and weight_decay may differ)"
+                    )
+            lam = float(gw["damping"])
+            if slot.block.needs_second_pass and lam != self._build_damping[name]:
+                raise ValueError(
+                    f"layer {name!r}: {slot.block.kind} fixed lambda_A and mu2 from damping={self._build_damping[name]} "
+                    f"when the optimizer was built, but param_groups[{iw}]['damping'] is now {lam}; build a new "
+                    "optimizer with the new damping (or pass lambda_a= and mu2= explicitly) instead of changing it"
+                )
+            out[name] = PartSettings(float(gw["lr"]), float(gb["lr"]), float(gw["weight_decay"]),
+                                     float(gb["weight_decay"]), float(gw["momentum"]), lam)
+        return out
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None):  # type: ignore[override]
         """One optimization step. ``closure`` re-evaluates the loss (forward and backward) on the batch.
+
+        Without a closure, the statistics are those captured by every forward/backward since the last
+        ``zero_grad()`` or ``step()`` (gradient accumulation: see the README). With a closure, the
+        closure's own passes are used (it may run several micro-batches, each ``(loss_j / k).backward()``,
+        and return the total loss). The captured statistics are cleared by the step.
 
         Returns the loss at the current point (from the closure), or None without a closure.
         """
@@ -335,68 +733,140 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         if self.damping.needs_reduction_ratio and closure is None:
             raise RuntimeError("adaptive damping needs step(closure) to measure the reduction ratio")
+        self._check_model()
         k = self.steps
         loss = None
         if closure is not None:
             self._configure_capture(k)
             with torch.enable_grad():
                 loss = closure()
-        records = self.capture.records
-        self.capture.clear()
+            self._check_loss(loss, "the closure")
+        records, inputs = self.capture.records, self._inputs
+        self._clear_captured()
+        settings = self._layer_settings()
+        stats_due = self._stats_due(k)
+        self._check_records(records, stats_due)
         reason = self._nonfinite_reason(loss)
         if reason is not None:
             self._skip(k, reason, loss)
             self._configure_capture(k)
             return loss
 
-        grads = {name: slot.adapter.grad_matrix() for name, slot in self.slots.items()}
-        stats_due = self._stats_due(k)
-        if stats_due and self.fisher == "mc" and any(s.block.needs_g for s in self.slots.values()):
-            self._monte_carlo_fisher_pass(records)
-        if stats_due and not self.lag_factors:
-            self._update_statistics(records, grads)
-        if self._inverse_due(k):
-            self._refresh_inverses()
-
-        lr = float(self.param_groups[0]["lr"])
-        inputs, directions = {}, {}
-        for name, slot in self.slots.items():
-            g = grads[name]
-            if self.weight_decay:
-                g = g + self.weight_decay * slot.adapter.weight_matrix()
-            state = self.state[slot.module.weight]
-            if self.momentum > 0:
-                buf = state.get("momentum_matrix")
-                if buf is None:
-                    buf = state["momentum_matrix"] = torch.zeros_like(g)
-                buf.mul_(self.momentum).add_(g, alpha=1.0 - self.momentum)
-                g = buf
-            inputs[name] = g
-            directions[name] = slot.block.precondition(g)
-            for hook in list(self._precondition_hooks.values()):
-                hook(k, name, slot.block, g, directions[name])
-        scale = self._kl_scale(lr, inputs, directions)
-
+        # Everything checkable is checked; what can still fail (an inversion, a user hook, the closure's
+        # second call) is undone from a snapshot, so a step that raises leaves no trace but the error.
         second_pass = any(s.block.needs_second_pass for s in self.slots.values()) or self.damping.needs_reduction_ratio
-        snapshot = self._snapshot() if second_pass else None
-        for name, slot in self.slots.items():
-            d_w, d_b = slot.adapter.split_matrix(directions[name])
-            slot.module.weight.add_(d_w, alpha=-lr * scale)
-            if d_b is not None:
-                slot.module.bias.add_(d_b, alpha=-lr * scale)
-        self._fallback_step(lr)
-        if stats_due and self.lag_factors:
-            self._update_statistics(records, grads)
-
-        info = StepInfo(step=k, lr=lr, loss=_as_float(loss), step_scale=scale,
-                        grads=grads, inputs=inputs, directions=directions, records=records)
-        if second_pass:
-            self._second_pass(closure, records, loss, lr * scale, grads, directions, snapshot, info)
+        guarded = second_pass or self._inverse_due(k) or bool(self._precondition_hooks)
+        snapshot = self._snapshot() if guarded else None
+        try:
+            info = self._mutate(k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot)
+        except BaseException:
+            if snapshot is not None:
+                self._restore(snapshot)
+            raise
         self.steps += 1
         self.counters["steps"] = self.steps
         self._configure_capture(self.steps)
         self._emit(info)
         return loss
+
+    def _mutate(self, k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot) -> StepInfo:
+        """The mutating part of a step (statistics, inverses, momentum, direction, update, second pass)."""
+        grads = {name: slot.adapter.grad_matrix() for name, slot in self.slots.items()}
+        if stats_due and self.fisher == "mc" and any(s.block.needs_g for s in self.slots.values()):
+            self._monte_carlo_fisher_pass(records, inputs)
+        if stats_due and not self.lag_factors:
+            self._update_statistics(records, grads)
+        if self._inverse_due(k):
+            self._refresh_inverses(settings)
+
+        lr = float(self.param_groups[0]["lr"])
+        pre, directions = {}, {}
+        for name, slot in self.slots.items():
+            g = grads[name]
+            part = settings[name]
+            if part.wd_w or part.wd_b:
+                if part.wd_w == part.wd_b:
+                    g = g + part.wd_w * slot.adapter.weight_matrix()
+                else:
+                    w = slot.module.weight.detach()
+                    b = slot.module.bias.detach() if slot.adapter.has_bias else None
+                    g = g + slot.adapter.to_matrix(part.wd_w * w, None if b is None else part.wd_b * b)
+            state = self.state[slot.module.weight]
+            if part.momentum > 0:
+                buf = state.get("momentum_matrix")
+                if buf is None:
+                    buf = state["momentum_matrix"] = torch.zeros_like(g)
+                buf.mul_(part.momentum).add_(g, alpha=1.0 - part.momentum)
+                g = buf
+            pre[name] = g
+            directions[name] = slot.block.precondition(g)
+            for hook in list(self._precondition_hooks.values()):
+                hook(k, name, slot.block, g, directions[name])
+        scale = self._kl_scale(settings, pre, directions)
+
+        for name, slot in self.slots.items():
+            d_w, d_b = slot.adapter.split_matrix(directions[name])
+            part = settings[name]
+            slot.module.weight.add_(d_w, alpha=-part.lr_w * scale)
+            if d_b is not None:
+                slot.module.bias.add_(d_b, alpha=-part.lr_b * scale)
+        self._fallback_step()
+        if stats_due and self.lag_factors:
+            self._update_statistics(records, grads)
+
+        info = StepInfo(step=k, lr=lr, loss=_as_float(loss), step_scale=scale,
+                        grads=grads, inputs=pre, directions=directions, records=records,
+                        layer_lrs={n: (p.lr_w, p.lr_b) for n, p in settings.items()})
+        if second_pass:
+            step_sizes = {n: settings[n].lr_w * scale for n in self.slots}
+            self._second_pass(closure, records, loss, step_sizes, grads, directions, snapshot, info)
+        return info
+
+    def _check_loss(self, loss: Any, what: str) -> None:
+        """The closure's loss is a scalar tensor or a number (None only when no pass needs it)."""
+        if loss is None:
+            if self.require_closure or self.damping.needs_reduction_ratio:
+                raise TypeError(
+                    f"{what} returned None: return the loss (after loss.backward()); {type(self).__name__} "
+                    "compares it with the loss at the new point"
+                )
+            return
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(
+                    f"{what} returned a loss of shape {tuple(loss.shape)}; return a scalar, e.g. loss.mean() "
+                    "(and call backward on that scalar)"
+                )
+        elif isinstance(loss, bool) or not isinstance(loss, (int, float)):
+            raise TypeError(f"{what} must return the loss as a scalar tensor or a number, got {type(loss).__name__}")
+
+    def _check_records(self, records: Mapping[str, LayerRecord], stats_due: bool) -> None:
+        """Every layer that needs rows this step has them, from every recorded forward call."""
+        for name, slot in self.slots.items():
+            block = slot.block
+            need_a = block.needs_second_pass or (stats_due and block.needs_a)
+            need_g = block.needs_second_pass or (stats_due and block.needs_g and self.fisher == "empirical")
+            rec = records.get(name)
+            if rec is None:
+                if need_a or need_g:
+                    raise RuntimeError(
+                        f"no statistics were captured for layer {name!r}: run forward and backward on the "
+                        "batch (with gradients enabled) before step(), or pass a closure"
+                    )
+                continue
+            rows = next((r for r in (rec.input_rows, rec.h_rows, rec.grad_rows) if r is not None), None)
+            if rec.batch_size == 0 or (rows is not None and rows.shape[0] == 0):
+                raise RuntimeError(
+                    f"layer {name!r} saw an empty batch (0 samples): skip empty batches in the training loop (e.g. "
+                    "DataLoader(..., drop_last=True), or `if len(x) == 0: continue`)"
+                )
+            if need_g and (rec.missing_grads or rec.grad_rows is None):
+                raise RuntimeError(
+                    f"layer {name!r}: {rec.missing_grads or rec.calls} of the {rec.calls} forward calls recorded since "
+                    "the last zero_grad()/step() got no gradient; every forward with gradients enabled counts as a "
+                    "micro-batch: call loss.backward() after every training forward (also in the closure), run "
+                    "evaluation forwards under torch.no_grad(), and check that the loss depends on this layer"
+                )
 
     def _update_statistics(self, records: Mapping[str, LayerRecord], grads: Mapping[str, torch.Tensor]) -> None:
         for name, slot in self.slots.items():
@@ -410,47 +880,94 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 record = LayerRecord()
             slot.block.update_statistics(record, grads[name])
 
-    def _refresh_inverses(self) -> None:
+    def _refresh_inverses(self, settings: Mapping[str, PartSettings]) -> None:
         inverter = BatchedInverter(self.inverse_method, self.inversion_stats)
-        for slot in self.slots.values():
-            slot.block.request_inverses(inverter, self.damping)
+        policies: dict[float, DampingPolicy] = {}
+        for name, slot in self.slots.items():
+            lam = settings[name].damping
+            if lam == self.damping.damping:
+                policy = self.damping
+            else:  # a group with its own damping: the same policy with that λ
+                policy = policies.get(lam)
+                if policy is None:
+                    policy = policies[lam] = copy.copy(self.damping)
+                    policy.damping = lam
+            slot.block.request_inverses(inverter, policy)
         inverter.run()
 
-    def _kl_scale(self, lr: float, inputs, directions) -> float:
+    def _kl_scale(self, settings: Mapping[str, PartSettings], inputs, directions) -> float:
+        r""":math:`\nu = \min(1, \sqrt{c / v})` with :math:`v = \sum \alpha^2\langle d, m\rangle` over
+        layers (and over weight and bias parts with their own learning rates)."""
         if self.kl_clip is None:
             return 1.0
-        vg = sum(float(torch.sum(directions[n] * inputs[n])) for n in directions) * lr * lr
+        vg = 0.0
+        for name, slot in self.slots.items():
+            part, d, m = settings[name], directions[name], inputs[name]
+            if part.lr_w == part.lr_b:
+                vg += float(torch.sum(d * m)) * part.lr_w * part.lr_w
+            else:
+                (dw, db), (mw, mb) = slot.adapter.split_matrix(d), slot.adapter.split_matrix(m)
+                vg += float(torch.sum(dw * mw)) * part.lr_w**2 + float(torch.sum(db * mb)) * part.lr_b**2
         if not vg > 0:
             return 1.0
         return min(1.0, math.sqrt(self.kl_clip / vg))
 
-    def _fallback_step(self, lr: float) -> None:
-        for module in self.fallback_modules.values():
-            for p in module.parameters(recurse=False):
-                if p.requires_grad and p.grad is not None:
-                    fallback_update(p, p.grad, self.state[p], rule=self.fallback, lr=lr,
-                                    momentum=self.momentum, weight_decay=self.weight_decay)
+    def _slot_param_ids(self) -> set[int]:
+        return {id(p) for s in self.slots.values() for p in s.adapter.parameters()}
 
-    def _snapshot(self) -> tuple[dict, dict]:
-        params = {p: p.detach().clone() for g in self.param_groups for p in g["params"]}
-        state = {p: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for p, s in self.state.items()}
-        return params, state
+    def _fallback_step(self) -> None:
+        """The fallback rule, with each group's settings, on every parameter without a block."""
+        in_slots = self._slot_param_ids()
+        for group in self.param_groups:
+            flr, beta1, beta2, eps = self._fallback_settings(group)
+            for p in group["params"]:
+                if id(p) in in_slots or p.grad is None:
+                    continue
+                fallback_update(p, p.grad, self.state[p], rule=self.fallback, lr=flr, momentum=beta1,
+                                weight_decay=float(group["weight_decay"]), betas2=beta2, eps=eps)
 
-    def _restore(self, snapshot: tuple[dict, dict]) -> None:
-        params, state = snapshot
-        for p, value in params.items():
-            p.copy_(value)
-        for p, s in state.items():
+    def _snapshot(self) -> dict[str, Any]:
+        """Copies of everything a step mutates apart from the counters: parameters, per-parameter
+        state (momentum, fallback moments), every block's factors, the damping policy and the sampler."""
+        return {
+            "params": [(p, p.detach().clone()) for g in self.param_groups for p in g["params"]],
+            "state": {p: {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in s.items()}
+                      for p, s in self.state.items()},
+            "blocks": {name: slot.block.state_dict() for name, slot in self.slots.items()},
+            "damping": copy.deepcopy(self.damping.state_dict()),
+            "groups_damping": [g["damping"] for g in self.param_groups],
+            "generator": self._generator.get_state(),
+        }
+
+    def _restore(self, snapshot: dict[str, Any]) -> None:
+        """Put back what :meth:`_snapshot` copied (bit-identical)."""
+        with torch.no_grad():
+            for p, value in snapshot["params"]:
+                p.copy_(value)
+        for p in [q for q in self.state if q not in snapshot["state"]]:
+            del self.state[p]
+        for p, s in snapshot["state"].items():
             self.state[p] = s
+        for name, state in snapshot["blocks"].items():
+            self.slots[name].block.load_state_dict(state)
+        self.damping.load_state_dict(snapshot["damping"])
+        for g, lam in zip(self.param_groups, snapshot["groups_damping"]):
+            g["damping"] = lam
+        self._generator.set_state(snapshot["generator"])
 
-    def _second_pass(self, closure, before, loss, step_size, grads, directions, snapshot, info: StepInfo) -> None:
+    def _second_pass(self, closure, before, loss, step_sizes, grads, directions, snapshot, info: StepInfo) -> None:
         self.capture.set(h=True, g=True, preactivation_grads_only=True)
-        with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
-            loss_after = closure()
+        self._internal_pass = True
+        try:
+            with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
+                loss_after = closure()
+        finally:
+            self._internal_pass = False
         after = self.capture.records
         self.capture.clear()
+        self._check_loss(loss_after, "the closure (second call, at the new point)")
         info.loss_after = _as_float(loss_after)
-        bad = loss_after is None or not math.isfinite(info.loss_after) or not all_finite(
+        bad = not math.isfinite(info.loss_after) or not all_finite(
             *[r.grad_rows for r in after.values() if r.grad_rows is not None]
         )
         if bad:
@@ -461,28 +978,43 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             info.skipped, info.skip_reason = True, reason
             return
         for name, slot in self.slots.items():
+            if slot.block.needs_second_pass and (name not in after or name not in before or after[name].grad_rows is None):
+                raise RuntimeError(
+                    f"layer {name!r} was not evaluated (forward and backward) by the closure on both calls: the "
+                    "closure must run the same batch through the model and call backward every time"
+                )
+        for name, slot in self.slots.items():
             if slot.block.needs_second_pass:
-                if name not in after or name not in before:
-                    raise RuntimeError(f"layer {name!r} was not evaluated by the closure on both passes")
                 slot.block.update_after_step(before[name], after[name])
         if self.damping.needs_reduction_ratio:
             model_change = 0.0
             for name, slot in self.slots.items():
-                delta = -step_size * directions[name]
+                delta = -step_sizes[name] * directions[name]
                 model_change += float(torch.sum(grads[name] * delta))
                 model_change += 0.5 * float(slot.block.curvature_quadratic(delta) + self.damping.damping * torch.sum(delta * delta))
             rho = (info.loss_after - _as_float(loss)) / model_change if model_change < 0 else -math.inf
             info.reduction_ratio = rho
             self.damping.observe_reduction_ratio(rho)
+            for group in self.param_groups:  # the adapted λ is visible (and settable) in every group
+                group["damping"] = self.damping.damping
 
-    def _monte_carlo_fisher_pass(self, records: dict[str, LayerRecord]) -> None:
-        if self._last_inputs is None:
+    def _monte_carlo_fisher_pass(self, records: dict[str, LayerRecord], inputs: list[tuple[tuple, dict]]) -> None:
+        """G rows from targets sampled from the model: one forward per recorded micro-batch, each
+        sampled loss divided by the number of micro-batches (the ``loss / k`` convention)."""
+        if not inputs:
             raise RuntimeError("the Monte-Carlo Fisher needs the model's inputs: no forward pass was recorded")
-        args, kwargs = self._last_inputs
         self.capture.set(g=True, preactivation_grads_only=True)
-        with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
-            out = self.model(*args, **kwargs)
-            sampled_loss(out, self.likelihood, self.loss_reduction, self._generator).backward()
+        self._internal_pass = True
+        try:
+            with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
+                for args, kwargs in inputs:
+                    out = self.model(*args, **kwargs)
+                    loss = sampled_loss(out, self.likelihood, self.loss_reduction, self._generator)
+                    if len(inputs) > 1 and self.loss_reduction == "mean":
+                        loss = loss / len(inputs)
+                    loss.backward()
+        finally:
+            self._internal_pass = False
         for name, rec in self.capture.records.items():
             if name in records:
                 records[name].take_grads(rec)
@@ -503,8 +1035,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for batch in batches:
             inputs, targets = (batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None))
             self.capture.set(a=True, g=need_g, preactivation_grads_only=True)
+            self._internal_pass = True
             with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
                 out = self.model(inputs)
+                self._internal_pass = False
                 if need_g:
                     if self.fisher == "mc":
                         loss = sampled_loss(out, self.likelihood, self.loss_reduction, self._generator)
@@ -531,9 +1065,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
     @property
     def skipped_steps(self) -> int:
+        """Number of steps skipped because the loss or a gradient was not finite (``counters["skipped_steps"]``)."""
         return int(self.counters["skipped_steps"])
 
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state (groups, momentum, fallback moments) plus ``"secondorder"``: step count,
+        counters, damping policy, sampler state, every block's factors and the block kinds."""
         state = super().state_dict()
         state["secondorder"] = {
             "version": 1,
@@ -542,17 +1079,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "damping": self.damping.state_dict(),
             "generator": self._generator.get_state(),
             "blocks": {name: slot.block.state_dict() for name, slot in self.slots.items()},
+            "kinds": {name: slot.block.describe() for name, slot in self.slots.items()},
         }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint of the same optimizer on the same model.
+
+        Everything is validated before anything is loaded: the kind of every block, the layer names,
+        and the shape of every tensor (factors, momentum, fallback moments); the first mismatch is
+        named in a ``ValueError`` and the optimizer is left unchanged.
+        """
         state_dict = copy.deepcopy(dict(state_dict))  # never alias the caller's checkpoint
         extra = state_dict.pop("secondorder", None)
         if extra is None:
             raise ValueError("not a secondorder optimizer state_dict (missing the 'secondorder' entry)")
-        missing = set(self.slots) - set(extra["blocks"])
-        if missing:
-            raise ValueError(f"state_dict has no curvature state for layers {sorted(missing)}")
+        self._validate_checkpoint(extra, state_dict)
         super().load_state_dict(state_dict)
         self.steps = int(extra["steps"])
         self.counters = {**extra["counters"], "skip_reasons": dict(extra["counters"]["skip_reasons"])}
@@ -561,3 +1103,41 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for name, slot in self.slots.items():
             slot.block.load_state_dict(extra["blocks"][name])
         self._configure_capture(self.steps)
+
+    def _validate_checkpoint(self, extra: Mapping[str, Any], torch_state: Mapping[str, Any]) -> None:
+        saved = extra.get("blocks", {})
+        missing, unexpected = sorted(set(self.slots) - set(saved)), sorted(set(saved) - set(self.slots))
+        if missing or unexpected:
+            raise ValueError(
+                f"the checkpoint's curvature layers do not match this optimizer's: missing {missing}, unexpected "
+                f"{unexpected}; load it into an optimizer built the same way on the same model"
+            )
+        kinds = extra.get("kinds") or {}
+        for name, slot in self.slots.items():
+            if name in kinds and kinds[name] != slot.block.describe():
+                raise ValueError(
+                    f"layer {name!r}: the checkpoint holds a {kinds[name]} block but this optimizer has "
+                    f"{slot.block.describe()}; load it into the same kind of optimizer"
+                )
+            _compare_state(saved[name], slot.block.state_dict(), f"layer {name!r}: block state")
+        groups = torch_state.get("param_groups", [])
+        if len(groups) != len(self.param_groups) or any(
+                len(g["params"]) != len(h["params"]) for g, h in zip(groups, self.param_groups)):
+            raise ValueError(
+                f"the checkpoint has param groups of sizes {[len(g['params']) for g in groups]}, this optimizer "
+                f"{[len(g['params']) for g in self.param_groups]}"
+            )
+        params = [p for g in self.param_groups for p in g["params"]]
+        matrix_shape = {id(s.module.weight): (s.adapter.g_dim, s.adapter.a_dim) for s in self.slots.values()}
+        for index, pstate in torch_state.get("state", {}).items():
+            p = params[int(index)]
+            layer = self._param_layer.get(id(p), f"parameter {index}")
+            for key, value in pstate.items():
+                if not isinstance(value, torch.Tensor) or value.ndim == 0:
+                    continue
+                want = matrix_shape.get(id(p)) if key == "momentum_matrix" else tuple(p.shape)
+                if want is not None and tuple(value.shape) != tuple(want):
+                    raise ValueError(
+                        f"layer {layer!r}: the checkpoint's {key!r} has shape {tuple(value.shape)} but this model needs "
+                        f"{tuple(want)}; the checkpoint is from a different model"
+                    )

@@ -26,7 +26,32 @@ from optimizers.recipes import kbfgs_block
 
 
 class KBFGS(CurvatureOptimizer):
-    """K-BFGS: dense BFGS H_g. ``step(closure)`` is required (a second pass on the same batch)."""
+    """K-BFGS: dense BFGS H_g. ``step(closure)`` is required (a second pass on the same batch).
+
+    The closure zeroes the gradients, runs forward and backward on the batch and returns the loss;
+    it is called a second time at the new parameters. For gradient accumulation the closure runs all
+    micro-batches (``(loss_j / k).backward()`` each) and returns the total.
+
+    Args:
+        model: the module to train; every ``layer_types`` layer gets a K-BFGS block.
+        lr: learning rate α (per group in ``param_groups``; schedulers work).
+        damping: λ (> 0); λ_A and μ2 default to √λ, fixed when the optimizer is built.
+        momentum: β of the EMA momentum.
+        weight_decay: τ (L2 term added to the gradient; per group).
+        a_decay: EMA decay of A (the Hessian-action matrix of H_a).
+        pair_decay: EMA decay of the (s, y) pairs of H_g.
+        mu1, mu2: double-damping constants (μ2 default √λ).
+        lambda_a: λ_A (default √λ).
+        damping_variant: "interpolate" (authors' code) or "lm".
+        memory: only for :class:`KBFGSL` (here an error).
+        fallback: "sgd", "adam" or "error" for parameters of layers without a block.
+        fallback_lr, fallback_betas, fallback_eps: settings of the fallback rule.
+        loss_reduction: "mean" or "sum".
+        lag_factors: theory mode (A of batch k used from step k+1).
+        layer_types: module types that get a block.
+        seed: seed of the optimizer's generator.
+        param_groups: optional torch.optim-style groups covering every trainable parameter.
+    """
 
     _memory: int | None = None
 
@@ -46,11 +71,20 @@ class KBFGS(CurvatureOptimizer):
         damping_variant: str = "interpolate",
         memory: int | None = None,
         fallback: str = "sgd",
+        fallback_lr: float | None = None,
+        fallback_betas: tuple[float, float] | None = None,
+        fallback_eps: float = 1e-8,
         loss_reduction: str = "mean",
         lag_factors: bool = False,
         layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
         seed: int = 0,
+        param_groups=None,
     ) -> None:
+        if memory is not None and self._memory is None:
+            raise ValueError(
+                f"KBFGS has a dense H_g and takes no memory (got memory={memory!r}); for limited memory use "
+                "KBFGSL(model, memory=...)"
+            )
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
             raise ValueError(f"damping (lambda) must be a number > 0, got {damping!r}")
         memory = self._memory if memory is None else memory
@@ -62,10 +96,19 @@ class KBFGS(CurvatureOptimizer):
             model, lr, {t: recipe for t in layer_types}, damping=float(damping), momentum=momentum,
             weight_decay=weight_decay, curvature_update_freq=1, inverse_update_freq=1, fallback=fallback,
             loss_reduction=loss_reduction, lag_factors=lag_factors, require_closure=True, seed=seed,
+            fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,
+            param_groups=param_groups,
         )
 
 
 class KBFGSL(KBFGS):
-    """K-BFGS(L): H_g in limited memory (default 100 pairs, compact form, H0 = I)."""
+    """K-BFGS(L): H_g in limited memory (default ``memory=100`` pairs, compact form, H0 = I).
+
+    Same arguments as :class:`KBFGS`, with ``memory`` the number of (s, y) pairs kept for H_g.
+    """
 
     _memory = 100
+
+
+KBFGSL.__doc__ = (KBFGSL.__doc__ or "") + "\n" + KBFGS.__doc__[KBFGS.__doc__.index("    Args:"):].replace(
+    "memory: only for :class:`KBFGSL` (here an error).", "memory: number of (s, y) pairs kept for H_g (default 100).")

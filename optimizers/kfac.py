@@ -19,6 +19,29 @@ class KFAC(CurvatureOptimizer):
     ``fisher="mc"`` with ``likelihood`` in {"bernoulli", "gaussian", "categorical"} builds G from
     targets sampled from the model's predictive distribution (an extra forward and a backward that
     computes pre-activation gradients only); ``fisher="empirical"`` uses the training loss.
+
+    Args:
+        model: the module to train; every ``layer_types`` layer gets a KFAC block.
+        lr: learning rate α (per group in ``param_groups``; schedulers work).
+        damping: λ, a number (split √λ/√λ) or a :class:`~curvature.damping.DampingPolicy`.
+        momentum: β of the EMA momentum :math:`m \leftarrow \beta m + (1-\beta)(\nabla + \tau W)`.
+        weight_decay: τ (L2 term added to the gradient, weights and biases; per group).
+        factor_decay: EMA decay of A and G.
+        curvature_update_freq, inverse_update_freq: T_cov and T_inv in steps.
+        inverse_warmup_steps: also refresh inverses at every step k ≤ this.
+        fisher: "empirical" or "mc" (with ``likelihood`` "bernoulli", "gaussian" or "categorical").
+        kl_clip: KL-clipping constant c, or None.
+        fallback: "sgd", "adam" or "error" for parameters of layers without a block.
+        fallback_lr: learning rate of the fallback rule (default: 1e-3 for Adam, the group's lr for SGD).
+        fallback_betas, fallback_eps: Adam fallback (β1, β2) (default (momentum, 0.999)) and ε.
+        loss_reduction: "mean" or "sum" (how the loss reduces over the batch).
+        lag_factors: theory mode: batch k's statistics are used from step k+1.
+        inverse_method: "cholesky" or "eigh".
+        layer_types: module types that get a KFAC block.
+        seed: seed of the Monte-Carlo Fisher sampler.
+        param_groups: optional torch.optim-style groups ``[{"params": ..., "lr": ...}, ...]`` covering
+            every trainable parameter; keys lr, momentum, weight_decay, damping, fallback_lr,
+            fallback_betas, fallback_eps.
     """
 
     def __init__(
@@ -37,11 +60,15 @@ class KFAC(CurvatureOptimizer):
         likelihood: str | None = None,
         kl_clip: float | None = None,
         fallback: str = "sgd",
+        fallback_lr: float | None = None,
+        fallback_betas: tuple[float, float] | None = None,
+        fallback_eps: float = 1e-8,
         loss_reduction: str = "mean",
         lag_factors: bool = False,
         inverse_method: str = "cholesky",
         layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
         seed: int = 0,
+        param_groups=None,
     ) -> None:
         recipe = kfac_block(factor_decay)
         super().__init__(
@@ -50,4 +77,6 @@ class KFAC(CurvatureOptimizer):
             inverse_update_freq=inverse_update_freq, inverse_warmup_steps=inverse_warmup_steps,
             fallback=fallback, loss_reduction=loss_reduction, lag_factors=lag_factors, fisher=fisher,
             likelihood=likelihood, kl_clip=kl_clip, inverse_method=inverse_method, seed=seed,
+            fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,
+            param_groups=param_groups,
         )
