@@ -48,10 +48,12 @@ class LayerAdapter:
     # --- sizes ---------------------------------------------------------------------------------
     @property
     def a_dim(self) -> int:
+        """d_a: columns of the gradient matrix ``[∇W | ∇b]`` (inputs per row, +1 with a bias); size of A."""
         raise NotImplementedError
 
     @property
     def g_dim(self) -> int:
+        """d_g: rows of the gradient matrix (outputs per row); size of G."""
         raise NotImplementedError
 
     # --- rows ----------------------------------------------------------------------------------

@@ -1036,15 +1036,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             inputs, targets = (batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None))
             self.capture.set(a=True, g=need_g, preactivation_grads_only=True)
             self._internal_pass = True
-            with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
-                out = self.model(inputs)
+            try:
+                with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
+                    out = self.model(inputs)
+                    if need_g:
+                        if self.fisher == "mc":
+                            loss = sampled_loss(out, self.likelihood, self.loss_reduction, self._generator)
+                        else:
+                            loss = loss_fn(out, targets)
+                        loss.backward()
+            finally:
                 self._internal_pass = False
-                if need_g:
-                    if self.fisher == "mc":
-                        loss = sampled_loss(out, self.likelihood, self.loss_reduction, self._generator)
-                    else:
-                        loss = loss_fn(out, targets)
-                    loss.backward()
             for name, slot in self.slots.items():
                 rec = self.capture.records[name]
                 a = a_statistic(rec, slot.adapter)

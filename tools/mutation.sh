@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Mutation testing of curvature/ and optimizers/ with mutmut (optional extra "mutation").
+#
+#   bash tools/mutation.sh                                  # every module, the configured test subset
+#   bash tools/mutation.sh optimizers/fallback.py           # only these files
+#   MUTMUT_TESTS="tests/optimizers/test_param_groups.py" bash tools/mutation.sh optimizers/fallback.py
+#                                                           # ... and only these tests
+#   MUTMUT_JOBS=2 (parallel mutants, default 2)
+#
+# The configuration is [tool.mutmut] in pyproject.toml (test subset: the exact tests of tests/optimizers
+# and tests/curvature; slow end-to-end tests excluded). Results: `python -m mutmut results`,
+# `python -m mutmut show NAME`. Reviewed equivalent mutants: tests/equivalent_mutants.md.
+# Not part of `bash run.sh test` or .ci/run (a full run takes hours on 2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import mutmut" 2>/dev/null || python -m pip install -q "mutmut==3.8.1"
+rm -rf mutants
+ORIG=$(mktemp)
+cp pyproject.toml "$ORIG"
+trap 'cp "$ORIG" pyproject.toml && rm -f "$ORIG"' EXIT
+ONLY="$*" python - <<'PY'
+import os, pathlib, re
+p = pathlib.Path("pyproject.toml")
+text = p.read_text()
+extra = ""
+if os.environ.get("ONLY"):
+    extra += "only_mutate = [%s]\n" % ", ".join(f'"{f}"' for f in os.environ["ONLY"].split())
+if os.environ.get("MUTMUT_TESTS"):
+    text = re.sub(r"pytest_add_cli_args_test_selection = \[[^\]]*\]\n", "", text)
+    extra += "pytest_add_cli_args_test_selection = [%s]\n" % ", ".join(f'"{t}"' for t in os.environ["MUTMUT_TESTS"].split())
+p.write_text(text.replace("[tool.mutmut]\n", "[tool.mutmut]\n" + extra, 1))
+PY
+python -m mutmut run --max-children "${MUTMUT_JOBS:-2}"
+python -m mutmut results --all true 2>/dev/null || python -m mutmut results
