@@ -10,6 +10,10 @@ Usage (from the repository root)::
     python -m benchmarks.autoencoder --dataset mnist --data-dir ../shared/data/mnist \\
         --mnist-test-as-train --preset tiny --out /tmp/mnist-smoke
 
+Data-parallel (one process per rank; gloo on CPU, NCCL with ``--device cuda``)::
+
+    torchrun --nproc_per_node 2 -m benchmarks.autoencoder --preset tiny --optimizers kbfgs,kfac --out /tmp/ddp
+
 Optimizers: kbfgs, kbfgsl, kfac, adam, rmsprop, sgdm (the default: all six), and the matrix-free
 hf, sfn, lm (Hessian-free, saddle-free Newton, Levenberg–Marquardt; opt-in). ``--set`` and
 ``--grid-set`` may repeat; ``--list-settings`` prints every optimizer's settings and defaults.
@@ -28,6 +32,7 @@ from collections.abc import Sequence
 
 from benchmarks.experiment.config import PRESETS, build_config
 from benchmarks.experiment.experiment import run_experiment
+from benchmarks.experiment.parallel import setup_parallel
 from benchmarks.experiment.settings import OPTIMIZERS, iter_settings_fields
 from benchmarks.models import PAPER_SEED
 
@@ -105,7 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = build_config(preset=args.preset, config_file=args.config, cli=cli, sets=args.sets,
                            grid_sets=args.grid_sets)
-        run_experiment(cfg, args.out, resume=args.resume, progress=args.progress, checkpoint=args.checkpoint)
+        parallel = setup_parallel(cfg.device)  # torchrun --nproc_per_node N: data-parallel ranks
+        run_experiment(cfg, args.out, resume=args.resume, progress=args.progress, checkpoint=args.checkpoint,
+                       parallel=parallel)
     except ValueError as exc:  # configuration and dataset errors (DatasetError is a ValueError)
         print(f"error: {exc}", file=sys.stderr)
         return 2

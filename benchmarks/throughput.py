@@ -836,6 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefill", action="store_true", help="do not prefill the K-BFGS(L) memory")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-sizes", dest="world_sizes", type=_csv_ints, default=None,
+                   help="also time data-parallel KFAC/K-BFGS/K-BFGS(L) at these world sizes, e.g. 1,2 "
+                        "(gloo on CPU, NCCL with --device cuda; benchmarks.throughput_dist)")
     p.add_argument("--out", type=Path, default=Path("results/throughput"))
     return p
 
@@ -898,6 +901,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         texts.append(format_sweep(rows))
         report["sweep"] = rows
         write_csv(out / "sweep.csv", rows, SWEEP_COLUMNS)
+    if args.world_sizes:
+        from benchmarks.throughput_dist import DIST_COLUMNS, format_rows, run_world_sizes
+
+        rows = run_world_sizes(workload.widths, args.batch, args.world_sizes, steps=args.steps,
+                               warmup=max(args.warmup, 1), device=args.device, threads=args.threads)
+        texts.append(format_rows(rows, f"data-parallel {args.model} autoencoder, global batch {args.batch}, "
+                                       f"{args.device}: median of {args.steps} steps (slowest rank)"))
+        report["distributed"] = rows
+        write_csv(out / "distributed.csv", rows, DIST_COLUMNS)
     if args.profile:
         from benchmarks.profile_step import profile_method, write_report
 

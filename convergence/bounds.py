@@ -165,6 +165,22 @@ class Violation:
         return {**asdict(self), "excess": self.excess}
 
 
+#: A bound more than this factor away from the observed value is vacuous (e.g. an upper bound of 1e59).
+VACUOUS_FACTOR = 1e6
+
+
+def is_vacuous(sense: str, observed: float, bound: float) -> bool:
+    """True when a finite, satisfied bound is so loose that it could not have failed in practice:
+    an upper bound above ``VACUOUS_FACTOR`` times a positive observation, or a positive lower bound
+    below it divided by ``VACUOUS_FACTOR``, or an infinite bound. (The positivity rule's bound 0 is
+    never vacuous.)"""
+    if not math.isfinite(observed):
+        return False
+    if sense == "upper":
+        return bound == math.inf or (observed > 0 and bound > VACUOUS_FACTOR * observed)
+    return bound == -math.inf or (bound > 0 and observed > 0 and bound * VACUOUS_FACTOR < observed)
+
+
 @dataclass
 class BoundReport:
     """How many inequalities were evaluated, which failed, and which were not applicable (and why)."""
@@ -174,6 +190,7 @@ class BoundReport:
     violations: list[Violation] = field(default_factory=list)
     not_applicable: dict[str, int] = field(default_factory=dict)
     worst_margin: float = math.inf  # min over checks of (slack / tolerance-scaled), informational
+    vacuous: int = 0  # inequalities whose bound is off by more than VACUOUS_FACTOR (counted apart, never as passes)
 
     def lower(self, rule: str, rec: StepRecord, layer: str, side: str, observed: float, bound: float, tol: float) -> None:
         self._add(rule, rec, layer, side, "lower", observed, bound, tol)
@@ -182,6 +199,9 @@ class BoundReport:
         self._add(rule, rec, layer, side, "upper", observed, bound, tol)
 
     def _add(self, rule, rec, layer, side, sense, observed, bound, tol) -> None:
+        if is_vacuous(sense, observed, bound):
+            self.vacuous += 1
+            return
         self.checked += 1
         if not (math.isfinite(observed) or (sense == "lower" and observed == math.inf)):
             self.violations.append(Violation(rule, rec.step, layer, side, sense, observed, bound, tol))
@@ -209,7 +229,8 @@ class BoundReport:
         return CheckResult(
             check=check, assumption=assumption, statistic=float(len(self.violations)), expected=0,
             confidence=1.0, verdict=verdict,
-            evidence={"checked": self.checked, "violations": [v.as_dict() for v in self.violations[:200]],
+            evidence={"checked": self.checked, "vacuous": self.vacuous,
+                      "violations": [v.as_dict() for v in self.violations[:200]],
                       "num_violations": len(self.violations), "not_applicable": dict(self.not_applicable)},
             notes=notes,
         )

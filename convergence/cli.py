@@ -1,39 +1,38 @@
-r"""``python -m convergence check``: train with the monitor on, run the checks E1-E8, report.
+r"""``python -m convergence check``: train with the monitor on, run E0 and the checks E1-E8, report.
 
 Usage::
 
-    python -m convergence check --optimizer {kbfgs,kbfgsl,kfac,diagonal}
-        --problem {least-squares,logistic,softmax,mlp,mnist} --steps N --batch-size B
+    python -m convergence check --problem {least-squares,logistic,softmax,mlp,mnist | MODULE:FUNCTION}
+        [--optimizer {kbfgs,kbfgsl,kfac,diagonal}] [--steps N] [--batch-size B]
         [--lr LR] [--damping LAMBDA] [--beta BETA] [--device {cpu,cuda}] [--seed S] --out DIR
         [--data-dir DIR] [--mnist-examples N] [--theory-mode | --no-theory-mode]
-        [--checks E1,E2,...] [--checkpoints C] [--rate-seeds S] [--unbiased-batches R]
-        [--variance-batches R] [--descent-batches R] [--alpha A] [--no-progress]
+        [--checks E1,E2,...] [--checkpoints C] [--rate-seeds S] [--descent-batches R] [--alpha A]
+        [--max-skip-fraction F] [--plateau | --no-plateau] [--no-progress] [--no-plots]
 
 What it does:
 
-1. builds the problem (float64; ``mnist`` is softmax regression on the first ``--mnist-examples``
-   images of the real MNIST *test* split, loaded with :func:`benchmarks.data.mnist.load_mnist`
-   from ``--data-dir``, default ``../shared/data/mnist`` next to the checkout) and the optimizer;
-   in theory mode (the default) with ``momentum=0, weight_decay=0, lag_factors=True`` and an
-   i.i.d. with-replacement sampler (:func:`convergence.monitor.iid_loader`), otherwise with the
-   optimizer's defaults and a shuffling ``DataLoader`` -- the report then lists the theory-mode
-   violations (:func:`convergence.monitor.theory_mode_violations`);
-2. trains ``--steps`` steps with :class:`~convergence.monitor.TrainingMonitor` attached (a tqdm
-   progress bar), with :math:`\alpha_k = \text{lr}\,(k+1)^{-\beta}`; records
-   :math:`\|\nabla f(x_k)\|^2` (full batch), and freezes snapshots (model, optimizer, RNG) at
-   ``--checkpoints`` steps spread over the run;
-3. runs the selected checks at the snapshots (E2, E3, E5, E6 and E7d per snapshot; E1 on the
-   snapshot iterates; E4, E7a-c on the monitor's records; E8 over ``--rate-seeds`` independent
-   runs), applies Holm–Bonferroni at family-wise ``--alpha`` (default 0.01) across the
-   statistical results (:func:`convergence.multiple.holm_adjust`);
-4. prints the verdict table and writes ``report.json`` and the PNGs ``spectrum_bounds.png``,
-   ``gradient_norms.png``, ``damping.png`` and ``hessian_density.png`` into ``--out``.
+1. builds the problem -- a built-in one (float64; ``mnist`` is softmax regression on the first
+   ``--mnist-examples`` images of the real MNIST *test* split, from ``--data-dir``, default
+   ``../shared/data/mnist`` next to the checkout), or the user's own through ``MODULE:FUNCTION``: a
+   function returning a :class:`convergence.problems.Problem` or a dict with ``model``, ``loss_fn``,
+   ``data`` (a data set or a ``DataLoader``) and optionally ``make_optimizer``, ``make_closure``,
+   ``lipschitz``, ``batch_size`` -- and the optimizer (``--optimizer``, unless the entry point gives
+   ``make_optimizer``); in theory mode (the default) with ``momentum=0, weight_decay=0,
+   lag_factors=True`` and an i.i.d. with-replacement sampler, otherwise with the optimizer's defaults
+   and a shuffling ``DataLoader`` -- the report then lists the theory-mode violations;
+2. trains and checks with :func:`convergence.harness.run_harness` (see there: the gradient tap for
+   E2, the recorded batches for E3, the applied-operator probes for E4, every check under its own
+   guard, E0 run health first, Holm-Bonferroni at family-wise ``--alpha``);
+3. prints the verdict table (a loud banner first when E0 FAILs) and writes ``report.json`` and the
+   PNGs ``spectrum_bounds.png``, ``gradient_norms.png``, ``damping.png`` (curvature optimizers) and
+   ``hessian_density.png`` into ``--out``.
 
-Exit status: **0 when the run completed, whatever the verdicts** (a FAIL is a finding about the
-optimizer or the data pipeline, not an error of the tool; read ``report.json``'s ``summary``
-or the table to act on it); 1 on a runtime error (missing data, a check that raised -- the
-report is still written when possible, with that check INCONCLUSIVE and the error in its
-evidence); 2 on invalid arguments (argparse).
+Exit status:
+
+* **0** -- every selected check ran and none FAILed (PASS, NOT_APPLICABLE or INCONCLUSIVE);
+* **1** -- at least one check FAILed, E0 (run health) included; the report is complete;
+* **2** -- the run could not be made (invalid arguments, missing data, a bad entry point) or a check
+  raised (its row is ERROR, the others still ran; the report is written when possible).
 """
 
 from __future__ import annotations
@@ -41,24 +40,20 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 import traceback
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from convergence.results import CheckResult, Verdict
+from convergence.harness import CHECKS  # E1..E8 (E0 always runs)
 
 __all__ = ["CHECKS", "OPTIMIZERS", "PROBLEMS", "build_parser", "parse_args", "build_problem", "build_optimizer",
            "make_loader", "run", "main"]
 
-CHECKS = ("E1", "E2", "E3", "E4", "E5", "E6", "E7", "E8")
 OPTIMIZERS = ("kbfgs", "kbfgsl", "kfac", "diagonal")
 PROBLEMS = ("least-squares", "logistic", "softmax", "mlp", "mnist")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +85,13 @@ _nonnegative_int = _argument(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _argument(float, lambda v: v > 0 and math.isfinite(v), "a positive finite number")
 _beta = _argument(float, lambda v: 0.0 <= v <= 1.0, "beta must be in [0, 1] (alpha_k = lr (k+1)^-beta)")
 _probability = _argument(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
+_fraction = _argument(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+
+
+def _problem(text: str) -> str:
+    if text in PROBLEMS or (":" in text and all(text.partition(":")[::2])):
+        return text
+    raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(PROBLEMS)}, or MODULE:FUNCTION)")
 
 
 def _checks(text: str) -> tuple[str, ...]:
@@ -115,14 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "and PNG plots into --out. Exit status 0 whenever the run completes (FAIL verdicts "
                     "included), 1 on runtime errors, 2 on invalid arguments.",
     )
-    p.add_argument("--optimizer", required=True, choices=OPTIMIZERS)
-    p.add_argument("--problem", required=True, choices=PROBLEMS)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="the optimizer (required unless a --problem entry point returns make_optimizer)")
+    p.add_argument("--problem", required=True, type=_problem,
+                   help=f"one of {', '.join(PROBLEMS)}, or MODULE:FUNCTION, a Python entry point returning a "
+                        "convergence.problems.Problem or a dict with model, loss_fn, data [, make_optimizer, "
+                        "make_closure, lipschitz, batch_size]")
     p.add_argument("--steps", type=_positive_int, default=60, help="training steps (default 60)")
-    p.add_argument("--batch-size", type=_positive_int, default=16, help="minibatch size m (default 16)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="minibatch size m (default: an entry point's batch_size, else 16)")
     p.add_argument("--lr", type=_positive_float, default=None,
-                   help="base learning rate; alpha_k = lr (k+1)^-beta (default: 0.1 for kfac/diagonal, 0.2 for K-BFGS)")
+                   help="base learning rate; alpha_k = lr (k+1)^-beta (default: 0.2 for K-BFGS, 0.1 for kfac, 0.05 "
+                        "for diagonal; an entry point's own optimizer keeps its lr)")
     p.add_argument("--damping", type=_positive_float, default=None,
-                   help="damping lambda (default: 0.3 for K-BFGS, 1.0 for kfac, 1e-3 for diagonal)")
+                   help="damping lambda (default: 0.3 for K-BFGS, 1.0 for kfac and diagonal)")
     p.add_argument("--beta", type=_beta, default=0.0, help="step-size decay exponent in [0, 1] (default 0: constant)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train and check (default cpu)")
     p.add_argument("--seed", type=_nonnegative_int, default=0,
@@ -134,14 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="number of MNIST test images defining f (default 2000)")
     p.add_argument("--theory-mode", action=argparse.BooleanOptionalAction, default=True,
                    help="momentum 0, weight decay 0, lagged factors, i.i.d. with-replacement sampling (default on)")
-    p.add_argument("--checks", type=_checks, default=CHECKS, help="comma-separated subset of E1..E8 (default all)")
-    p.add_argument("--checkpoints", type=_positive_int, default=3, help="snapshot steps for E1-E3, E5-E7 (default 3)")
+    p.add_argument("--checks", type=_checks, default=CHECKS, help="comma-separated subset of E1..E8 (default all; "
+                   "E0, run health, always runs)")
+    p.add_argument("--checkpoints", type=_positive_int, default=3, help="snapshot steps for E1, E3, E5-E7 (default 3)")
     p.add_argument("--rate-seeds", type=_positive_int, default=8, help="independent runs for E8 (default 8)")
-    p.add_argument("--unbiased-batches", type=_positive_int, default=500, help="R of E2 (default 500)")
-    p.add_argument("--variance-batches", type=_positive_int, default=200, help="R per batch size of E3 (default 200)")
-    p.add_argument("--descent-batches", type=_positive_int, default=64, help="R of E6 (default 64)")
+    p.add_argument("--descent-batches", type=_positive_int, default=64, help="R of E6 and E5c (default 64)")
     p.add_argument("--alpha", type=_probability, default=0.01, help="family-wise level of Holm-Bonferroni (default 0.01)")
+    p.add_argument("--max-skip-fraction", type=_fraction, default=0.1,
+                   help="E0 fails when more than this fraction of steps is skipped or reverted (default 0.1)")
+    p.add_argument("--plateau", action=argparse.BooleanOptionalAction, default=True,
+                   help="E8p: compare the constant-step noise floor at batch sizes m and 4m (default on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-plots", action="store_true", help="write report.json only (no PNGs)")
     parser.set_defaults(check_parser=p)
     return parser
 
@@ -156,14 +168,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         check.error("--device cuda was requested but no CUDA device is available")
     if args.data_dir is not None and args.problem != "mnist":
         check.error("--data-dir only applies to --problem mnist")
+    if args.optimizer is None and ":" not in args.problem:
+        check.error(f"--problem {args.problem} needs --optimizer ({', '.join(OPTIMIZERS)})")
     if "E8" in args.checks and args.rate_seeds < 2:
         check.error("E8 needs --rate-seeds >= 2 (the protocol asks for >= 8)")
     if "E8" in args.checks and args.steps < 4:
         check.error("E8 needs --steps >= 4 to fit a tail slope")
-    if args.unbiased_batches < 3 and "E2" in args.checks:
-        check.error("--unbiased-batches must be >= 3")
-    if args.variance_batches < 2 and "E3" in args.checks:
-        check.error("--variance-batches must be >= 2")
+    if args.descent_batches < 2 and ("E6" in args.checks or "E5" in args.checks):
+        check.error("--descent-batches must be >= 2")
     return args
 
 
@@ -220,8 +232,10 @@ def build_problem(name: str, *, seed: int = 0, device: torch.device | str = "cpu
     raise ValueError(f"unknown problem {name!r}; choose from {PROBLEMS}")
 
 
-DEFAULT_LR = {"kbfgs": 0.2, "kbfgsl": 0.2, "kfac": 0.1, "diagonal": 0.1}
-DEFAULT_DAMPING = {"kbfgs": 0.3, "kbfgsl": 0.3, "kfac": 1.0, "diagonal": 1e-3}
+DEFAULT_LR = {"kbfgs": 0.2, "kbfgsl": 0.2, "kfac": 0.1, "diagonal": 0.05}
+#: diagonal: damping 1e-3 (the old default) lets 1/(v + 1e-3) reach ~1e3 on rarely-excited weights and the
+#: run diverged (loss 0.49 -> 5,803 on mlp); with 1.0 the operator is bounded by 1 and the run trains.
+DEFAULT_DAMPING = {"kbfgs": 0.3, "kbfgsl": 0.3, "kfac": 1.0, "diagonal": 1.0}
 
 
 def build_optimizer(name: str, model: nn.Module, *, lr: float, damping: float, theory_mode: bool, seed: int = 0):
@@ -255,418 +269,131 @@ def make_loader(dataset, batch_size: int, theory_mode: bool, seed: int, num_batc
     return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, drop_last=False)
 
 
-def _forever(loader):
-    while True:
-        yield from loader
-
-
-# ========================================================================================= training
-@dataclass
-class Trace:
-    """What a training run leaves for the checks."""
-
-    grad_steps: list[int] = field(default_factory=list)  # 1-based N
-    grad_norm_sq: list[float] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    lrs: list[float] = field(default_factory=list)  # alpha_k at grad_steps
-    snapshots: dict[int, Any] = field(default_factory=dict)  # 0-based k -> RunSnapshot before step k
-    iterates: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> x_k
-    after: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> x_{k+1}
-    batches: dict[int, Any] = field(default_factory=dict)  # k -> the batch of step k
-    sigma_points: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> x_k for sigma history
-
-
-def _flat(model: nn.Module) -> torch.Tensor:
-    from convergence.checks.variance import flat_parameters
-
-    return flat_parameters(model)
-
-
-def _gradient_steps(steps: int, budget: int = 400) -> list[int]:
-    """0-based steps at which the full gradient is measured: all, or a geometric grid of ``budget``."""
-    if steps <= budget:
-        return list(range(steps))
-    grid = np.unique(np.round(np.geomspace(1, steps, budget)).astype(int)) - 1
-    return sorted(set(grid.tolist()) | {0, steps - 1})
-
-
-def _snapshot_steps(steps: int, count: int) -> list[int]:
-    if count == 1:
-        return [steps - 1]
-    return sorted({int(round(i * (steps - 1) / (count - 1))) for i in range(count)})
-
-
-def train(problem, optimizer, loader, *, steps: int, lr: float, beta: float, snapshot_steps: Sequence[int] = (),
-          sigma_steps: Sequence[int] = (), progress: bool = False, desc: str = "train") -> Trace:
-    """Run ``steps`` steps of ``optimizer`` on batches of ``loader`` with alpha_k = lr (k+1)^-beta."""
-    from convergence.checks import RunSnapshot
-    from convergence.checks.variance import full_gradient
-
-    model, loss_fn = problem.model, problem.loss_fn
-    x_all, y_all = problem.full_batch
-    trace = Trace()
-    grad_steps = set(_gradient_steps(steps))
-    snap = set(snapshot_steps)
-    make = problem.make_closure(optimizer)
-    batches = _forever(loader)
-    iterator = range(steps)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(iterator, desc=desc, unit="step", leave=False, file=sys.stderr)
-        iterator = bar
-    for k in iterator:
-        alpha_k = lr * (k + 1) ** (-beta)
-        for group in optimizer.param_groups:
-            group["lr"] = alpha_k
-        if k in grad_steps:
-            f, g = full_gradient(model, loss_fn, x_all, y_all)
-            trace.grad_steps.append(k + 1)
-            trace.grad_norm_sq.append(float(g.double().pow(2).sum()))
-            trace.losses.append(f)
-            trace.lrs.append(alpha_k)
-            if bar is not None:
-                bar.set_postfix(loss=f"{f:.4g}", refresh=False)
-        if k in snap:
-            trace.snapshots[k] = RunSnapshot(model, optimizer)
-            trace.iterates[k] = _flat(model)
-        if k in sigma_steps:
-            trace.sigma_points[k] = _flat(model)
-        batch = next(batches)
-        optimizer.step(make(batch))
-        if k in snap:
-            trace.after[k] = _flat(model)
-            trace.batches[k] = batch
-    if bar is not None:
-        bar.close()
-    return trace
-
-
-# =========================================================================================== checks
-@dataclass
-class Context:
-    args: argparse.Namespace
-    problem: Any
-    optimizer: Any
-    monitor: Any
-    trace: Trace
-    lr: float
-    damping: float
-    results: list[CheckResult] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    lipschitz_hat: float | None = None  # L_hat (E1)
-    lipschitz_h: float | None = None  # L_H (E1)
-    sigma_history: list[tuple[int, float]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _tag(results: CheckResult | list[CheckResult], step: int | None) -> list[CheckResult]:
-    items = results if isinstance(results, list) else [results]
-    if step is None:
-        return items
-    return [replace(r, check=f"{r.check}@{step}") for r in items]
-
-
-def _guard(ctx: Context, check: str, fn: Callable[[], list[CheckResult]]) -> None:
-    try:
-        ctx.results.extend(fn())
-    except CLIError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a crashing check is reported, the others still run
-        ctx.errors.append(f"{check}: {type(exc).__name__}: {exc}")
-        traceback.print_exc(file=sys.stderr)
-        ctx.results.append(CheckResult(check, "check raised an exception", math.nan, "-", 1.0, Verdict.INCONCLUSIVE,
-                                       {"error": f"{type(exc).__name__}: {exc}"},
-                                       [f"the check raised {type(exc).__name__}: {exc}"]))
-
-
-def _restore(ctx: Context, k: int) -> None:
-    ctx.trace.snapshots[k].restore()
-
-
-def _sigma_history(ctx: Context) -> list[tuple[int, float]]:
-    from convergence.checks.variance import gradient_noise, loaded_parameters
-
-    if not ctx.sigma_history:
-        p = ctx.problem
-        x, y = p.full_batch
-        for k, theta in sorted(ctx.trace.sigma_points.items()):
-            with loaded_parameters(p.model, theta):
-                ctx.sigma_history.append((k, gradient_noise(p.model, p.loss_fn, x, y).sigma1_sq))
-    return ctx.sigma_history
-
-
-def _lipschitz_for_bounds(ctx: Context) -> tuple[float | None, bool]:
-    """(L, is_upper): the problem's declared global bound if known, else max(L_hat, L_H) (doubled later)."""
-    if ctx.problem.lipschitz is not None:
-        return float(ctx.problem.lipschitz), True
-    vals = [v for v in (ctx.lipschitz_hat, ctx.lipschitz_h) if v is not None and math.isfinite(v)]
-    return (max(vals), False) if vals else (None, False)
-
-
-def _run_e1(ctx: Context) -> list[CheckResult]:
-    from convergence.checks.smoothness import check_smoothness
-
-    p, tr = ctx.problem, ctx.trace
-    pts, steps, pairs = [], [], []
-    for k in sorted(tr.iterates):
-        pairs.append((len(pts), len(pts) + 1))
-        pts.extend([tr.iterates[k], tr.after[k]])
-        steps.extend([k, k + 1])
-    x, y = p.full_batch
-    res = check_smoothness(p.model, p.loss_fn, x, y, pts, centers=[i for i, _ in pairs], steps=steps,
-                           iterate_pairs=pairs, seed=ctx.args.seed)
-    ctx.lipschitz_hat = float(res.evidence["L_hat"])
-    ctx.lipschitz_h = float(res.evidence["L_H"])
-    if p.lipschitz is not None:
-        res.evidence["declared_L"] = float(p.lipschitz)
-        if res.evidence["L_hat"] > p.lipschitz * (1 + 1e-6):
-            res.notes.append(f"L_hat = {res.evidence['L_hat']:.4g} exceeds the problem's analytic L = {p.lipschitz:.4g}")
-    return [res]
-
-
-def _ensure_lipschitz(ctx: Context) -> None:
-    """E6/E7/E8 need L_hat; compute E1's estimates (without reporting E1) when E1 was not requested."""
-    if ctx.lipschitz_hat is None:
-        _run_e1(ctx)
-
-
-def _run_e2(ctx: Context, k: int) -> list[CheckResult]:
-    from convergence.checks.unbiasedness import check_unbiasedness
-
-    a, p = ctx.args, ctx.problem
-    _restore(ctx, k)
-    loader = make_loader(p.dataset, a.batch_size, a.theory_mode, seed=10_000 + 97 * k + a.seed,
-                         num_batches=a.unbiased_batches)
-    x, y = p.full_batch
-    res = check_unbiasedness(p.model, p.loss_fn, x, y, loader, num_batches=a.unbiased_batches, alpha=a.alpha,
-                             seed=a.seed + k)
-    return _tag(res, k)
-
-
-def _run_e3(ctx: Context, k: int) -> list[CheckResult]:
-    from convergence.checks.variance import check_variance
-
-    a, p = ctx.args, ctx.problem
-    _restore(ctx, k)
-    x, y = p.full_batch
-    n = x.shape[0]
-    cap = min(512, n if a.theory_mode else n // 2)
-    sizes = tuple(2**j for j in range(0, 12) if 2**j <= cap)
-    res = check_variance(p.model, p.loss_fn, x, y, batch_sizes=sizes, num_batches=a.variance_batches,
-                         replacement=a.theory_mode, alpha=a.alpha, seed=a.seed + k,
-                         sigma_history=[(s, v) for s, v in _sigma_history(ctx)])
-    if not a.theory_mode:
-        res.notes.append("no theory mode: V(m) predicted for uniform subsets (finite-population correction)")
-    return _tag(res, k)
-
-
-def _run_e4(ctx: Context) -> list[CheckResult]:
-    from convergence.checks.preconditioner import check_preconditioner
-
-    res = check_preconditioner(ctx.monitor)
-    ctx.extra["e4_series"] = res.evidence.get("series")
-    return [res]
-
-
-def _run_e5(ctx: Context, k: int) -> list[CheckResult]:
-    from convergence.checks.independence import check_batch_swap, check_data_flow
-
-    a, p = ctx.args, ctx.problem
-    _restore(ctx, k)
-    make = p.make_closure(ctx.optimizer)
-    alt_loader = make_loader(p.dataset, a.batch_size, a.theory_mode, seed=20_000 + 97 * k + a.seed, num_batches=4)
-    alt = list(_take(alt_loader, 4))
-    out = _tag(check_batch_swap(p.model, ctx.optimizer, make, ctx.trace.batches[k], alt[0], seed=a.seed + k), k)
-    _restore(ctx, k)
-    out += _tag(check_data_flow(p.model, ctx.optimizer, make, [ctx.trace.batches[k]] + alt[1:]), k)
-    return out
-
-
-def _take(loader, count: int) -> list[Any]:
-    out = []
-    for batch in _forever(loader):
-        out.append(batch)
-        if len(out) >= count:
-            return out
-    return out
-
-
-def _run_e6(ctx: Context, k: int) -> list[CheckResult]:
-    from convergence.checks.descent import check_expected_descent
-
-    a, p = ctx.args, ctx.problem
-    _ensure_lipschitz(ctx)
-    lipschitz, is_upper = _lipschitz_for_bounds(ctx)
-    _restore(ctx, k)
-    loader = make_loader(p.dataset, a.batch_size, a.theory_mode, seed=30_000 + 97 * k + a.seed,
-                         num_batches=a.descent_batches)
-    batches = _take(loader, a.descent_batches)
-    make = p.make_closure(ctx.optimizer)
-    lr_k = ctx.lr * (k + 1) ** (-a.beta)
-    res = check_expected_descent(p.model, p.loss_fn, p.full_batch, ctx.optimizer, batches, lipschitz=lipschitz,
-                                 lipschitz_is_upper=is_upper, make_closure=make, alpha=a.alpha, lr=lr_k)
-    return _tag(res, k)
-
-
-def _run_e7(ctx: Context) -> list[CheckResult]:
-    from convergence.checks.stepsize import check_eos_corollary, check_step_size_conditions
-
-    a, p = ctx.args, ctx.problem
-    _ensure_lipschitz(ctx)
-    # both L_hat and L_H are lower bounds on L, so their max keeps E7a's FAIL definite
-    l_hat = max(v for v in (ctx.lipschitz_hat, ctx.lipschitz_h) if v is not None and math.isfinite(v))
-    out = check_step_size_conditions(ctx.monitor, l_hat, expected_batch_size=a.batch_size, step_offset=1,
-                                     allow_constant=a.beta == 0.0)
-    k = max(ctx.trace.snapshots)
-    _restore(ctx, k)
-    method = "dense" if p.num_parameters <= 400 else "lanczos"
-    lr_k = ctx.lr * (k + 1) ** (-a.beta)
-    out += _tag(check_eos_corollary(p.model, p.loss_fn, p.full_batch, ctx.optimizer, ctx.trace.batches[k], l_hat,
-                                    make_closure=p.make_closure(ctx.optimizer), lr=lr_k, method=method), k)
-    return out
-
-
-def _run_e8(ctx: Context) -> list[CheckResult]:
-    from convergence.checks.rate import check_rate
-
-    a = ctx.args
-    _ensure_lipschitz(ctx)
-    rows = [ctx.trace.grad_norm_sq]
-    f_initial = [ctx.trace.losses[0]]
-    iterator = range(1, a.rate_seeds)
-    if not a.no_progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="E8 seeds", unit="run", leave=False, file=sys.stderr)
-    for s in iterator:
-        problem = build_problem(a.problem, seed=a.seed, device=a.device, data_dir=a.data_dir,
-                                mnist_examples=a.mnist_examples)
-        opt = build_optimizer(a.optimizer, problem.model, lr=ctx.lr, damping=ctx.damping, theory_mode=a.theory_mode,
-                              seed=a.seed)
-        loader = make_loader(problem.dataset, a.batch_size, a.theory_mode, seed=a.seed * 1000 + s, num_batches=a.steps)
-        tr = train(problem, opt, loader, steps=a.steps, lr=ctx.lr, beta=a.beta)
-        rows.append(tr.grad_norm_sq)
-        f_initial.append(tr.losses[0])
-    lipschitz, is_upper = _lipschitz_for_bounds(ctx)
-    kappa = ctx.monitor.kappa_observed()
-    sigma2 = max(v for _, v in _sigma_history(ctx))
-    kappa_ok = all(math.isfinite(v) for v in kappa) and kappa[0] > 0
-    res = check_rate(np.array(rows), ctx.trace.grad_steps, beta=a.beta, step_sizes=ctx.trace.lrs,
-                     f_initial=f_initial, f_low=0.0, lipschitz=lipschitz, lipschitz_is_upper=is_upper, sigma2=sigma2,
-                     kappa=kappa if kappa_ok else None, batch_size=a.batch_size, alpha=a.alpha, seed=a.seed)
-    if not kappa_ok:
-        res.notes.append(f"observed kappa {kappa} is not positive and finite: the general bound was not evaluated")
-    ctx.extra["rate_rows"] = rows
-    return [res]
-
-
 # ============================================================================================ driver
-def run(args: argparse.Namespace, *, stdout=None) -> int:
-    """Run the ``check`` command for parsed ``args``; returns the exit status."""
-    from convergence.monitor import TrainingMonitor, theory_mode_violations
-    from convergence.multiple import holm_adjust
-    from convergence.report import (damping_series, plot_damping, plot_gradient_norms, plot_hessian_density,
-                                    plot_spectrum_bounds, print_table, write_json)
+def _source(args: argparse.Namespace):
+    """The harness :class:`~convergence.harness.Source` for the parsed arguments."""
+    from convergence.api import entry_point_fields, load_entry_point, make_source
+    from convergence.harness import Source
 
-    stdout = stdout if stdout is not None else sys.stdout
-    started = time.time()
-    torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    args.device = device
+    if ":" in args.problem:
+        fields = entry_point_fields(load_entry_point(args.problem)())
+        make_opt = fields.get("make_optimizer")
+        args.lr_used = args.lr  # None: the optimizer's own lr
+        if make_opt is None:
+            if args.optimizer is None:
+                raise CLIError(f"--problem {args.problem} returns no make_optimizer: pass --optimizer")
+            lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
+            damping = args.damping if args.damping is not None else DEFAULT_DAMPING[args.optimizer]
+            args.damping_used, args.lr_used = damping, lr
+
+            def make_opt(model, lr=lr, damping=damping):
+                return build_optimizer(args.optimizer, model, lr=lr, damping=damping, theory_mode=args.theory_mode,
+                                       seed=args.seed)
+        batch = args.batch_size or fields.get("batch_size") or 16
+        return make_source(fields["model"], fields["loss_fn"], fields["data"], make_opt, batch_size=batch,
+                           lipschitz=fields.get("lipschitz"), device=device, make_closure=fields.get("make_closure"),
+                           make_loader=fields.get("make_loader"), name=fields.get("name", args.problem))
+    if args.optimizer is None:
+        raise CLIError(f"--problem {args.problem} needs --optimizer ({', '.join(OPTIMIZERS)})")
     problem = build_problem(args.problem, seed=args.seed, device=device, data_dir=args.data_dir,
                             mnist_examples=args.mnist_examples)
     lr = args.lr if args.lr is not None else DEFAULT_LR[args.optimizer]
     damping = args.damping if args.damping is not None else DEFAULT_DAMPING[args.optimizer]
-    optimizer = build_optimizer(args.optimizer, problem.model, lr=lr, damping=damping, theory_mode=args.theory_mode,
-                                seed=args.seed)
-    loader = make_loader(problem.dataset, args.batch_size, args.theory_mode, seed=args.seed * 1000, num_batches=args.steps)
-    violations = theory_mode_violations(optimizer, loader)
-    snaps = _snapshot_steps(args.steps, min(args.checkpoints, args.steps))
-    sigma_steps = sorted(set(snaps) | set(_snapshot_steps(args.steps, min(6, args.steps))))
-    monitor = TrainingMonitor(optimizer, keep_pairs=False)
-    try:
-        trace = train(problem, optimizer, loader, steps=args.steps, lr=lr, beta=args.beta, snapshot_steps=snaps,
-                      sigma_steps=sigma_steps, progress=not args.no_progress)
-    finally:
-        monitor.detach()
-    final_state = _flat(problem.model)
-    final_loss = float(problem.loss())
-    ctx = Context(args, problem, optimizer, monitor, trace, lr, damping)
+    args.damping_used, args.lr_used = damping, lr
+    args.batch_size = args.batch_size or 16
+    if args.batch_size > len(problem.dataset):
+        raise CLIError(f"--batch-size {args.batch_size} exceeds the {len(problem.dataset)} examples of the problem")
 
-    selected = set(args.checks)
-    if "E1" in selected:
-        _guard(ctx, "E1", lambda: _run_e1(ctx))
-    for k in snaps:
-        if "E2" in selected:
-            _guard(ctx, f"E2@{k}", lambda k=k: _run_e2(ctx, k))
-        if "E3" in selected:
-            _guard(ctx, f"E3@{k}", lambda k=k: _run_e3(ctx, k))
-    if "E4" in selected:
-        _guard(ctx, "E4", lambda: _run_e4(ctx))
-    for k in snaps:
-        if "E5" in selected:
-            _guard(ctx, f"E5@{k}", lambda k=k: _run_e5(ctx, k))
-        if "E6" in selected:
-            _guard(ctx, f"E6@{k}", lambda k=k: _run_e6(ctx, k))
-    if "E7" in selected:
-        _guard(ctx, "E7", lambda: _run_e7(ctx))
-    if "E8" in selected:
-        _guard(ctx, "E8", lambda: _run_e8(ctx))
-    results = holm_adjust(ctx.results, alpha=args.alpha)
+    def make_opt(model):
+        return build_optimizer(args.optimizer, model, lr=lr, damping=damping, theory_mode=args.theory_mode,
+                               seed=args.seed)
 
-    # ------------------------------------------------------------------------------------ outputs
-    from convergence.checks.variance import loaded_parameters
+    def loader(seed: int, batch_size: int, num_batches: int):
+        return make_loader(problem.dataset, batch_size, args.theory_mode, seed, num_batches)
 
+    return Source(problem, make_opt, args.batch_size, make_loader=loader, theory_mode=args.theory_mode,
+                  name=args.problem)
+
+
+def run(args: argparse.Namespace, *, stdout=None) -> int:
+    """Run the ``check`` command for parsed ``args``; returns the exit status (0 / 1 / 2)."""
+    from convergence.harness import HarnessConfig, run_harness
+    from convergence.report import write_json
+
+    stdout = stdout if stdout is not None else sys.stdout
+    torch.manual_seed(args.seed)
+    source = _source(args)
+    config = HarnessConfig(steps=args.steps, checks=args.checks, lr=args.lr_used, beta=args.beta, seed=args.seed,
+                           checkpoints=args.checkpoints, rate_seeds=args.rate_seeds,
+                           descent_batches=args.descent_batches, alpha=args.alpha,
+                           max_skip_fraction=args.max_skip_fraction, plateau=args.plateau,
+                           progress=not args.no_progress)
+    report = run_harness(source, config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    plots = []
-    try:
-        series = monitor.spectrum_series()
-        plots.append(plot_spectrum_bounds(out / "spectrum_bounds.png", series, theory=ctx.extra.get("e4_series")))
-        rate = next((r for r in results if r.check == "E8"), None)
-        rows = ctx.extra.get("rate_rows", [trace.grad_norm_sq])
-        plots.append(plot_gradient_norms(
-            out / "gradient_norms.png", trace.grad_steps, np.array(rows), beta=args.beta,
-            running_mean=rate.evidence.get("G_N") if rate is not None else _single_running_mean(trace),
-            bound=(rate.evidence.get("bound", {}).get("U_N_curve") if rate is not None else None)))
-        plots.append(plot_damping(out / "damping.png", damping_series(monitor.records)))
-        with loaded_parameters(problem.model, final_state):
-            slq, extremes = _hessian_spectrum(problem, args.seed)
-        plots.append(plot_hessian_density(out / "hessian_density.png", slq, lambda_min=extremes[0],
-                                          lambda_max=extremes[1]))
-    except Exception as exc:  # noqa: BLE001
-        ctx.errors.append(f"plots: {type(exc).__name__}: {exc}")
-        traceback.print_exc(file=sys.stderr)
+    plots = [] if args.no_plots else _plots(report, source, out, args.seed)
+    meta = dict(report.meta)
+    meta.update({"command": "check", "optimizer": args.optimizer, "problem": args.problem,
+                 "damping": getattr(args, "damping_used", None), "device": str(args.device),
+                 "exit_status": report.exit_status})
+    write_json(out / "report.json", report.results, meta=meta, theory_mode=report.theory_mode,
+               violations=report.violations, plots=[p.name for p in plots],
+               extra={"gradient_norm_sq": {"steps": report.trace.grad_steps, "main_run": report.trace.grad_norm_sq,
+                                           "alpha": report.trace.lrs},
+                      "monitor": None if report.monitor is None else {
+                          "records": len(report.monitor.records), "spectrum": report.monitor.spectrum_series()}})
+    name = args.optimizer or meta.get("optimizer")
+    damping = getattr(args, "damping_used", None)
+    title = (f"{name} on {args.problem}: {args.steps} steps, batch {source.batch_size}, lr {meta['lr']:g}"
+             + (f", damping {damping:g}" if damping is not None else "") + f", beta {args.beta:g}, seed {args.seed}")
+    from convergence.report import print_table
 
-    meta = {
-        "command": "check", "optimizer": args.optimizer, "problem": args.problem, "steps": args.steps,
-        "batch_size": args.batch_size, "lr": lr, "damping": damping, "beta": args.beta, "device": str(device),
-        "seed": args.seed, "checks": list(args.checks), "checkpoints": snaps, "alpha_family": args.alpha,
-        "rate_seeds": args.rate_seeds if "E8" in selected else None, "num_parameters": problem.num_parameters,
-        "num_examples": len(problem.dataset), "optimizer_description": optimizer.describe(),
-        "lipschitz_declared": problem.lipschitz, "L_hat": ctx.lipschitz_hat, "L_H": ctx.lipschitz_h,
-        "kappa_observed": list(monitor.kappa_observed()), "final_loss": final_loss,
-        "sigma1_sq_history": ctx.sigma_history, "errors": ctx.errors, "seconds": time.time() - started,
-        "exit_status_policy": "0 when the run completes, whatever the verdicts; 1 on runtime errors; 2 on bad arguments",
-    }
-    extra = {"gradient_norm_sq": {"steps": trace.grad_steps, "main_run": trace.grad_norm_sq, "alpha": trace.lrs},
-             "monitor": {"records": len(monitor.records), "skipped_steps": optimizer.skipped_steps,
-                         "spectrum": monitor.spectrum_series()}}
-    write_json(out / "report.json", results, meta=meta, theory_mode=args.theory_mode, violations=violations,
-               plots=[p.name for p in plots], extra=extra)
-    title = (f"{args.optimizer} on {args.problem}: {args.steps} steps, batch {args.batch_size}, lr {lr:g}, "
-             f"damping {damping:g}, beta {args.beta:g}, seed {args.seed}")
-    print_table(results, theory_mode=args.theory_mode, violations=violations, title=title, file=stdout)
+    print_table(report.results, theory_mode=report.theory_mode, violations=report.violations, title=title, file=stdout)
     print(f"report: {out / 'report.json'}; plots: {', '.join(p.name for p in plots)}", file=stdout)
-    if ctx.errors:
-        print("errors: " + "; ".join(ctx.errors), file=sys.stderr)
-        return 1
-    return 0
+    status = report.exit_status
+    print(f"exit status {status}: " + {0: "every check ran, none FAILed", 1: "a check FAILed (see above)",
+                                       2: "a check raised an error"}[status], file=stdout)
+    if report.errors:
+        print("errors: " + "; ".join(report.errors), file=sys.stderr)
+    return status
 
 
-def _single_running_mean(trace: Trace) -> dict[str, list[float]]:
+def _plots(report, source, out: Path, seed: int) -> list[Path]:
+    from convergence.checks.variance import loaded_parameters
+    from convergence.report import (damping_series, plot_damping, plot_gradient_norms, plot_hessian_density,
+                                    plot_spectrum_bounds)
+
+    plots: list[Path] = []
+    trace, monitor = report.trace, report.monitor
+    try:
+        if monitor is not None:
+            plots.append(plot_spectrum_bounds(out / "spectrum_bounds.png", monitor.spectrum_series(),
+                                              theory=report.extra.get("e4_series")))
+        rate = next((r for r in report.results if r.check == "E8"), None)
+        rows = report.extra.get("rate_rows", [trace.grad_norm_sq])
+        finite = all(np.all(np.isfinite(r)) for r in rows)
+        if finite:
+            plots.append(plot_gradient_norms(
+                out / "gradient_norms.png", trace.grad_steps, np.array(rows), beta=report.meta["beta"],
+                running_mean=rate.evidence.get("G_N") if rate is not None and "G_N" in rate.evidence
+                else _single_running_mean(trace),
+                bound=(rate.evidence.get("bound", {}).get("U_N_curve") if rate is not None else None)))
+        if monitor is not None:
+            plots.append(plot_damping(out / "damping.png", damping_series(monitor.records)))
+        final = report.extra.get("final_state")
+        if final is not None and bool(torch.isfinite(final).all()):
+            with loaded_parameters(source.problem.model, final):
+                slq, extremes = _hessian_spectrum(source.problem, seed)
+            plots.append(plot_hessian_density(out / "hessian_density.png", slq, lambda_min=extremes[0],
+                                              lambda_max=extremes[1]))
+    except Exception as exc:  # noqa: BLE001 - plots are a convenience; the report stands without them
+        report.errors.append(f"plots: {type(exc).__name__}: {exc}")
+        traceback.print_exc(file=sys.stderr)
+    return plots
+
+
+def _single_running_mean(trace) -> dict[str, list[float]]:
     from convergence.checks.rate import running_average
 
     mean = running_average(trace.grad_steps, np.array(trace.grad_norm_sq)).tolist()
@@ -690,10 +417,12 @@ def _hessian_spectrum(problem, seed: int):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m convergence``; returns the exit status (argparse errors exit with 2)."""
+    """Entry point of ``python -m convergence``; returns the exit status (0 / 1 / 2, see the module docstring)."""
+    from convergence.harness import HarnessError
+
     args = parse_args(argv)
     try:
         return run(args)
-    except CLIError as exc:
+    except (CLIError, HarnessError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return 2

@@ -226,6 +226,7 @@ class LayerStepRecord:
     batch_size: int | None = None
     phi2: float | None = None
     operator: torch.Tensor | None = None
+    applied: dict[str, Any] | None = None  # probes of block.precondition (convergence.applied), when due
 
     def factors(self) -> list[FactorRecord]:
         return [f for f in (self.a, self.g) if f is not None]
@@ -399,13 +400,18 @@ class TrainingMonitor:
             every factor's dense matrix; for small nets only.
         keep_pairs: store the secant-pair vectors (float64, CPU) in each :class:`PairRecord`; the
             scalar statistics are always kept.
+        probes: every ``probe_interval`` recorded steps, probe the operator each block *applies*
+            (``block.precondition``) with this many Rademacher matrices against its ``to_dense()``, and
+            measure the applied map's spectrum (exact on small layers, Lanczos otherwise); stored in
+            ``LayerStepRecord.applied`` (:func:`convergence.applied.probe_applied_operator`). 0 disables.
 
     Use as a context manager, or call :meth:`detach` to remove the hooks. ``records`` is the list of
     :class:`StepRecord`; :meth:`spectrum_series`, :meth:`pair_series`, :meth:`kappa_observed` and
     :meth:`to_json` summarise it.
     """
 
-    def __init__(self, optimizer, *, interval: int = 1, record_operators: bool = False, keep_pairs: bool = True) -> None:
+    def __init__(self, optimizer, *, interval: int = 1, record_operators: bool = False, keep_pairs: bool = True,
+                 probes: int = 0, probe_interval: int = 1, probe_seed: int = 0) -> None:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be an integer >= 1, got {interval!r}")
         if not hasattr(optimizer, "register_precondition_hook") or not hasattr(optimizer, "register_step_hook"):
@@ -414,6 +420,12 @@ class TrainingMonitor:
         self.interval = interval
         self.record_operators = bool(record_operators)
         self.keep_pairs = bool(keep_pairs)
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
+            raise ValueError(f"probes must be an integer >= 0, got {probes!r}")
+        if isinstance(probe_interval, bool) or not isinstance(probe_interval, int) or probe_interval < 1:
+            raise ValueError(f"probe_interval must be an integer >= 1, got {probe_interval!r}")
+        self.probes, self.probe_interval = probes, probe_interval
+        self._probe_generator = torch.Generator().manual_seed(int(probe_seed))
         self.records: list[StepRecord] = []
         self._pending: dict[str, _PendingLayer] = {}
         self._pending_step: int | None = None
@@ -525,6 +537,10 @@ class TrainingMonitor:
             layer = LayerStepRecord(name, block.kind, lmin, lmax, dim=dim, eps=eps, diagonal=diagonal)
         if self.record_operators:
             layer.operator = block.to_dense().detach().to(torch.float64, copy=True)
+        if self.probes and step % self.probe_interval == 0:
+            from convergence.applied import probe_applied_operator
+
+            layer.applied = probe_applied_operator(block, probes=self.probes, generator=self._probe_generator)
         return _PendingLayer(layer, pending)
 
     def _capture_factor(self, step: int, name: str, side: str, factor: Factor) -> _PendingFactor:

@@ -71,8 +71,10 @@ def _p_value(result: CheckResult) -> float | None:
 
 
 def family_members(results: Sequence[CheckResult]) -> list[int]:
-    """Indices of the results that carry a finite ``evidence["p_value"]`` (the Holm family)."""
-    return [i for i, r in enumerate(results) if _p_value(r) is not None]
+    """Indices of the results that carry a finite ``evidence["p_value"]`` (the Holm family);
+    NOT_APPLICABLE and ERROR results are never members."""
+    return [i for i, r in enumerate(results) if _p_value(r) is not None
+            and r.verdict not in (Verdict.NOT_APPLICABLE, Verdict.ERROR)]
 
 
 def holm_adjust(results: Sequence[CheckResult], alpha: float = FAMILY_ALPHA) -> list[CheckResult]:

@@ -74,7 +74,8 @@ class Problem:
         name: short identifier.
         model: the module (its current parameters are the point x).
         loss_fn: ``loss_fn(model(inputs), targets)``, a batch mean.
-        dataset: a ``TensorDataset(inputs, targets)``; f is the loss over the whole set.
+        dataset: a ``TensorDataset(inputs, targets)`` (or any map-style data set of pairs); f is the
+            loss over the whole set.
         lipschitz: a global upper bound L on ‖∇²f‖ (exact for quadratics), or None if unknown.
         minimizer: flat parameters of a minimizer of f when known in closed form, else None.
         hessian_fn: ``hessian_fn(problem)`` -> the exact Hessian of f at the current parameters,
@@ -91,16 +92,28 @@ class Problem:
 
     @property
     def inputs(self) -> torch.Tensor:
-        return self.dataset.tensors[0]
+        return self.full_batch[0]
 
     @property
     def targets(self) -> torch.Tensor:
-        return self.dataset.tensors[1]
+        return self.full_batch[1]
 
     @property
     def full_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(inputs, targets)`` of the whole data set."""
-        return self.inputs, self.targets
+        """``(inputs, targets)`` of the whole data set (a ``TensorDataset``'s tensors, or every item
+        of any other map-style data set collated once with ``default_collate``)."""
+        tensors = getattr(self.dataset, "tensors", None)
+        if tensors is not None and len(tensors) == 2:
+            return tensors[0], tensors[1]
+        cached = self.__dict__.get("_full_batch")
+        if cached is None:
+            from torch.utils.data import default_collate
+
+            items = default_collate([self.dataset[i] for i in range(len(self.dataset))])
+            if not isinstance(items, (tuple, list)) or len(items) != 2:
+                raise ValueError("every item of the data set must be an (input, target) pair")
+            cached = self.__dict__["_full_batch"] = (items[0], items[1])
+        return cached
 
     @property
     def num_parameters(self) -> int:

@@ -72,23 +72,41 @@ def table_rows(results: Sequence[CheckResult]) -> list[tuple[str, ...]]:
     rows = []
     for r in results:
         p = r.evidence.get("p_holm", r.evidence.get("p_value")) if isinstance(r.evidence, dict) else None
+        expected = r.expected
+        if r.verdict is Verdict.NOT_APPLICABLE:
+            expected = f"n/a: {r.reason}"
+        elif r.verdict is Verdict.ERROR:
+            expected = f"error: {r.evidence.get('error', '')}"
         rows.append((
             r.check,
             format_value(r.assumption, 34),
             r.verdict.value,
-            format_value(r.statistic),
-            format_value(r.expected, 56),
-            "-" if p is None else format_value(p),
+            "-" if r.verdict in (Verdict.NOT_APPLICABLE, Verdict.ERROR) else format_value(r.statistic),
+            format_value(expected, 72),
+            "-" if p is None or r.verdict is Verdict.NOT_APPLICABLE else format_value(p),
         ))
     return rows
 
 
 def summary_counts(results: Sequence[CheckResult]) -> dict[str, int]:
-    """``{"PASS": n, "FAIL": n, "INCONCLUSIVE": n}``."""
+    """``{"PASS": n, "FAIL": n, "NOT_APPLICABLE": n, "INCONCLUSIVE": n, "ERROR": n}`` (NOT_APPLICABLE is
+    counted on its own, never as a pass)."""
     counts = {v.value: 0 for v in Verdict}
     for r in results:
         counts[r.verdict.value] += 1
     return counts
+
+
+def health_lines(results: Sequence[CheckResult]) -> list[str]:
+    """The loud run-health banner (E0), printed before the table when the run is unhealthy."""
+    out = []
+    for r in results:
+        if r.check == "E0" and r.verdict is Verdict.FAIL:
+            out.append("!" * 78)
+            out.append("RUN HEALTH FAIL (E0): " + "; ".join(r.notes))
+            out.append("every other verdict below is about a run that did not train; fix the run first")
+            out.append("!" * 78)
+    return out
 
 
 def _notes_lines(results: Sequence[CheckResult], max_notes: int) -> list[str]:
@@ -113,6 +131,7 @@ def format_table(
     lines = []
     if title:
         lines.append(title)
+    lines.extend(health_lines(results))
     sep = "  "
     lines.append(sep.join(h.ljust(w) for h, w in zip(_HEADER, widths)).rstrip())
     lines.append(sep.join("-" * w for w in widths))
@@ -167,7 +186,10 @@ def print_table(
     table = Table(title=title)
     for h in _HEADER:
         table.add_column(h)
-    colour = {"PASS": "green", "FAIL": "bold red", "INCONCLUSIVE": "yellow"}
+    colour = {"PASS": "green", "FAIL": "bold red", "INCONCLUSIVE": "yellow", "NOT_APPLICABLE": "cyan",
+              "ERROR": "bold magenta"}
+    for line in health_lines(results):
+        rich_console.print(line, markup=False, style="bold red")
     for row in table_rows(results):
         cells = list(row)
         cells[2] = f"[{colour[cells[2]]}]{cells[2]}[/]"

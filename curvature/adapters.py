@@ -12,7 +12,9 @@ location, so that
 and it reads/writes the gradient as the single matrix :math:`[\nabla W \mid \nabla b]` of shape
 :math:`d_g \times d_a`, so that :math:`\nabla W = \sum_{\text{rows}} g\,\bar a^\top`.
 
-Adding a layer type means writing one adapter and registering it in :data:`ADAPTERS`.
+Adding a layer type means writing one adapter (any object with the members of
+:class:`~curvature.protocols.AdapterProtocol`; subclassing :class:`LayerAdapter` gives the
+``weight``/``bias`` defaults) and calling :func:`register_adapter`.
 
 Kronecker factor convention (one formula for every adapter): with :math:`R = N T` rows from
 :math:`N` samples and :math:`T` rows per sample,
@@ -159,19 +161,59 @@ class Conv2dAdapter(LayerAdapter):
         return h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])  # [N*H'*W', C_out]
 
 
-#: Module type -> adapter factory. Exact type match first, then isinstance in insertion order.
+#: Module type -> adapter factory (the public way to change it is :func:`register_adapter`).
 ADAPTERS: dict[type[nn.Module], Callable[[nn.Module], LayerAdapter]] = {
     nn.Linear: LinearAdapter,
     nn.Conv2d: Conv2dAdapter,
 }
 
 
+def register_adapter(module_type: type[nn.Module], adapter: Callable[[nn.Module], LayerAdapter], *,
+                     replace: bool = False) -> None:
+    """Make ``adapter(module)`` the adapter of every module of ``module_type`` (and of its subclasses
+    that have no adapter of their own).
+
+    Args:
+        module_type: an ``nn.Module`` subclass.
+        adapter: a callable (usually the adapter class) taking the module and returning an object
+            with the members of :class:`~curvature.protocols.AdapterProtocol`; it may raise
+            :class:`UnsupportedLayerError` for configurations it cannot handle.
+        replace: allow replacing an existing registration (including the shipped ones).
+
+    Raises:
+        TypeError: ``module_type`` is not an ``nn.Module`` subclass or ``adapter`` is not callable.
+        ValueError: ``module_type`` already has an adapter and ``replace`` is False.
+    """
+    if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+        raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
+    if not callable(adapter):
+        raise TypeError(f"adapter must be callable (e.g. an adapter class), got {adapter!r}")
+    if module_type in ADAPTERS and not replace:
+        raise ValueError(f"{module_type.__name__} already has the adapter {_name(ADAPTERS[module_type])}; "
+                         "pass replace=True to replace it")
+    ADAPTERS[module_type] = adapter
+
+
+def unregister_adapter(module_type: type[nn.Module]) -> None:
+    """Remove the adapter registered for exactly ``module_type`` (KeyError if there is none)."""
+    if module_type not in ADAPTERS:
+        raise KeyError(f"{getattr(module_type, '__name__', module_type)} has no registered adapter")
+    del ADAPTERS[module_type]
+
+
+def registered_adapters() -> dict[type[nn.Module], Callable[[nn.Module], LayerAdapter]]:
+    """A copy of the registry: module type -> adapter factory."""
+    return dict(ADAPTERS)
+
+
+def _name(obj: object) -> str:
+    return getattr(obj, "__name__", type(obj).__name__)
+
+
 def adapter_for(module: nn.Module) -> LayerAdapter | None:
-    """The adapter for ``module``, or None if its type has none."""
-    factory = ADAPTERS.get(type(module))
-    if factory is None:
-        for cls, candidate in ADAPTERS.items():
-            if isinstance(module, cls):
-                factory = candidate
-                break
-    return None if factory is None else factory(module)
+    """The adapter for ``module``, or None if no class in its MRO has one (the most specific wins)."""
+    for cls in type(module).__mro__:
+        factory = ADAPTERS.get(cls)
+        if factory is not None:
+            return factory(module)
+    return None

@@ -22,9 +22,9 @@ import torch
 from curvature.adapters import LayerAdapter
 from curvature.capture import LayerRecord
 from curvature.damping import DampingPolicy
-from curvature.factors import EMACovarianceFactor, Factor, HessianActionFactor, SecantFactor
+from curvature.protocols import FactorProtocol, declares
 from curvature.inverter import BatchedInverter
-from curvature.linalg import accumulate_gram
+from curvature.linalg import accumulate_gram, symmetric_eigenvalue_bounds
 
 
 def a_scale(record: LayerRecord, adapter: LayerAdapter) -> float:
@@ -69,18 +69,19 @@ def vec_c(matrix: torch.Tensor) -> torch.Tensor:
 
 
 class CurvatureBlock:
-    """Interface: one layer's curvature approximation.
+    """Optional base class of a block (see :class:`~curvature.protocols.BlockProtocol`): defaults for every member.
 
-    Class attributes say what the block consumes: ``needs_a``/``needs_g`` (rows from the normal
+    Class attributes declare what the block consumes: ``needs_a``/``needs_g`` (rows from the normal
     pass), ``needs_second_pass`` (pre-activations and their gradients at the new point on the same
-    batch, K-BFGS), ``has_quadratic_form`` (supports the adaptive LM model reduction).
+    batch, K-BFGS), ``has_quadratic_form`` (supports the adaptive LM model reduction). ``kind`` is the
+    name :meth:`describe` shows (default: the class name).
     """
 
     needs_a = False
     needs_g = False
     needs_second_pass = False
     has_quadratic_form = False
-    kind = "block"
+    kind: str | None = None
 
     def __init__(self, name: str, adapter: LayerAdapter) -> None:
         self.name = name
@@ -125,40 +126,75 @@ class CurvatureBlock:
         raise NotImplementedError
 
     def describe(self) -> str:
-        return self.kind
+        return self.kind or type(self).__name__
 
 
 class KroneckerBlock(CurvatureBlock):
-    r"""Two independent factor strategies: :math:`P(M) = H_g\,M\,H_a`, i.e. :math:`P = H_a\otimes H_g`."""
+    r"""Two independent factor strategies: :math:`P(M) = H_g\,M\,H_a`, i.e. :math:`P = H_a\otimes H_g`.
 
-    def __init__(self, name: str, adapter: LayerAdapter, a_factor: Factor, g_factor: Factor, kind: str = "kronecker") -> None:
+    The factors may be any objects with the members of :class:`~curvature.protocols.FactorProtocol`;
+    the block reads their declared capabilities (never their classes) to decide what it consumes:
+
+    * ``needs_a`` when the A factor uses statistics or a matrix action, ``needs_g`` when the G
+      factor uses statistics;
+    * ``needs_second_pass`` when the G factor uses secant pairs or the A factor a matrix action
+      (both are updated after the step, from the pass-1 record and the second pass);
+    * ``has_quadratic_form`` when both factors have one (:math:`C = A\otimes G` from their statistics).
+
+    Secant pairs are defined for the G side only and matrix-action updates for the A side only; a
+    factor declaring them on the other side is rejected.
+    """
+
+    def __init__(self, name: str, adapter: LayerAdapter, a_factor: FactorProtocol, g_factor: FactorProtocol,
+                 kind: str = "kronecker") -> None:
         super().__init__(name, adapter)
+        for side, factor in (("a_factor", a_factor), ("g_factor", g_factor)):
+            if not isinstance(factor, FactorProtocol):
+                missing = [m for m in ("dim", "request_inverse", "apply", "to_dense", "state_dict", "load_state_dict")
+                           if not hasattr(factor, m)]
+                raise TypeError(f"{side} ({type(factor).__name__}) is not a factor: it lacks {missing} "
+                                "(see curvature.protocols.FactorProtocol)")
         if a_factor.dim != adapter.a_dim or g_factor.dim != adapter.g_dim:
             raise ValueError(
                 f"factor sizes ({a_factor.dim}, {g_factor.dim}) do not match layer {name!r} "
                 f"(a_dim={adapter.a_dim}, g_dim={adapter.g_dim})"
             )
+        if declares(a_factor, "uses_secant_pairs"):
+            raise ValueError(f"{type(a_factor).__name__} uses secant pairs, which exist for the G side only; "
+                             "pass it as g_factor")
+        if declares(g_factor, "uses_matrix_action"):
+            raise ValueError(f"{type(g_factor).__name__} uses a matrix-action update on the mean input, which exists "
+                             "for the A side only; pass it as a_factor")
         self.a_factor, self.g_factor, self.kind = a_factor, g_factor, kind
-        self.needs_a = a_factor.uses_statistics or isinstance(a_factor, HessianActionFactor)
-        self.needs_g = g_factor.uses_statistics
-        self.needs_second_pass = isinstance(g_factor, SecantFactor)
-        self.has_quadratic_form = isinstance(a_factor, EMACovarianceFactor) and isinstance(g_factor, EMACovarianceFactor)
+        a_action = declares(a_factor, "uses_matrix_action")
+        self.needs_a = declares(a_factor, "uses_statistics") or a_action
+        self.needs_g = declares(g_factor, "uses_statistics")
+        self.needs_second_pass = declares(g_factor, "uses_secant_pairs") or a_action
+        self.has_quadratic_form = declares(a_factor, "has_quadratic_form") and declares(g_factor, "has_quadratic_form")
+
+    def _sides(self):
+        return (("a", self.a_factor), ("g", self.g_factor))
 
     def update_statistics(self, record: LayerRecord, grad: torch.Tensor) -> None:
-        if self.a_factor.uses_statistics:
+        if declares(self.a_factor, "uses_statistics"):
             rows = _required(record.input_rows, "a")
             self.a_factor.observe_gram(rows, record.has_bias, a_scale(record, self.adapter))
-        if self.g_factor.uses_statistics:
+        if declares(self.g_factor, "uses_statistics"):
             self.g_factor.observe_gram(_required(record.grad_rows, "g"), False, g_scale(record))
+        if declares(self.a_factor, "uses_gradient"):
+            self.a_factor.observe_gradient(grad.T)
+        if declares(self.g_factor, "uses_gradient"):
+            self.g_factor.observe_gradient(grad)
 
     def warm_start(self, a_stat, g_stat) -> None:
-        if a_stat is not None and self.a_factor.uses_statistics:
+        if a_stat is not None and declares(self.a_factor, "uses_statistics"):
             self.a_factor.set_statistic(a_stat)
-        if g_stat is not None and self.g_factor.uses_statistics:
+        if g_stat is not None and declares(self.g_factor, "uses_statistics"):
             self.g_factor.set_statistic(g_stat)
 
     def request_inverses(self, inverter: BatchedInverter, policy: DampingPolicy) -> None:
-        lam_a, lam_g = policy.factor_damping(self.a_factor.statistic, self.g_factor.statistic)
+        lam_a, lam_g = policy.factor_damping(getattr(self.a_factor, "statistic", None),
+                                             getattr(self.g_factor, "statistic", None))
         self.a_factor.request_inverse(inverter, lam_a)
         self.g_factor.request_inverse(inverter, lam_g)
 
@@ -167,13 +203,13 @@ class KroneckerBlock(CurvatureBlock):
         return self.g_factor.apply(right)  # H_g M H_a
 
     def update_after_step(self, before: LayerRecord, after: LayerRecord) -> None:
-        if isinstance(self.g_factor, SecantFactor):
+        if declares(self.g_factor, "uses_secant_pairs"):
             _required(before.grad_rows, "g"), _required(after.grad_rows, "g")
             g_before = before.g_mean()
             s = _required(after.h_rows, "h").mean(0) - _required(before.h_rows, "h").mean(0)
             y = after.g_mean() - g_before
             self.g_factor.observe_pair(s, y, reference_norm=float(g_before.norm()))
-        if isinstance(self.a_factor, HessianActionFactor):
+        if declares(self.a_factor, "uses_matrix_action"):
             _required(before.input_rows, "a")
             self.a_factor.hessian_action_update(before.a_mean())
 
@@ -187,20 +223,17 @@ class KroneckerBlock(CurvatureBlock):
         return torch.kron(self.a_factor.to_dense().contiguous(), self.g_factor.to_dense().contiguous())
 
     def spectrum_bounds(self) -> tuple[float, float]:
-        a_lo, a_hi = self.a_factor.eigenvalue_bounds()
-        g_lo, g_hi = self.g_factor.eigenvalue_bounds()
+        a_lo, a_hi = _factor_bounds(self.a_factor)
+        g_lo, g_hi = _factor_bounds(self.g_factor)
         products = [a_lo * g_lo, a_lo * g_hi, a_hi * g_lo, a_hi * g_hi]
         return min(products), max(products)
 
     def diagnostics(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for side, factor in (("a", self.a_factor), ("g", self.g_factor)):
-            if isinstance(factor, SecantFactor):
-                out[f"{side}_damping"] = factor.counters.as_dict()
-                out[f"{side}_updates"] = factor.updates
-            if isinstance(factor, HessianActionFactor):
-                out[f"{side}_hessian_action_updates"] = factor.updates
-                out[f"{side}_hessian_action_skips"] = dict(factor.skips)
+        for side, factor in self._sides():
+            report = getattr(factor, "diagnostics", None)
+            for key, value in (report() if report is not None else {}).items():
+                out[f"{side}_{key}"] = value
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -212,6 +245,11 @@ class KroneckerBlock(CurvatureBlock):
 
     def describe(self) -> str:
         return f"{self.kind}[A: {type(self.a_factor).__name__}, G: {type(self.g_factor).__name__}]"
+
+
+def _factor_bounds(factor: FactorProtocol) -> tuple[float, float]:
+    bounds = getattr(factor, "eigenvalue_bounds", None)
+    return bounds() if bounds is not None else symmetric_eigenvalue_bounds(factor.to_dense())
 
 
 class DiagonalBlock(CurvatureBlock):
@@ -252,7 +290,11 @@ class DiagonalBlock(CurvatureBlock):
         return (per_sample * per_sample).mean(0)
 
     def update_statistics(self, record: LayerRecord, grad: torch.Tensor) -> None:
-        stat = self.batch_statistic(record, grad).to(self.v)
+        self.fold_statistic(self.batch_statistic(record, grad))
+
+    def fold_statistic(self, statistic: torch.Tensor) -> None:
+        """Fold one batch statistic into the EMA (the first one initializes it)."""
+        stat = statistic.to(self.v)
         if self.initialized:
             self.v.mul_(self.decay).add_(stat, alpha=1.0 - self.decay)
         else:

@@ -25,18 +25,26 @@ import torch
 from curvature.bfgs import DEFAULT_CURVATURE_THRESHOLD, check_pair, guarded_bfgs_inverse_update
 from curvature.inverter import BatchedInverter
 from curvature.lbfgs import CompactLBFGS
-from curvature.linalg import accumulate_gram, add_to_diagonal, all_finite, symmetric_eigenvalue_bounds
+from curvature.linalg import accumulate_gram, add_to_diagonal, all_finite, symmetric_eigenvalue_bounds, symmetrize
 from curvature.pair_damping import DampedPair, DampingCounters, DoubleDamping
 
 
 class Factor:
-    """Interface of one Kronecker factor strategy of dimension ``dim``."""
+    """Optional base class of a Kronecker factor strategy of dimension ``dim`` (see :class:`~curvature.protocols.FactorProtocol`).
+
+    It declares no capability and supplies the optional members' defaults; a strategy sets the
+    capability attributes (documented in :mod:`curvature.protocols`) for what it consumes.
+    """
+
+    uses_statistics: bool = False
+    uses_gradient: bool = False
+    uses_secant_pairs: bool = False
+    uses_matrix_action: bool = False
+    has_quadratic_form: bool = False
+    has_eigenbasis: bool = False
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
-
-    #: True when the factor consumes batch statistics (``observe``), false for secant pairs.
-    uses_statistics: bool = True
 
     def observe(self, statistic: torch.Tensor) -> None:
         """Fold in the current batch statistic (a ``dim × dim`` matrix). Default: ignored."""
@@ -69,6 +77,10 @@ class Factor:
     def eigenvalue_bounds(self) -> tuple[float, float]:
         return symmetric_eigenvalue_bounds(self.to_dense())
 
+    def diagnostics(self) -> dict[str, Any]:
+        """Counters worth reporting (the block prefixes the keys with ``a_`` / ``g_``)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -86,6 +98,10 @@ class EMACovarianceFactor(Factor):
     The first statistic observed initializes :math:`F` (no bias toward zero); after that
     :math:`F \leftarrow \beta F + (1-\beta) S`.
     """
+
+    uses_statistics = True
+    has_quadratic_form = True
+    has_eigenbasis = True
 
     def __init__(self, dim: int, decay: float = 0.9, *, dtype=torch.float32, device=None) -> None:
         super().__init__(dim)
@@ -128,6 +144,16 @@ class EMACovarianceFactor(Factor):
     def request_inverse(self, inverter: BatchedInverter, damping: float) -> None:
         inverter.request(self.F, damping, lambda inverse: self._set_inverse(inverse, damping))
 
+    def eigenbasis(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""``(eigenvalues, eigenvectors)`` of :math:`F = Q\,\mathrm{diag}(e)\,Q^\top`, ascending.
+
+        Computed in float64 (on the symmetric part) and returned in ``F``'s dtype.
+        """
+        if not all_finite(self.F):
+            raise RuntimeError("EMACovarianceFactor.eigenbasis: the statistic contains NaN or inf")
+        evals, evecs = torch.linalg.eigh(symmetrize(self.F.double()))
+        return evals.to(self.F.dtype), evecs.to(self.F.dtype)
+
     def _set_inverse(self, inverse: torch.Tensor, damping: float) -> None:
         self.inverse, self.inverse_damping = inverse, float(damping)
         self.refreshes += 1
@@ -163,7 +189,7 @@ class SecantFactor(Factor):
         curvature_threshold: the reference code's relative skip threshold on sᵀy.
     """
 
-    uses_statistics = False
+    uses_secant_pairs = True
 
     def __init__(self, dim: int, damping: DoubleDamping | None, pair_decay: float = 0.9,
                  curvature_threshold: float = DEFAULT_CURVATURE_THRESHOLD, *, dtype=torch.float32, device=None) -> None:
@@ -211,6 +237,9 @@ class SecantFactor(Factor):
 
     def _incorporate(self, s: torch.Tensor, y: torch.Tensor, reference_norm: float | None) -> str | None:
         raise NotImplementedError
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {"damping": self.counters.as_dict(), "updates": self.updates}
 
     def _secant_state(self) -> dict[str, Any]:
         return {"s_avg": self.s_avg.clone(), "y_avg": self.y_avg.clone(), "updates": self.updates,
@@ -295,6 +324,9 @@ class HessianActionFactor(Factor):
     definite action (e.g. an exact Hessian- or GGN-vector product of a small layer).
     """
 
+    uses_statistics = True
+    uses_matrix_action = True
+
     def __init__(self, dim: int, damping: float, decay: float = 0.9,
                  action: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  curvature_threshold: float | None = DEFAULT_CURVATURE_THRESHOLD, *, dtype=torch.float32, device=None) -> None:
@@ -355,6 +387,9 @@ class HessianActionFactor(Factor):
         else:
             self.skips[reason] = self.skips.get(reason, 0) + 1
         return reason
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {"hessian_action_updates": self.updates, "hessian_action_skips": dict(self.skips)}
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         if self.H is None:

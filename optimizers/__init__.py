@@ -7,10 +7,10 @@ from optimizers.kbfgs import KBFGS, KBFGSL
 from optimizers.kfac import KFAC
 from optimizers.levenberg_marquardt import LevenbergMarquardt
 from optimizers.saddle_free import SaddleFreeNewton
-from optimizers.recipes import RecipeContext, diagonal_block, kbfgs_block, kbfgsl_block, kfac_block
+from optimizers.recipes import Recipe, RecipeContext, diagonal_block, kbfgs_block, kbfgsl_block, kfac_block
 
 __all__ = [
-    "CurvatureOptimizer", "StepInfo", "KFAC", "KBFGS", "KBFGSL", "RecipeContext",
+    "CurvatureOptimizer", "StepInfo", "KFAC", "KBFGS", "KBFGSL", "Recipe", "RecipeContext",
     "kfac_block", "kbfgs_block", "kbfgsl_block", "diagonal_block",
     "HessianFree", "SaddleFreeNewton", "LevenbergMarquardt",
 ]

@@ -27,6 +27,7 @@ stay exactly as they were, and the skip is counted in :attr:`CurvatureOptimizer.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import math
@@ -44,8 +45,11 @@ from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_par
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
 from curvature.linalg import InversionStats, all_finite
+from curvature.protocols import BlockProtocol
+from optimizers.communicator import Communicator, LocalCommunicator, TorchCommunicator
+from optimizers.data_parallel import DataParallel
 from optimizers.fallback import FALLBACK_RULES, fallback_update
-from optimizers.likelihoods import LIKELIHOODS, sampled_loss
+from optimizers.likelihoods import LIKELIHOODS, draw_noise, sampled_loss
 from optimizers.recipes import Recipe, RecipeContext
 
 
@@ -92,6 +96,22 @@ def _as_float(value: torch.Tensor | float | None) -> float | None:
     if value is None:
         return None
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _communicator(distributed: bool | Communicator | None, ddp: nn.Module | None) -> Communicator:
+    """The communicator for the ``distributed`` argument (see :class:`CurvatureOptimizer`)."""
+    if isinstance(distributed, Communicator):
+        return distributed
+    if distributed is None:
+        return TorchCommunicator(ddp.process_group) if ddp is not None else LocalCommunicator()
+    if distributed is True:
+        return TorchCommunicator(ddp.process_group if ddp is not None else None)
+    if distributed is False:
+        if ddp is not None:
+            raise ValueError("distributed=False with a DistributedDataParallel model would let the ranks' curvature "
+                             "drift apart; pass the unwrapped module to train on one process")
+        return LocalCommunicator()
+    raise TypeError(f"distributed must be None, a bool or a Communicator, got {type(distributed).__name__}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -189,7 +209,7 @@ def _check_blocks(model: nn.Module, blocks: Mapping[Any, Any]) -> None:
             if recipe is not None and not any(issubclass(key, cls) for cls in ADAPTERS):
                 raise ValueError(
                     f"blocks key {label}: there is no adapter for {key.__name__}, so a block can never apply to it; map "
-                    f"it to None for the fallback rule, or register an adapter in curvature.adapters.ADAPTERS"
+                    f"it to None for the fallback rule, or register an adapter with curvature.register_adapter"
                 )
         else:
             raise TypeError(f"blocks key {key!r} must be a module type (e.g. nn.Linear) or a layer name (e.g. 'encoder.0')")
@@ -242,8 +262,9 @@ def _compare_state(saved: Any, current: Any, path: str) -> None:
 def _build_block(recipe: Any, name: str, adapter: LayerAdapter, ctx: RecipeContext) -> CurvatureBlock:
     """Call ``recipe(name, adapter, ctx)`` and check that it built a block."""
     block = recipe(name, adapter, ctx)
-    if not isinstance(block, CurvatureBlock):
-        raise TypeError(f"the recipe for layer {name!r} returned {type(block).__name__}, not a CurvatureBlock")
+    if not isinstance(block, BlockProtocol):
+        raise TypeError(f"the recipe for layer {name!r} returned {type(block).__name__}, not a curvature block "
+                        "(a CurvatureBlock, or any object with the members of curvature.BlockProtocol)")
     return block
 
 
@@ -274,6 +295,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: KL-clipping constant c, or None.
         inverse_method: "cholesky" or "eigh" for damped factor inverses.
         seed: seed of the optimizer's own generator (MC Fisher sampling).
+        distributed: data-parallel training (see :mod:`optimizers.data_parallel`): None (default)
+            follows the model -- a ``DistributedDataParallel`` model trains over its process group,
+            anything else on one process; True: the default ``torch.distributed`` group (a plain
+            module whose gradients the user averages, e.g. with
+            :func:`~optimizers.data_parallel.all_reduce_gradients`); False: one process; or a
+            :class:`~optimizers.communicator.Communicator`.
+        distribute: "replicate" (every rank computes every inverse and BFGS update) or "layerwise"
+            (each layer's on one rank, results broadcast).
         param_groups: optional torch.optim-style groups ``[{"params": ..., "lr": ...}, ...]`` that
             together cover every trainable parameter of ``model``. Keys (defaults from the arguments
             above): ``lr``, ``weight_decay``, ``momentum``, ``damping``, ``fallback_lr``,
@@ -320,9 +349,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         inverse_method: str = "cholesky",
         seed: int = 0,
         param_groups: Iterable[Mapping[str, Any]] | None = None,
+        distributed: bool | Communicator | None = None,
+        distribute: str = "replicate",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        if ddp is not None:
+            model = ddp.module  # layer names (and checkpoints) are those of the wrapped module
+        self._ddp = ddp
+        self.data_parallel = DataParallel(_communicator(distributed, ddp), distribute,
+                                          loss_reduction if loss_reduction in ("mean", "sum") else "mean")
         _check_float("lr", lr, 0.0, lo_open=True, hi=None)
         _check_float("momentum", momentum, 0.0, 1.0)
         _check_float("weight_decay", weight_decay, 0.0, None)
@@ -366,6 +403,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.slots, self.fallback_modules = self._assign_blocks(model, blocks, group_damping)
         if not self.slots and not self.fallback_modules:
             raise ValueError("the model has no trainable parameters")
+        self.data_parallel.attach(self.slots)
         self.require_closure = bool(require_closure) or any(s.block.needs_second_pass for s in self.slots.values())
         if self.damping.needs_reduction_ratio:
             lacking = [s.name for s in self.slots.values() if not s.block.has_quadratic_form]
@@ -496,19 +534,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return slots, fallback
 
     def describe(self) -> str:
-        """A table of which block (or fallback rule, with its learning rate) each layer got."""
-        rows = [("layer", "module", "curvature", "parameters")]
+        """A table of which adapter and block (or fallback rule, with its learning rate) each layer got."""
+        rows = [("layer", "module", "adapter", "curvature", "parameters")]
         for name, slot in self.slots.items():
-            rows.append((name, type(slot.module).__name__, slot.block.describe(),
+            rows.append((name, type(slot.module).__name__, type(slot.adapter).__name__, slot.block.describe(),
                          str(sum(p.numel() for p in slot.adapter.parameters()))))
         for name, module in self.fallback_modules.items():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-            rows.append((name, type(module).__name__, self._fallback_text(own[0] if own else None),
+            rows.append((name, type(module).__name__, "-", self._fallback_text(own[0] if own else None),
                          str(sum(p.numel() for p in own))))
         for pid, label in self._extra_params.items():
             p = next(q for g in self.param_groups for q in g["params"] if id(q) == pid)
-            rows.append((label, "Parameter", self._fallback_text(p), str(p.numel())))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            rows.append((label, "Parameter", "-", self._fallback_text(p), str(p.numel())))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
     def _group_of(self, param: torch.Tensor | None) -> dict[str, Any]:
@@ -587,6 +625,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 extra.append((id(p), f"param_groups[{index}][{j}]"))
             elif name not in self.fallback_modules:
                 self.fallback_modules[name] = module
+        if new_slots:
+            self.data_parallel.attach({**self.slots, **{slot.name: slot for slot in new_slots}})
         for slot in new_slots:
             self.slots[slot.name] = slot
             self.capture.add_layer(slot.name, slot.adapter)
@@ -736,6 +776,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._check_model()
         k = self.steps
         loss = None
+        self.data_parallel.begin_step()
         if closure is not None:
             self._configure_capture(k)
             with torch.enable_grad():
@@ -746,11 +787,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         settings = self._layer_settings()
         stats_due = self._stats_due(k)
         self._check_records(records, stats_due)
-        reason = self._nonfinite_reason(loss)
-        if reason is not None:
-            self._skip(k, reason, loss)
+        # one rank's non-finite loss or gradient makes every rank skip (one small all-reduce)
+        agreement = self.data_parallel.agree(self._nonfinite_reason(loss), _as_float(loss), records, list(self.slots))
+        if agreement.reason is not None:
+            self._skip(k, agreement.reason, loss)
             self._configure_capture(k)
             return loss
+        self.data_parallel.set_grad_scales(records)  # per-sample rows of the global batch
 
         # Everything checkable is checked; what can still fail (an inversion, a user hook, the closure's
         # second call) is undone from a snapshot, so a step that raises leaves no trace but the error.
@@ -870,18 +913,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _update_statistics(self, records: Mapping[str, LayerRecord], grads: Mapping[str, torch.Tensor]) -> None:
         for name, slot in self.slots.items():
-            record = records.get(name)
-            if record is None:
-                if slot.block.needs_a or slot.block.needs_g:
-                    raise RuntimeError(
-                        f"no statistics were captured for layer {name!r}: run forward and backward on the "
-                        "batch (with gradients enabled) before step(), or pass a closure"
-                    )
-                record = LayerRecord()
-            slot.block.update_statistics(record, grads[name])
+            if records.get(name) is None and (slot.block.needs_a or slot.block.needs_g):
+                raise RuntimeError(
+                    f"no statistics were captured for layer {name!r}: run forward and backward on the "
+                    "batch (with gradients enabled) before step(), or pass a closure"
+                )
+        # one process: each block folds its rows in; several: statistics averaged over ranks first
+        self.data_parallel.update_statistics(self.slots, records, grads, LayerRecord)
 
     def _refresh_inverses(self, settings: Mapping[str, PartSettings]) -> None:
-        inverter = BatchedInverter(self.inverse_method, self.inversion_stats)
+        # layerwise: each layer's owner inverts and broadcasts; otherwise the plain batched inverter
+        inverter = self.data_parallel.inverter(BatchedInverter(self.inverse_method, self.inversion_stats))
         policies: dict[float, DampingPolicy] = {}
         for name, slot in self.slots.items():
             lam = settings[name].damping
@@ -892,7 +934,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if policy is None:
                     policy = policies[lam] = copy.copy(self.damping)
                     policy.damping = lam
-            slot.block.request_inverses(inverter, policy)
+            slot.block.request_inverses(inverter.for_layer(name), policy)
         inverter.run()
 
     def _kl_scale(self, settings: Mapping[str, PartSettings], inputs, directions) -> float:
@@ -958,8 +1000,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _second_pass(self, closure, before, loss, step_sizes, grads, directions, snapshot, info: StepInfo) -> None:
         self.capture.set(h=True, g=True, preactivation_grads_only=True)
         self._internal_pass = True
+        no_sync = self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
         try:
-            with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
+            with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad(), no_sync:
                 loss_after = closure()
         finally:
             self._internal_pass = False
@@ -970,6 +1013,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         bad = not math.isfinite(info.loss_after) or not all_finite(
             *[r.grad_rows for r in after.values() if r.grad_rows is not None]
         )
+        if not bad:
+            for name, slot in self.slots.items():
+                if slot.block.needs_second_pass and (name not in after or name not in before or after[name].grad_rows is None):
+                    raise RuntimeError(
+                        f"layer {name!r} was not evaluated (forward and backward) by the closure on both calls: the "
+                        "closure must run the same batch through the model and call backward every time"
+                    )
+        # agreed over ranks; when no rank is bad the blocks consume the (global) batch means
+        bad, loss_after_all = self.data_parallel.second_pass(self.slots, before, after, bad, info.loss_after)
         if bad:
             self._restore(snapshot)
             self.counters["reverted_steps"] += 1
@@ -977,22 +1029,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.counters["skip_reasons"][reason] = self.counters["skip_reasons"].get(reason, 0) + 1
             info.skipped, info.skip_reason = True, reason
             return
-        for name, slot in self.slots.items():
-            if slot.block.needs_second_pass and (name not in after or name not in before or after[name].grad_rows is None):
-                raise RuntimeError(
-                    f"layer {name!r} was not evaluated (forward and backward) by the closure on both calls: the "
-                    "closure must run the same batch through the model and call backward every time"
-                )
-        for name, slot in self.slots.items():
-            if slot.block.needs_second_pass:
-                slot.block.update_after_step(before[name], after[name])
         if self.damping.needs_reduction_ratio:
             model_change = 0.0
             for name, slot in self.slots.items():
                 delta = -step_sizes[name] * directions[name]
                 model_change += float(torch.sum(grads[name] * delta))
                 model_change += 0.5 * float(slot.block.curvature_quadratic(delta) + self.damping.damping * torch.sum(delta * delta))
-            rho = (info.loss_after - _as_float(loss)) / model_change if model_change < 0 else -math.inf
+            loss_before = self.data_parallel.agreed_loss(_as_float(loss))
+            rho = (loss_after_all - loss_before) / model_change if model_change < 0 else -math.inf
             info.reduction_ratio = rho
             self.damping.observe_reduction_ratio(rho)
             for group in self.param_groups:  # the adapted λ is visible (and settable) in every group
@@ -1009,7 +1053,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
                 for args, kwargs in inputs:
                     out = self.model(*args, **kwargs)
-                    loss = sampled_loss(out, self.likelihood, self.loss_reduction, self._generator)
+                    # several ranks: noise drawn once for the global batch, this rank's rows of it
+                    noise = self.data_parallel.mc_noise(
+                        next(iter(self.slots)), lambda n, out=out: draw_noise(self.likelihood, out, n, self._generator),
+                        out.shape[0]) if self.slots else None
+                    loss = sampled_loss(out, self.likelihood, self.loss_reduction, self._generator, noise=noise)
                     if len(inputs) > 1 and self.loss_reduction == "mean":
                         loss = loss / len(inputs)
                     loss.backward()
@@ -1060,7 +1108,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError("warm_start got no batches")
         for name, slot in self.slots.items():
             a_sum, g_sum = sums[name]
-            slot.block.warm_start(a_sum / count, None if g_sum is None else g_sum / count)
+            averages = [a_sum / count] + ([] if g_sum is None else [g_sum / count])
+            averages = self.data_parallel.comm.weighted_mean([(t, count) for t in averages])  # over ranks' batches
+            slot.block.warm_start(averages[0], averages[1] if g_sum is not None else None)
         self._configure_capture(self.steps)
         return count
 

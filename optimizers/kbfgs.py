@@ -79,6 +79,8 @@ class KBFGS(CurvatureOptimizer):
         layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
         seed: int = 0,
         param_groups=None,
+        distributed=None,
+        distribute: str = "replicate",
     ) -> None:
         if memory is not None and self._memory is None:
             raise ValueError(
@@ -98,6 +100,7 @@ class KBFGS(CurvatureOptimizer):
             loss_reduction=loss_reduction, lag_factors=lag_factors, require_closure=True, seed=seed,
             fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,
             param_groups=param_groups,
+            distributed=distributed, distribute=distribute,
         )
 
 

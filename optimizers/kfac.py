@@ -69,6 +69,8 @@ class KFAC(CurvatureOptimizer):
         layer_types: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d),
         seed: int = 0,
         param_groups=None,
+        distributed=None,
+        distribute: str = "replicate",
     ) -> None:
         recipe = kfac_block(factor_decay)
         super().__init__(
@@ -79,4 +81,5 @@ class KFAC(CurvatureOptimizer):
             likelihood=likelihood, kl_clip=kl_clip, inverse_method=inverse_method, seed=seed,
             fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,
             param_groups=param_groups,
+            distributed=distributed, distribute=distribute,
         )

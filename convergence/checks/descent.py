@@ -14,7 +14,8 @@ and to the full gradient. Then, with the full objective :math:`f` (all of ``full
     \mathrm{RHS}_{L0} = -\alpha_k\,\overline{\nabla f^\top H_k\nabla f}
                         + \tfrac{L_{up}}2\alpha_k^2\,\overline{\|H_kg^{(r)}\|^2}.
 
-**FAIL** if LCB > RHS (one-sided test at level ``alpha``; the p-value is reported so several
+**NOT_APPLICABLE** if RHS :math:`\ge 0` (the lemma then promises no descent and the test cannot
+discriminate) and LCB :math:`\le` RHS. **FAIL** if LCB > RHS (one-sided test at level ``alpha``; the p-value is reported so several
 checkpoints can be Holm-corrected with :func:`convergence.multiple.holm_adjust`). ``L_up`` is
 :math:`2\max(\hat L, L_H)` from E1 by default (an estimate is a lower bound on L, and using it
 unchanged would make the test anti-conservative), or a declared upper bound used as is.
@@ -25,8 +26,9 @@ The **L2 form** (looser, the one the theorem uses) is reported:
 :math:`\hat\sigma^2_m = \overline{\|g^{(r)} - \nabla f\|^2}` and κ's given (E4) or measured on the
 operators of these steps; it applies when :math:`\alpha \le \kappa_{lo}/(L_{up}\kappa_{hi}^2)`.
 
-**SQN-form side-check** (deterministic): the step the optimizer actually applied,
-:math:`\text{lr}\cdot\nu\cdot d_k`, must equal :math:`\alpha_k H_k g_k` to
+**SQN-form side-check** (deterministic): the displacement the step actually made, read off the
+parameters (:math:`x_k - x_{k+1}`, not the optimizer's own report), must equal
+:math:`\alpha_k H_k g_k` (the applied operator on the raw batch gradient) to
 :math:`10^{-12}` (float64) / :math:`10^{-5}` (float32) relative; momentum, weight decay outside f
 and KL clipping break it and are flagged.
 """
@@ -45,7 +47,7 @@ from convergence.checks import MakeClosure, RunSnapshot, closure_factory
 from convergence.monitor import OperatorSnapshot, theory_mode_violations
 from convergence.results import CheckResult, Verdict
 
-__all__ = ["check_expected_descent", "descent_rhs_l0", "descent_rhs_l2", "one_sided_lcb"]
+__all__ = ["check_expected_descent", "check_expected_descent_steps", "descent_rhs_l0", "descent_rhs_l2", "one_sided_lcb"]
 
 
 def descent_rhs_l0(alpha: float, grad_h_grad: float, mean_hg_sq: float, lipschitz_upper: float) -> float:
@@ -129,6 +131,8 @@ def check_expected_descent(
             b = slot.adapter.module.bias if slot.adapter.has_bias else None
             grad_mat[name] = slot.adapter.to_matrix(grad_of[id(w)], None if b is None else grad_of[id(b)])
 
+        snapshot.restore()
+        start = {id(p): p.detach().clone() for p in params}
         deltas, ghg, hg_sq, dev_sq, form_err, skipped = [], [], [], [], [], 0
         kappa_meas = [math.inf, -math.inf]
         dtype = params[0].dtype
@@ -162,6 +166,13 @@ def check_expected_descent(
             if info is None or info.skipped or not any(n in seen for n in optimizer.slots):
                 skipped += 1
                 continue
+            # the displacement the step really made, read off the parameters (not the optimizer's report)
+            moved = {}
+            for name, slot in optimizer.slots.items():
+                w = slot.module.weight
+                b = slot.module.bias if slot.adapter.has_bias else None
+                moved[name] = slot.adapter.to_matrix(start[id(w)] - w.detach(),
+                                                     None if b is None else start[id(b)] - b.detach()).double()
             # x^(r) = x_k - alpha H g^(r), evaluated with the full objective
             snapshot.restore()
             sq = fhf = dev = 0.0
@@ -177,7 +188,7 @@ def check_expected_descent(
                     sq += float(hg64.pow(2).sum())
                     fhf += rec["fhf"]
                     dev += float((rec["raw"].double() - grad_mat[name].double()).pow(2).sum())
-                    applied = info.lr * info.step_scale * rec["d"].double()
+                    applied = moved[name]
                     err_num += float((applied - step_lr * hg64).pow(2).sum())
                     err_den += float((step_lr * hg64).pow(2).sum())
                 for p, g in zip(free, seen.get("free", [])):
@@ -239,7 +250,17 @@ def check_expected_descent(
                "step_size_limit": k_lo / (l_up * k_hi ** 2) if k_lo > 0 else math.nan},
         "deltas": deltas,
     }
-    res = CheckResult("E6", assumption, lcb, rhs, 1.0 - alpha, Verdict.FAIL if failed else Verdict.PASS, evidence, notes)
+    evidence["verdict_if_not_rejected"] = (Verdict.NOT_APPLICABLE if rhs >= 0 else Verdict.PASS).value
+    if failed:
+        res = CheckResult("E6", assumption, lcb, rhs, 1.0 - alpha, Verdict.FAIL, evidence, notes)
+    elif rhs >= 0:
+        from convergence.results import not_applicable
+
+        res = not_applicable("E6", assumption, f"the L0 right-hand side {rhs:.3g} is >= 0: at alpha_k = {step_lr:.3g} "
+                             f"with L_up = {l_up:.3g} the lemma promises no descent, so the test cannot discriminate",
+                             evidence=evidence, expected=rhs)
+    else:
+        res = CheckResult("E6", assumption, lcb, rhs, 1.0 - alpha, Verdict.PASS, evidence, notes)
     tol = _form_tolerance(dtype)
     worst = max(form_err)
     form_notes = list(flags)
@@ -249,3 +270,83 @@ def check_expected_descent(
                        Verdict.FAIL if worst > tol else Verdict.PASS,
                        {"relative_error": form_err, "tolerance": tol}, form_notes)
     return [res, form]
+
+
+def check_expected_descent_steps(
+    model: nn.Module,
+    loss_fn: Callable[[Any, Any], torch.Tensor],
+    full_data: tuple[Any, Any],
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[Any],
+    *,
+    lipschitz: float,
+    lipschitz_is_upper: bool = False,
+    make_closure: MakeClosure | None = None,
+    alpha: float = 0.01,
+    lr: float | None = None,
+) -> list[CheckResult]:
+    r"""E6 in step form, for any optimizer (e.g. ``torch.optim.Adam``): no preconditioner is needed.
+
+    For each batch the optimizer's own step is run from the snapshot (restored after each), giving
+    :math:`x^{(r)}` and :math:`d_r = (x_k - x^{(r)})/\alpha_k`. L-smoothness alone gives, for any
+    direction, :math:`\mathbb E\Delta \le -\alpha_k\nabla f^\top\mathbb E d + (L_{up}/2)\alpha_k^2
+    \mathbb E\|d\|^2` (which is L0 when :math:`d = H_kg` with AS.2a and AS.4). FAIL if the
+    one-sided LCB of :math:`\bar\Delta` exceeds it (the loss rose more than the smoothness constant
+    allows: L is wrong or f is not smooth along the steps); NOT_APPLICABLE when the right-hand side
+    is :math:`\ge 0` (nothing promised). Returns ``[E6]``.
+    """
+    from convergence.results import not_applicable
+
+    if not lipschitz > 0:
+        raise ValueError(f"lipschitz must be > 0, got {lipschitz}")
+    make_closure = make_closure or closure_factory(model, optimizer, loss_fn)
+    batches = list(batches)
+    l_up = float(lipschitz) if lipschitz_is_upper else 2.0 * float(lipschitz)
+    step_lr = float(optimizer.param_groups[0]["lr"]) if lr is None else float(lr)
+    x_in, y_in = full_data
+    params = [p for p in model.parameters() if p.requires_grad]
+    snapshot = RunSnapshot(model, optimizer)
+    deltas, lin, sq = [], [], []
+    try:
+        snapshot.restore()
+        with torch.enable_grad():
+            f0_t = loss_fn(model(x_in), y_in)
+            full = torch.autograd.grad(f0_t, params)
+        f0 = float(f0_t.detach())
+        x0 = torch.cat([p.detach().reshape(-1) for p in params]).double()
+        gf = torch.cat([g.detach().reshape(-1) for g in full]).double()
+        for batch in batches:
+            snapshot.restore()
+            optimizer.step(make_closure(batch))
+            with torch.no_grad():
+                x1 = torch.cat([p.detach().reshape(-1) for p in params]).double()
+                f1 = float(loss_fn(model(x_in), y_in))
+            d = (x0 - x1) / step_lr
+            deltas.append(f1 - f0)
+            lin.append(float(gf @ d))
+            sq.append(float(d @ d))
+    finally:
+        snapshot.restore()
+    assumption = "expected descent (step form: L-smoothness along the optimizer's steps)"
+    finite = [i for i, v in enumerate(deltas) if math.isfinite(v) and math.isfinite(sq[i])]
+    if len(finite) < 2:
+        return [not_applicable("E6", assumption, "fewer than 2 finite steps")]
+    deltas = [deltas[i] for i in finite]
+    R = len(deltas)
+    mean, sd, lcb = one_sided_lcb(deltas, alpha)
+    rhs = -step_lr * math.fsum(lin[i] for i in finite) / R + 0.5 * l_up * step_lr ** 2 * math.fsum(sq[i] for i in finite) / R
+    if sd > 0:
+        p_value = float(stats.t.sf((mean - rhs) / (sd / math.sqrt(R)), R - 1))
+    else:
+        p_value = 0.0 if mean > rhs else 1.0
+    evidence = {"R": R, "alpha_k": step_lr, "L_up": l_up, "f": f0, "delta_mean": mean, "delta_sd": sd, "lcb": lcb,
+                "rhs_step_form": rhs, "p_value": p_value, "deltas": deltas, "form": "step",
+                "verdict_if_not_rejected": (Verdict.NOT_APPLICABLE if rhs >= 0 else Verdict.PASS).value}
+    notes = ["step form (no preconditioner): tests L-smoothness along the optimizer's own steps"]
+    if lcb > rhs:
+        notes.append("the loss rose more than L-smoothness with L_up allows along these steps")
+        return [CheckResult("E6", assumption, lcb, rhs, 1.0 - alpha, Verdict.FAIL, evidence, notes)]
+    if rhs >= 0:
+        return [not_applicable("E6", assumption, f"the right-hand side {rhs:.3g} is >= 0: the bound promises no "
+                               "descent at this step size", evidence=evidence, expected=rhs)]
+    return [CheckResult("E6", assumption, lcb, rhs, 1.0 - alpha, Verdict.PASS, evidence, notes)]

@@ -41,7 +41,7 @@ from convergence.results import CheckResult, Verdict
 from curvature.blocks import CurvatureBlock, DiagonalBlock, KroneckerBlock
 from curvature.factors import EMACovarianceFactor, HessianActionFactor, SecantFactor
 
-__all__ = ["swap_tolerance", "check_batch_swap", "DataFlowAudit", "check_data_flow"]
+__all__ = ["swap_tolerance", "check_batch_swap", "DataFlowAudit", "check_data_flow", "check_independence_bias"]
 
 
 def swap_tolerance(dtype: torch.dtype) -> float:
@@ -137,8 +137,10 @@ def check_batch_swap(model: nn.Module, optimizer, make_closure: MakeClosure, bat
     rel = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
     verdict = Verdict.PASS if diff <= tau * norm else Verdict.FAIL
     if _same_batch(batch, alt_batch):
-        verdict = Verdict.INCONCLUSIVE
-        notes.append("batch and alt_batch are identical: the swap tests nothing")
+        from convergence.results import not_applicable
+
+        return not_applicable("E5a", assumption, "batch and alt_batch are identical: the swap tests nothing",
+                              expected=tau)
     if verdict is Verdict.FAIL:
         notes.append("the operator applied at this step depends on the current batch (design-level AS.4 violation)")
     return CheckResult("E5a", assumption, rel, tau, 1.0, verdict,
@@ -316,3 +318,92 @@ def check_data_flow(model: nn.Module, optimizer, make_closure: MakeClosure, batc
         if snapshot is not None:
             snapshot.restore()
     return audit.result()
+
+
+# ======================================================================================== E5c
+def check_independence_bias(model: nn.Module, loss_fn, full_data: tuple[Any, Any], optimizer, batches: Sequence[Any], *,
+                            make_closure: MakeClosure, alpha: float = 0.01, bootstrap: int = 2000,
+                            seed: int = 0) -> CheckResult:
+    r"""E5c -- the size of the bias that a batch-dependent preconditioner introduces (run when E5a fails).
+
+    From the current state, for each batch :math:`\xi_r` the step is run (state restored after each)
+    with a spy that, while the block is the operator :math:`H(\xi_r)` applied at that step, computes
+    :math:`z_r = H(\xi_r)\,(g(\xi_r) - \nabla f)` (per layer, concatenated) and :math:`H(\xi_r)\nabla f`.
+    The bias of the preconditioned step is
+
+    .. math:: b = \mathbb E[H(\xi)g(\xi)] - \mathbb E[H(\xi)]\nabla f = \mathbb E[z],
+
+    zero under AS.4. :math:`\hat B = \|\bar z\|^2 - \hat V/R` is unbiased for :math:`\|b\|^2`
+    (:func:`~convergence.checks.unbiasedness.bias_norm_estimate`); the statistic is
+    :math:`\|b\|/\|\overline{H\nabla f}\|` with a percentile-bootstrap interval. FAIL when the lower
+    :math:`1-\alpha` bound of :math:`\hat B` is above 0 (a detectable bias), PASS otherwise (the
+    dependence exists, E5a, but biases the step by less than the noise can reveal).
+    """
+    import numpy as np
+
+    from convergence.checks.unbiasedness import bias_norm_estimate
+
+    x_in, y_in = full_data
+    params = [p for p in model.parameters() if p.requires_grad]
+    import copy as _copy
+
+    reference = _copy.deepcopy(model)
+    with torch.enable_grad():
+        loss = loss_fn(reference(x_in), y_in)
+        full = torch.autograd.grad(loss, [p for p in reference.parameters() if p.requires_grad])
+    del reference
+    grad_of = {id(p): g.detach() for p, g in zip(params, full)}
+    grad_mat = {}
+    for name, slot in optimizer.slots.items():
+        w = slot.adapter.module.weight
+        b = slot.adapter.module.bias if slot.adapter.has_bias else None
+        grad_mat[name] = slot.adapter.to_matrix(grad_of[id(w)], None if b is None else grad_of[id(b)])
+    zs, hfs = [], []
+    snapshot = RunSnapshot(model, optimizer)
+    try:
+        for batch in batches:
+            snapshot.restore()
+            seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+            def spy(step, name, block, inputs, direction, seen=seen):
+                raw = optimizer.slots[name].adapter.grad_matrix().detach()
+                gf = grad_mat[name].to(raw)
+                seen[name] = (block.precondition(raw - gf).detach().double().reshape(-1),
+                              block.precondition(gf).detach().double().reshape(-1))
+
+            handle = optimizer.register_precondition_hook(spy)
+            try:
+                optimizer.step(make_closure(batch))
+            finally:
+                handle.remove()
+            if set(seen) != set(optimizer.slots):
+                continue
+            zs.append(torch.cat([seen[n][0] for n in optimizer.slots]))
+            hfs.append(torch.cat([seen[n][1] for n in optimizer.slots]))
+    finally:
+        snapshot.restore()
+    assumption = "AS.4 size of the bias E[H g] - E[H] grad f"
+    R = len(zs)
+    if R < 3:
+        from convergence.results import not_applicable
+
+        return not_applicable("E5c", assumption, f"only {R} usable steps (needs >= 3)")
+    Z = torch.stack(zs)
+    ref = float(torch.linalg.vector_norm(torch.stack(hfs).mean(0)))
+    gram = (Z @ Z.T).cpu().numpy()
+    b_hat = float(bias_norm_estimate(gram)[0])
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, R, R), minlength=R) for _ in range(bootstrap)])
+    boot = bias_norm_estimate(gram, counts)
+    lower = float(np.quantile(boot, alpha))
+    upper = float(np.quantile(boot, 1.0 - alpha))
+    rel = math.sqrt(max(b_hat, 0.0)) / ref if ref > 0 else math.inf
+    detected = lower > 0
+    evidence = {"R": R, "bias_norm_sq_estimate": b_hat, "bias_norm_sq_ci": [lower, upper],
+                "relative_bias": rel, "relative_bias_upper": math.sqrt(max(upper, 0.0)) / ref if ref > 0 else math.inf,
+                "H_grad_norm": ref}
+    notes = [f"|b|/|E[H] grad f| = {rel:.3g} (bias of the preconditioned step caused by the batch dependence)"]
+    if detected:
+        notes.append("the bias is detectable: E[H_k g_k] != E[H_k] grad f, the descent lemma's AS.4 step fails")
+    return CheckResult("E5c", assumption, rel, "|b|^2 lower bound <= 0 (no detectable bias)", 1.0 - alpha,
+                       Verdict.FAIL if detected else Verdict.PASS, evidence, notes)

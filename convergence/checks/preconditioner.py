@@ -27,6 +27,7 @@ import math
 from typing import Any
 
 from convergence.bounds import (
+    VACUOUS_FACTOR,
     BoundReport,
     a_factor_report,
     bfgs_update_interval,
@@ -42,7 +43,7 @@ from convergence.bounds import (
 from convergence.monitor import FactorRecord, StepRecord, kappa_observed
 from convergence.results import CheckResult, Verdict
 
-__all__ = ["check_preconditioner", "factor_interval", "theoretical_kappa", "kappa_observed", "SYMMETRY_FACTOR"]
+__all__ = ["check_preconditioner", "check_applied_operator", "factor_interval", "theoretical_kappa", "kappa_observed", "SYMMETRY_FACTOR"]
 
 #: Symmetry rule: ‖M − Mᵀ‖_F ≤ SYMMETRY_FACTOR · ε · ‖M‖_F.
 SYMMETRY_FACTOR = 10.0
@@ -110,6 +111,15 @@ def _positivity_and_symmetry(records: list[StepRecord]) -> tuple[BoundReport, Bo
             pos.lower("positive definite: lmin(P) >= -tau", rec, name, "block", layer.lmin, 0.0, tol)
             if abs(layer.lmin) <= tol:
                 singular.append({"step": rec.step, "layer": name, "lmin": layer.lmin, "tolerance": tol})
+            applied = layer.applied
+            if applied is not None:
+                if not applied.get("finite", True) or not math.isfinite(applied.get("lmin", math.nan)):
+                    pos.lower("applied operator is finite", rec, name, "applied", math.nan, 0.0, 0.0)
+                else:
+                    tol_a = spectral_tolerance(max(layer.dim, 1), max(layer.eps, 2.0 ** -52),
+                                               max(abs(applied["lmax"]), abs(applied["lmin"])))
+                    pos.lower("applied operator positive definite: lmin(P_applied) >= -tau", rec, name, "applied",
+                              applied["lmin"], 0.0, tol_a)
             for f in layer.factors():
                 if f.finite:
                     sym.upper("symmetry: |M - M'|_F <= 10 eps |M|_F", rec, name, f.side, f.asymmetry, SYMMETRY_FACTOR * f.eps,
@@ -127,8 +137,9 @@ def check_preconditioner(records: Any) -> CheckResult:
     recs: list[StepRecord] = list(getattr(records, "records", records))
     operated = [r for r in recs if r.layers]
     if not operated:
-        return CheckResult("E4", "AS.3 bounded preconditioner", math.nan, 0, 1.0, Verdict.INCONCLUSIVE,
-                           notes=["no recorded step applied a preconditioner"])
+        from convergence.results import not_applicable
+
+        return not_applicable("E4", "AS.3 bounded preconditioner", "no recorded step applied a preconditioner")
     pos, sym, singular = _positivity_and_symmetry(operated)
     reports = [pos, sym, inverse_report(operated), a_factor_report(operated), lbfgs_report(operated),
                update_bounds_report(operated), dd_lemma_report(operated)]
@@ -156,6 +167,56 @@ def check_preconditioner(records: Any) -> CheckResult:
     notes = []
     if singular:
         notes.append(f"{len(singular)} applied operators are numerically singular (|lmin| <= tau)")
-    verdict = Verdict.FAIL if violations else Verdict.PASS
-    return CheckResult("E4", "AS.3 bounded preconditioner", float(len(violations)), 0, 1.0, verdict,
+    checked = sum(rep.checked for rep in reports)
+    vacuous = sum(rep.vacuous for rep in reports)
+    evidence["checked"], evidence["vacuous"], evidence["violated"] = checked, vacuous, len(violations)
+    if vacuous:
+        notes.append(f"{vacuous} theory bounds were vacuous (off by > {VACUOUS_FACTOR:g}x, e.g. an upper bound far "
+                     "above the observed spectrum) and are not counted as checked")
+    expected = (f"{len(violations)} of {checked} inequalities violated ({vacuous} vacuous, not counted); "
+                f"kappa_lo={lo_obs:.3g}, kappa_hi={hi_obs:.3g}")
+    if violations:
+        verdict = Verdict.FAIL
+        first = violations[0]
+        notes.insert(0, f"{len(violations)} violated, first: {first.rule} at step {first.step}, layer "
+                        f"{first.layer or '<model>'}/{first.side}: {first.observed:.4g} vs bound {first.bound:.4g}")
+    elif checked:
+        verdict = Verdict.PASS
+    else:
+        from convergence.results import not_applicable
+
+        return not_applicable("E4", "AS.3 bounded preconditioner", "no inequality could be checked (every theory "
+                              "bound vacuous or not applicable)", evidence=evidence)
+    return CheckResult("E4", "AS.3 bounded preconditioner", float(len(violations)), expected, 1.0, verdict,
                        evidence=evidence, notes=notes)
+
+
+def check_applied_operator(records: Any) -> CheckResult:
+    r"""E4.apply: the operator each block applied (``block.precondition``, probed by the monitor with
+    Rademacher matrices, :mod:`convergence.applied`) equals the one its ``to_dense()`` describes:
+    FAIL if :math:`\max\|P(V) - D(V)\|_F/\|D(V)\|_F > \tau` at any probed step and layer.
+    NOT_APPLICABLE when the monitor probed nothing (``probes=0``)."""
+    from convergence.results import not_applicable
+
+    assumption = "applied operator = to_dense() (precondition vs materialized factors)"
+    recs: list[StepRecord] = list(getattr(records, "records", records))
+    rows = [(r.step, name, layer.applied) for r in recs for name, layer in r.layers.items() if layer.applied]
+    rows = [row for row in rows if math.isfinite(row[2].get("mismatch", math.nan))]
+    if not rows:
+        return not_applicable("E4.apply", assumption, "no applied operator was probed (monitor probes=0, or the "
+                              "blocks have no to_dense)")
+    bad = [(s, n, a) for s, n, a in rows if not a["mismatch"] <= a["tolerance"]]
+    worst = max(a["mismatch"] for _, _, a in rows)
+    evidence = {"probed": len(rows), "mismatched": len(bad), "worst": worst,
+                "tolerance": max(a["tolerance"] for _, _, a in rows),
+                "mismatches": [{"step": s, "layer": n, "mismatch": a["mismatch"], "tolerance": a["tolerance"]}
+                               for s, n, a in bad[:50]],
+                "deterministic_fail": bool(bad)}
+    notes = []
+    if bad:
+        s, n, a = bad[0]
+        notes.append(f"block.precondition differs from to_dense() at {len(bad)} of {len(rows)} probed (step, layer) "
+                     f"pairs; first at step {s}, layer {n or '<model>'}: relative difference {a['mismatch']:.3g} > "
+                     f"{a['tolerance']:.2g}. The stored factors are not the operator the step applies")
+    return CheckResult("E4.apply", assumption, worst, f"<= {evidence['tolerance']:.2g} at {len(rows)} probes", 1.0,
+                       Verdict.FAIL if bad else Verdict.PASS, evidence, notes)

@@ -67,6 +67,7 @@ __all__ = [
     "rate_exponent",
     "tail_points",
     "check_rate",
+    "check_plateau_ratio",
 ]
 
 
@@ -355,7 +356,15 @@ def check_rate(
     if "p_value" in slope_info:
         slope_info["rejected"] = "slope" in p_parts and len(p_parts) * slope_info["p_value"] <= cfg.alpha
         slope_info["rejected_if_tested"] = slope_info["p_value"] <= cfg.alpha
-    not_rejected = Verdict.PASS if consistent else Verdict.INCONCLUSIVE
+    # PASS only when a part that could fail was tested: the bound U_N (when the step-size condition
+    # holds), or a slope rule that can fail; a consistent slope alone under a violated step-size
+    # condition proves nothing the theorem promises (NOT_APPLICABLE, below)
+    bound_tested = "bound" in p_parts
+    slope_can_fail = bool(slope_info.get("can_fail"))
+    if bound_tested or slope_can_fail:
+        not_rejected = Verdict.PASS if (consistent or bound_tested) else Verdict.INCONCLUSIVE
+    else:
+        not_rejected = Verdict.NOT_APPLICABLE
     evidence["verdict_if_not_rejected"] = not_rejected.value
     if p <= cfg.alpha:
         verdict = Verdict.FAIL
@@ -377,7 +386,82 @@ def check_rate(
             notes.append(f"G_N decays slower than N^{s_max:.3g} over the tail (reported only: shape_rule='report')")
         elif not consistent:
             notes.append(f"the tail slope is not shown to be <= {s_max:.3g} (upper bound too high or too few seeds)")
+    if verdict is Verdict.NOT_APPLICABLE:
+        reason = ("the theorem promises no rate on this run: "
+                  + ("the step-size condition alpha_k <= kappa_lo/(L_up kappa_hi^2) fails (see E7a)"
+                     if theorem_applies is False else "the general bound could not be evaluated and the slope rule "
+                     "cannot fail here") + (" and a constant step gives no decay exponent" if beta == 0 else ""))
+        evidence["not_applicable"] = reason
+        notes.insert(0, reason)
     statistic = float(slope_info.get("slope", math.nan))
     expected = f"tail slope <= max(beta-1, -beta) + {cfg.slope_slack:g} = {s_max:.3g}; W_N <= U_N"
     return CheckResult("E8", "rate of E|grad f|^2 (Wang et al. 2017)", statistic, expected, 1.0 - cfg.alpha,
                        verdict, evidence, notes)
+
+
+def check_plateau_ratio(
+    small: np.ndarray,
+    large: np.ndarray,
+    steps: Sequence[int],
+    *,
+    ratio: float = 4.0,
+    margin: float = 1.5,
+    alpha: float = 0.01,
+    tail_fraction: float = 1.0 / 3.0,
+    plateau_drop: float = 1.25,
+) -> CheckResult:
+    r"""E8p -- the constant-step noise floor scales as :math:`1/m`: runs at :math:`m` and :math:`4m`.
+
+    ``small`` and ``large`` are ``S × K`` arrays of :math:`\|\nabla f(x_k)\|^2` (one row per seed) at
+    the 1-based ``steps``, for batch sizes :math:`m` and :math:`\text{ratio}\cdot m` with the same
+    constant step. Each seed's plateau level is the mean over the last ``tail_fraction`` of the steps;
+    :math:`\hat\rho = \bar P(m)/\bar P(4m)`, with a :math:`1-\alpha` t-interval on
+    :math:`\log\hat\rho` (delta method over seeds, :math:`2S-2` degrees of freedom). When the noise
+    dominates the floor, :math:`\rho = 4`.
+
+    Verdict: FAIL if the interval misses :math:`[\text{ratio}/\text{margin}, \text{ratio}\cdot\text{margin}]`
+    (the floor does not shrink as :math:`1/m`: e.g. batches that are not i.i.d. draws); PASS otherwise;
+    NOT_APPLICABLE when a run has not reached its plateau (the first half of the tail is more than
+    ``plateau_drop`` times the second half for :math:`m`), or the floor is at rounding level
+    (:math:`\le 10^{-20}`: interpolation, no noise), or fewer than 2 seeds.
+    """
+    from scipy import stats
+
+    from convergence.results import not_applicable
+
+    assumption = "constant-step noise floor ~ 1/m (plateau ratio m vs 4m)"
+    a, b = np.atleast_2d(np.asarray(small, dtype=np.float64)), np.atleast_2d(np.asarray(large, dtype=np.float64))
+    steps_arr = np.asarray(steps, dtype=np.float64)
+    if a.shape[1] != steps_arr.size or b.shape[1] != steps_arr.size:
+        raise ValueError("small, large and steps must have the same number of checkpoints")
+    S = min(a.shape[0], b.shape[0])
+    if S < 2:
+        return not_applicable("E8p", assumption, "fewer than 2 seeds per batch size")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return not_applicable("E8p", assumption, "a run diverged (non-finite gradient norms)")
+    n_max = steps_arr[-1]
+    tail = steps_arr >= (1.0 - tail_fraction) * n_max
+    if tail.sum() < 4:
+        return not_applicable("E8p", assumption, "fewer than 4 checkpoints in the tail")
+    idx = np.flatnonzero(tail)
+    first, second = idx[: idx.size // 2], idx[idx.size // 2:]
+    drop = float(a[:, first].mean() / max(a[:, second].mean(), 1e-300))
+    level_a, level_b = a[:, tail].mean(axis=1), b[:, tail].mean(axis=1)
+    evidence = {"seeds": S, "tail_steps": steps_arr[tail].astype(int).tolist(), "plateau_m": level_a.tolist(),
+                "plateau_4m": level_b.tolist(), "tail_drop_m": drop, "ratio_expected": ratio, "margin": margin}
+    if drop > plateau_drop:
+        return not_applicable("E8p", assumption, f"the run at m has not reached its noise floor (|grad f|^2 still fell "
+                              f"{drop:.3g}x within the tail): run more steps", evidence=evidence, expected=ratio)
+    if level_a.mean() <= 1e-20 or level_b.mean() <= 1e-20:
+        return not_applicable("E8p", assumption, "the floor is at rounding level: no gradient noise to scale",
+                              evidence=evidence, expected=ratio)
+    rho = float(level_a.mean() / level_b.mean())
+    se = math.sqrt(level_a.var(ddof=1) / (S * level_a.mean() ** 2) + level_b.var(ddof=1) / (S * level_b.mean() ** 2))
+    t = float(stats.t.ppf(1.0 - alpha / 2.0, 2 * S - 2))
+    lo, hi = rho * math.exp(-t * se), rho * math.exp(t * se)
+    evidence.update({"ratio": rho, "ratio_ci": [lo, hi], "level": 1.0 - alpha})
+    ok = lo <= ratio * margin and hi >= ratio / margin
+    notes = [] if ok else [f"plateau ratio {rho:.3g} (CI [{lo:.3g}, {hi:.3g}]) misses [{ratio / margin:.3g}, "
+                           f"{ratio * margin:.3g}]: the noise floor does not shrink as 1/m"]
+    return CheckResult("E8p", assumption, rho, f"CI meets [{ratio / margin:.3g}, {ratio * margin:.3g}]", 1.0 - alpha,
+                       Verdict.PASS if ok else Verdict.FAIL, evidence, notes)

@@ -453,8 +453,9 @@ def check_smoothness(
         verdict = Verdict.PASS
         notes.append("L_hat and L_H are lower bounds on L: PASS means consistent, not proven")
     else:
-        verdict = Verdict.INCONCLUSIVE
-        notes.append("no pair met the minimum-separation rule")
+        verdict = Verdict.NOT_APPLICABLE
+        notes.insert(0, f"no pair of points was at least {sep:g}·|u| apart: below that, rounding dominates the "
+                        "gradient differences and the mean-value rule cannot discriminate")
     ratios = [row["hessian_norm_needed"] / row["hessian_norm_found"] if row["hessian_norm_found"] > 0
               else (math.inf if row["hessian_norm_needed"] > 0 else 0.0) for row in rows]
     finite = [x for x in (L_hat, L_H) if math.isfinite(x)]
@@ -475,4 +476,6 @@ def check_smoothness(
         "deterministic_fail": bool(violations),
     }
     expected = f"|Δg| <= {cfg.tolerance}·max_t|H|·|Δx| and Taylor remainder <= {cfg.tolerance}·max_t|H|·|Δx|²/2 (L_H = {L_H:.4g})"
+    if verdict is Verdict.NOT_APPLICABLE:
+        evidence["not_applicable"] = notes[0]
     return CheckResult("E1", "AS.1 L-smooth gradient", L_hat, expected, 1.0, verdict, evidence, notes)

@@ -231,13 +231,20 @@ def check_eos_corollary(
     alpha = float(optimizer.param_groups[0]["lr"]) if lr is None else float(lr)
     ops = capture_operators(model, optimizer, make_closure, batch)
     if not ops:
-        return CheckResult("E7d", "EoS corollary", math.nan, math.nan, 1.0, Verdict.INCONCLUSIVE,
-                           notes=["the step applied no preconditioner"])
+        from convergence.results import not_applicable
+
+        return not_applicable("E7d", "EoS corollary", "the step applied no preconditioner")
     bounds = [op.bounds() for op in ops.values()]
     p_lo, p_hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
     slot_params = {id(p) for s in optimizer.slots.values() for p in s.adapter.parameters()}
     if any(p.requires_grad and id(p) not in slot_params for p in model.parameters()):
         p_lo, p_hi = min(p_lo, 1.0), max(p_hi, 1.0)  # identity on parameters without a block
+    if not (p_lo > 0 and math.isfinite(p_hi)):
+        from convergence.results import not_applicable
+
+        return not_applicable("E7d", "EoS corollary: alpha lambda_max(P H) <= kappa_lo/kappa_hi < 2",
+                              f"the applied preconditioner is not positive definite (lambda_min = {p_lo:.3g}, see E4): "
+                              "P^(1/2) and the corollary do not exist", evidence={"lambda_min_P": p_lo, "lambda_max_P": p_hi})
     reference = copy.deepcopy(model)  # the optimizer's capture hooks are inert in a copy
     x_in, y_in = full_data
     hess = HessianOperator(reference, loss_fn, x_in, y_in)

@@ -269,3 +269,117 @@ def check_unbiasedness(
     }
     expected = f"max|t| <= t_(R-1,1-a/2K) = {threshold:.3g}; |b|/|grad f| upper < {cfg.delta}"
     return CheckResult("E2", "AS.2a unbiased gradient", t_max, expected, 1.0 - cfg.alpha, verdict, evidence, notes)
+
+
+def check_unbiasedness_along_run(
+    gradients: list[torch.Tensor],
+    full_gradients: list[torch.Tensor],
+    *,
+    steps: list[int] | None = None,
+    blocks: list[tuple[str, int]] | None = None,
+    num_directions: int = 12,
+    alpha: float = 0.01,
+    delta: float = 0.05,
+    equivalence_alpha: float = 0.05,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    min_steps: int = 10,
+) -> CheckResult:
+    r"""E2 on the gradients the optimizer actually received during training.
+
+    ``gradients[r]`` is the gradient the optimizer got at step :math:`k_r` (recorded by
+    :class:`convergence.harness.GradientTap`: the training closure's gradient, as reported by the
+    optimizer's step hook), ``full_gradients[r]`` is :math:`\nabla f(x_{k_r})` on the full data. Under
+    AS.2a, :math:`d_r = g_r - \nabla f(x_{k_r})` is a martingale difference sequence:
+    :math:`\mathbb E[d_r\mid\mathcal F_{k_r-1}] = 0`. Hence for directions :math:`u_{rj}` fixed
+    before step :math:`k_r`'s batch is drawn (:math:`\nabla f(x_{k_r})/\|\nabla f(x_{k_r})\|`, its
+    restriction to each layer, and seeded random directions) the projections
+    :math:`p_{rj} = u_{rj}^\top d_r` have mean 0, and the projection t-tests and the bias-norm estimator
+    :math:`\hat B = \|\bar d\|^2 - \hat V/R` (unbiased for :math:`\|\bar b\|^2`, :math:`\bar b` the mean
+    bias, also for independent differences of unequal variances) apply as in :func:`check_unbiasedness`.
+    The relative bias is :math:`\|\bar b\|/\sqrt{\overline{\|\nabla f\|^2}}`.
+
+    Verdict: FAIL if a projection t-test rejects (Bonferroni over directions); PASS if not and the
+    bootstrap upper bound of the relative bias is below ``delta``; INCONCLUSIVE otherwise;
+    NOT_APPLICABLE with fewer than ``min_steps`` steps or :math:`\nabla f = 0` throughout.
+    """
+    from scipy import stats
+
+    from convergence.results import not_applicable
+
+    assumption = "AS.2a unbiased gradient (the optimizer's own)"
+    if len(gradients) != len(full_gradients):
+        raise ValueError("gradients and full_gradients must have the same length")
+    R = len(gradients)
+    if R < min_steps:
+        return not_applicable("E2", assumption, f"only {R} steps with both the optimizer's gradient and grad f "
+                              f"(needs >= {min_steps})")
+    G = torch.stack([g.to(torch.float64) for g in gradients])
+    F = torch.stack([g.to(torch.float64).to(G.device) for g in full_gradients])
+    norms = torch.linalg.vector_norm(F, dim=1)
+    if not bool((norms > 0).any()):
+        return not_applicable("E2", assumption, "grad f = 0 at every recorded step: the relative bias is undefined")
+    D = G - F
+    n = D.shape[1]
+    K = max(1, min(num_directions, MAX_DIRECTIONS))
+    # per-step directions, each a function of x_k only (fixed before the batch of step k is drawn)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n_random = max(1, K - 1 - min(len(blocks or []), (K - 1) // 2))
+    random_dirs = torch.randn(n_random, n, generator=gen, dtype=torch.float64).to(D.device)
+    random_dirs = random_dirs / torch.linalg.vector_norm(random_dirs, dim=1, keepdim=True)
+    cols, labels = [], []
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    cols.append((D * F).sum(1) / safe)
+    labels.append("grad")
+    offset = 0
+    for label, size in (blocks or [])[: (K - 1) // 2] if blocks and len(blocks) > 1 else []:
+        piece = F[:, offset:offset + size]
+        pn = torch.linalg.vector_norm(piece, dim=1)
+        cols.append(torch.where(pn > 0, (D[:, offset:offset + size] * piece).sum(1) / torch.where(pn > 0, pn, 1.0),
+                                torch.zeros_like(pn)))
+        labels.append(f"block:{label}")
+        offset += size
+    for j in range(random_dirs.shape[0]):
+        cols.append(D @ random_dirs[j])
+        labels.append(f"random:{j}")
+    proj = torch.stack(cols, 1).cpu().numpy()
+    K = proj.shape[1]
+    mean = proj.mean(axis=0)
+    sd = proj.std(axis=0, ddof=1)
+    scale = np.abs(proj).max(axis=0) + 1e-300
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(sd > 1e-12 * scale, math.sqrt(R) * mean / sd, np.where(np.abs(mean) > 1e-12 * scale, np.inf, 0.0))
+    t_max = float(np.max(np.abs(t)))
+    threshold = float(stats.t.ppf(1.0 - alpha / (2.0 * K), R - 1))
+    p_value = min(1.0, K * 2.0 * float(stats.t.sf(t_max, R - 1))) if math.isfinite(t_max) else 0.0
+    rejected = t_max > threshold
+
+    gram = (D @ D.T).cpu().numpy()
+    b_hat = float(bias_norm_estimate(gram)[0])
+    ref = float(torch.sqrt((norms ** 2).mean()))
+    rng = np.random.default_rng(seed)
+    counts = np.stack([np.bincount(rng.integers(0, R, R), minlength=R) for _ in range(bootstrap)])
+    boot_ratio = np.sqrt(np.maximum(bias_norm_estimate(gram, counts), 0.0)) / ref
+    upper = float(np.quantile(boot_ratio, 1.0 - equivalence_alpha))
+    ratio = math.sqrt(max(b_hat, 0.0)) / ref
+    equivalent = upper < delta
+    notes: list[str] = []
+    if rejected:
+        verdict = Verdict.FAIL
+        notes.append(f"the optimizer's gradient is biased: max|t| = {t_max:.3g} > {threshold:.3g}; estimated "
+                     f"|b|/|grad f| = {ratio:.3g}")
+    elif equivalent:
+        verdict = Verdict.PASS
+    else:
+        verdict = Verdict.INCONCLUSIVE
+        notes.append(f"no bias detected, but the {1 - equivalence_alpha:.0%} upper bound {upper:.3g} on "
+                     f"|b|/|grad f| is not < {delta} (more steps or larger batches would decide)")
+    evidence = {
+        "p_value": p_value, "verdict_if_not_rejected": (Verdict.PASS if equivalent else Verdict.INCONCLUSIVE).value,
+        "t_statistics": {label: float(v) for label, v in zip(labels, t)}, "t_threshold": threshold,
+        "num_directions": K, "num_steps": R, "steps": list(steps) if steps is not None else None,
+        "bias_norm_sq_estimate": b_hat, "relative_bias": ratio, "relative_bias_upper": upper, "delta": delta,
+        "gradient_norm_rms": ref, "source": "the optimizer's gradient at each training step (step hook / closure)",
+    }
+    expected = f"max|t| <= {threshold:.3g}; |b|/|grad f| upper < {delta}"
+    return CheckResult("E2", assumption, t_max, expected, 1.0 - alpha, verdict, evidence, notes)

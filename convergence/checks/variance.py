@@ -443,11 +443,21 @@ def check_variance(
             sq[r] = float(d.dot(d))
         draws[m] = sq
 
+    return _decide_variance(draws, sizes, sigma1_sq, n, cfg, grad_f, sigma_history)
+
+
+def _decide_variance(draws: dict[int, np.ndarray], sizes: Sequence[int], sigma1_sq: float, n: int, cfg: VarianceConfig,
+                     grad_f: torch.Tensor, sigma_history: Sequence[tuple[int, float]] | None,
+                     source: str = "index sampler") -> CheckResult:
+    """Rules (a) and (b) on the squared deviations ``draws[m]`` (see the module docstring)."""
+    rng = np.random.default_rng(cfg.seed)
+    R = max(len(v) for v in draws.values())
     notes: list[str] = []
     evidence: dict[str, Any] = {
         "sigma1_sq": sigma1_sq,
         "num_examples": n,
-        "num_batches": R,
+        "num_batches": {str(m): int(len(draws[m])) for m in sizes},
+        "source": source,
         "batch_sizes": list(sizes),
         "replacement": cfg.replacement,
         "margin": cfg.margin,
@@ -455,12 +465,24 @@ def check_variance(
     }
     if sigma_history:
         evidence["sigma_history"] = sigma_trend(sigma_history)
+    eps = float(torch.finfo(grad_f.dtype).eps) if grad_f.dtype.is_floating_point else 2.2e-16
+    grad_sq = float(grad_f.double().pow(2).sum())
+    if sigma1_sq <= (1e3 * eps) ** 2 * max(grad_sq, 1e-300):  # zero up to rounding of the per-example gradients
+        sigma1_sq = 0.0
     if not sigma1_sq > 0:
         worst = max(float(v.mean()) for v in draws.values())
+        if worst <= (1e3 * eps) ** 2 * max(grad_sq, 1e-300):
+            worst = 0.0
         evidence["V_hat"] = {str(m): float(draws[m].mean()) for m in sizes}
-        notes.append("sigma_1^2 = 0: every per-example gradient equals the full gradient; ratios undefined")
-        verdict = Verdict.PASS if worst <= 1e-20 else Verdict.FAIL
-        return CheckResult("E3", "AS.2b variance sigma^2/m", worst, 0.0, 1.0 - cfg.alpha, verdict, evidence, notes)
+        if worst > 1e-20:
+            notes.append("sigma_1^2 = 0, yet minibatch gradients differ from grad f")
+            return CheckResult("E3", "AS.2b variance sigma^2/m", worst, 0.0, 1.0 - cfg.alpha, Verdict.FAIL, evidence,
+                               notes)
+        from convergence.results import not_applicable
+
+        return not_applicable("E3", "AS.2b variance sigma^2/m", "sigma_1^2 = 0: every per-example gradient equals "
+                              "grad f, so no batch size can be told from another (ratios undefined)",
+                              evidence=evidence, expected=0.0)
 
     alpha_a = alpha_b = cfg.alpha / 2.0
     M = len(sizes)
@@ -539,3 +561,73 @@ def check_variance(
     verdict = Verdict.FAIL if p <= cfg.alpha else Verdict.PASS
     expected = f"|r(m)-1| <= half-width + {cfg.margin:g} for all m; slope CI contains -1"
     return CheckResult("E3", "AS.2b variance sigma^2/m", worst, expected, 1.0 - cfg.alpha, verdict, evidence, notes)
+
+
+def check_variance_of_batches(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    batches: Sequence[Any],
+    *,
+    replacement: bool = True,
+    alpha: float = 0.01,
+    margin: float = 0.05,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    sigma_history: Sequence[tuple[int, float]] | None = None,
+    min_draws: int = 4,
+) -> CheckResult:
+    r"""E3 on the batches the optimizer actually got (the training loader's own output), at the
+    model's current parameters.
+
+    ``batches`` are the ``(inputs, targets)`` minibatches fed to the optimizer, all of size
+    :math:`m`. Under AS.2 (i.i.d. draws) each is an independent draw, whatever the point; so are
+    its halves and quarters (batch sizes :math:`m/2, m/4`) and the concatenations of 2 or 4
+    consecutive batches (:math:`2m, 4m`). For each size :math:`m'` the squared deviations
+    :math:`\|g^{(m')}_r - 
+abla f\|^2` are computed from exact per-example gradients of the recorded
+    examples, then rules (a) and (b) of :func:`check_variance` apply with
+    :math:`V(m') = \sigma_1^2/m'` (with replacement) or the finite-population form. A loader that
+    does not deliver i.i.d. draws (e.g. every batch one example repeated :math:`m` times) gives
+    :math:`\hat V(m')pprox\sigma_1^2` and FAILs.
+
+    NOT_APPLICABLE when :math:`\sigma_1^2 = 0`, or when fewer than ``min_draws`` batches were recorded.
+    """
+    from convergence.results import not_applicable
+
+    assumption = "AS.2b variance sigma^2/m"
+    cfg = VarianceConfig(num_batches=max(2, min_draws), replacement=replacement, alpha=alpha, margin=margin,
+                         bootstrap=bootstrap, seed=seed)
+    usable = [b for b in batches if isinstance(b, (tuple, list)) and len(b) == 2 and isinstance(b[0], torch.Tensor)]
+    sizes_seen = sorted({int(b[0].shape[0]) for b in usable})
+    if len(usable) < min_draws:
+        return not_applicable("E3", assumption, f"only {len(usable)} training batches were recorded (needs >= {min_draws})")
+    m = max(set(int(b[0].shape[0]) for b in usable), key=[int(b[0].shape[0]) for b in usable].count)
+    usable = [b for b in usable if int(b[0].shape[0]) == m]
+    n = int(inputs.shape[0])
+    noise = gradient_noise(model, loss_fn, inputs, targets, chunk_size=cfg.chunk_size)
+    grad_f, sigma1_sq = noise.gradient, noise.sigma1_sq
+    xs = torch.cat([b[0] for b in usable])
+    ys = torch.cat([b[1] for b in usable])
+    table = per_example_gradients(model, loss_fn, xs, ys, chunk_size=cfg.chunk_size)  # (B*m) x n
+    per_batch = table.reshape(len(usable), m, -1)
+    draws: dict[int, np.ndarray] = {}
+    for div in (4, 2):
+        if m % div == 0 and m // div >= 1:
+            sub = per_batch.reshape(len(usable), div, m // div, -1).mean(2).reshape(len(usable) * div, -1)
+            draws[m // div] = ((sub - grad_f) ** 2).sum(1).double().cpu().numpy()
+    draws[m] = ((per_batch.mean(1) - grad_f) ** 2).sum(1).double().cpu().numpy()
+    for mult in (2, 4):
+        count = len(usable) // mult
+        if count >= min_draws and (replacement or mult * m < n):
+            big = per_batch[: count * mult].reshape(count, mult * m, -1).mean(1)
+            draws[mult * m] = ((big - grad_f) ** 2).sum(1).double().cpu().numpy()
+    if not replacement:
+        draws = {k: v for k, v in draws.items() if k < n}
+    sizes = sorted(draws)
+    res = _decide_variance(draws, sizes, sigma1_sq, n, cfg, grad_f, sigma_history,
+                           source=f"{len(usable)} training batches of size {m} (halves, quarters and concatenations)")
+    if len(sizes_seen) > 1:
+        res.notes.append(f"the loader produced batches of sizes {sizes_seen[:10]}; only those of size {m} were used")
+    return res

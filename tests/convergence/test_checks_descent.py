@@ -34,7 +34,8 @@ def _setup(device, cls=KBFGS, steps=4, lr=0.1, **kw):
 
 @pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
 def test_unbiased_batches_satisfy_lemma_l0(device, cls):
-    prob, opt, make, batches = _setup(device, cls)
+    # lr 0.02: the lemma's right-hand side is negative, so the check could have failed
+    prob, opt, make, batches = _setup(device, cls, lr=0.02)
     l0, form = check_expected_descent(prob.model, prob.loss_fn, prob.full_batch, opt, batches, lipschitz=prob.lipschitz,
                                       make_closure=make)
     assert l0.verdict is Verdict.PASS, l0.evidence
@@ -43,7 +44,17 @@ def test_unbiased_batches_satisfy_lemma_l0(device, cls):
     assert ev["grad_H_grad_range"][0] == pytest.approx(ev["grad_H_grad_range"][1], rel=1e-9)  # one H_k (AS.4)
     assert ev["delta_mean"] < 0 and ev["lcb"] <= ev["rhs_l0"]
     assert 0 < ev["kappa"][0] <= ev["kappa"][1]
-    assert form.verdict is Verdict.PASS and form.statistic == 0.0
+    assert ev["rhs_l0"] < 0
+    assert form.verdict is Verdict.PASS and form.statistic <= form.expected  # read off the parameters
+
+
+def test_a_nonnegative_right_hand_side_is_not_applicable(device):
+    # lr 0.1 on this problem: RHS(L0) >= 0, the lemma promises no descent -- the old check "passed" here
+    prob, opt, make, batches = _setup(device, KBFGS, lr=0.1)
+    l0, _ = check_expected_descent(prob.model, prob.loss_fn, prob.full_batch, opt, batches, lipschitz=prob.lipschitz,
+                                   make_closure=make)
+    assert l0.verdict is Verdict.NOT_APPLICABLE and l0.evidence["rhs_l0"] >= 0
+    assert "promises no descent" in l0.reason
 
 
 def _anti_aligned_batches(prob, opt, make, batch, count, device):

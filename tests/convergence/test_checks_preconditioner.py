@@ -149,4 +149,4 @@ def test_factor_interval_sources(device):
     assert factor_interval(r1.layers[""].a) is None  # no previous record: no interval
     assert theoretical_kappa(r1, r0) is not None and theoretical_kappa(r1, None) is None
     empty = check_preconditioner([])
-    assert empty.verdict is Verdict.INCONCLUSIVE
+    assert empty.verdict is Verdict.NOT_APPLICABLE

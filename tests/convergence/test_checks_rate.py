@@ -121,12 +121,13 @@ def test_flat_gradients_fail_through_the_general_bound():
 
 
 def test_slow_decay_within_the_bound_is_not_a_failure():
-    """A flat stretch far below U_N (small steps, early in the run) does not contradict the theorem."""
+    """A flat stretch far below U_N (small steps, early in the run) does not contradict the theorem: the bound,
+    which could have failed, holds (PASS), and the slow slope is reported."""
     rng = np.random.default_rng(3)
     g2 = 1e-3 * (1.0 + 0.1 * rng.random((8, 100)))
     res = check_rate(g2, beta=0.75, step_sizes=np.arange(1, 101) ** -0.75, f_initial=10.0, lipschitz=1.0,
                      lipschitz_is_upper=True, sigma2=1.0, kappa=(1.0, 1.0), batch_size=1)
-    assert res.verdict is Verdict.INCONCLUSIVE
+    assert res.verdict is Verdict.PASS and "bound" in res.evidence["p_parts"]
     assert any("asymptotic" in n for n in res.notes)
     strict = check_rate(g2, beta=0.75, step_sizes=np.arange(1, 101) ** -0.75, f_initial=10.0, lipschitz=1.0,
                         lipschitz_is_upper=True, sigma2=1.0, kappa=(1.0, 1.0), batch_size=1, shape_rule="fail")
@@ -144,12 +145,12 @@ def test_gradients_above_the_general_bound_fail():
     assert res.evidence["slope"]["rejected"] is False  # the shape is fine, only the level is wrong
 
 
-def test_step_size_above_the_limit_disables_the_bound_and_one_seed_is_inconclusive():
+def test_step_size_above_the_limit_disables_the_bound_and_one_seed_is_not_applicable():
     g2 = (np.arange(1, 101) ** -1.0)[None, :]
     res = check_rate(g2, beta=0.6, step_sizes=np.full(100, 10.0), f_initial=1.0, lipschitz=1.0,
                      lipschitz_is_upper=True, sigma2=1.0, kappa=(1.0, 1.0), batch_size=1)
     assert res.evidence["bound"]["applies"] is False
-    assert res.verdict is Verdict.INCONCLUSIVE
+    assert res.verdict is Verdict.NOT_APPLICABLE
     assert any("one seed" in n for n in res.notes)
 
 
@@ -159,7 +160,7 @@ def test_no_failure_when_the_step_size_condition_does_not_hold():
     g2 = 1.0 + 0.2 * rng.random((8, 100))
     res = check_rate(g2, beta=0.75, step_sizes=np.full(100, 10.0), f_initial=1.0, lipschitz=1.0,
                      lipschitz_is_upper=True, sigma2=1.0, kappa=(1.0, 1.0), batch_size=1)
-    assert res.verdict is Verdict.INCONCLUSIVE
+    assert res.verdict is Verdict.NOT_APPLICABLE  # nothing that could fail was tested
     assert res.evidence["p_parts"] == {}
     assert res.evidence["slope"]["p_value"] < 1e-9  # reported, not used
     assert any("step-size condition fails" in n for n in res.notes)
@@ -174,3 +175,28 @@ def test_validation():
         RateConfig(tail_start=1.0)
     with pytest.raises(ValueError, match="shape_rule"):
         RateConfig(shape_rule="maybe")
+
+
+def test_violated_step_size_condition_and_constant_step_is_not_applicable():
+    """alpha_k above kappa_lo/(L kappa_hi^2): U_N does not apply, a constant step gives no slope rule:
+    nothing the theorem promises can be tested here (the old check reported PASS)."""
+    g2 = np.linspace(1.0, 0.5, 40)[None, :].repeat(4, 0)
+    res = check_rate(g2, beta=0.0, step_sizes=np.full(40, 10.0), f_initial=1.0, lipschitz=1.0, lipschitz_is_upper=True,
+                     sigma2=1.0, kappa=(1.0, 1.0), batch_size=1)
+    assert res.verdict is Verdict.NOT_APPLICABLE and "step-size condition" in res.reason
+
+
+def test_plateau_ratio_rule():
+    """E8p on synthetic floors: ratio 4 passes, ratio 1 fails, a still-falling tail is not applicable."""
+    from convergence.checks.rate import check_plateau_ratio
+
+    rng = np.random.default_rng(0)
+    steps = np.arange(1, 61)
+    small = 4e-3 * (1 + 0.2 * rng.random((6, 60)))
+    large = 1e-3 * (1 + 0.2 * rng.random((6, 60)))
+    ok = check_plateau_ratio(small, large, steps)
+    assert ok.verdict is Verdict.PASS and 3 < ok.statistic < 5
+    same = check_plateau_ratio(small, 4 * large, steps)
+    assert same.verdict is Verdict.FAIL and same.evidence["ratio_ci"][1] < 4 / 1.5
+    falling = check_plateau_ratio(small * np.exp(-steps / 5.0), large, steps)
+    assert falling.verdict is Verdict.NOT_APPLICABLE and "noise floor" in falling.reason

@@ -64,11 +64,11 @@ def test_table_lists_every_check_and_the_violations():
         row = next(l for l in lines if l.startswith(check + " "))
         assert verdict in row and stat in row
     assert "5e-12" in text  # Holm-adjusted p-value column
-    assert "summary: PASS 1, FAIL 1, INCONCLUSIVE 1" in text
+    assert "summary: PASS 1, FAIL 1, NOT_APPLICABLE 0, INCONCLUSIVE 1, ERROR 0" in text
     assert "theory mode: off" in text and "momentum=0.9" in text
     assert "E2@0: bias found" in text
     assert "theory-mode violations: none" in format_table(_results(), theory_mode=True)
-    assert summary_counts(_results()) == {"PASS": 1, "FAIL": 1, "INCONCLUSIVE": 1}
+    assert summary_counts(_results()) == {"PASS": 1, "FAIL": 1, "NOT_APPLICABLE": 0, "INCONCLUSIVE": 1, "ERROR": 0}
 
 
 def test_print_table_plain_text(capsys):
@@ -86,7 +86,7 @@ def test_json_is_strict_and_structured(tmp_path):
 
     data = json.loads(path.read_text(), parse_constant=reject)
     assert data["version"] == 1
-    assert data["summary"] == {"PASS": 1, "FAIL": 1, "INCONCLUSIVE": 1}
+    assert data["summary"] == {"PASS": 1, "FAIL": 1, "NOT_APPLICABLE": 0, "INCONCLUSIVE": 1, "ERROR": 0}
     assert data["theory_mode"] == {"enabled": True, "violations": []}
     assert data["meta"] == {"steps": 3, "x": "nan"}
     assert data["plots"] == ["a.png"] and data["extra"]["arr"] == [0, 1, 2]
@@ -97,7 +97,7 @@ def test_json_is_strict_and_structured(tmp_path):
     assert checks["E1"]["evidence"]["curve"] == [1.0, "nan"]
     assert checks["E2@0"]["evidence"]["inf"] == "inf" and checks["E8"]["statistic"] == "nan"
     assert checks["E8"]["evidence"]["tensor"] == [1.0, 2.0]
-    assert report_dict([])["summary"] == {"PASS": 0, "FAIL": 0, "INCONCLUSIVE": 0}
+    assert report_dict([])["summary"] == {"PASS": 0, "FAIL": 0, "NOT_APPLICABLE": 0, "INCONCLUSIVE": 0, "ERROR": 0}
 
 
 def _record(step, pairs):

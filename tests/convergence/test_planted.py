@@ -1,0 +1,192 @@
+"""Planted violations through the CLI path (``convergence.cli.main``): each must make its check FAIL with exit
+status 1, while the honest twin PASSes; and every check's NOT_APPLICABLE case, with its reason.
+
+The problems are the entry points of ``planted_problems.py`` (``--problem planted_problems:NAME``); runs are
+tiny (least squares, 256 examples, a few dozen steps, one check family each).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from convergence import cli
+
+HERE = Path(__file__).resolve().parent
+FAST = ["--no-progress", "--no-plots", "--checkpoints", "1", "--descent-batches", "24", "--rate-seeds", "3", "--no-plateau"]
+
+
+@pytest.fixture(autouse=True)
+def _importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+
+
+def _run(tmp_path, capsys, *argv: str) -> tuple[int, dict, str]:
+    out = tmp_path / "run"
+    rc = cli.main(["check", *argv, "--out", str(out), *FAST])
+    text = capsys.readouterr().out
+    data = json.loads((out / "report.json").read_text())
+    return rc, {c["check"]: c for c in data["checks"]}, text
+
+
+def _verdicts(checks: dict, prefix: str) -> list[str]:
+    return [c["verdict"] for k, c in checks.items() if k == prefix or k.startswith(prefix + "@")]
+
+
+# ============================================================================================ E0
+def test_e0_diverging_run_fails_loudly_and_first(tmp_path, capsys):
+    # the CLI's old diagonal defaults (lr 0.1, damping 1e-3) on the MLP: the loss explodes
+    rc, checks, text = _run(tmp_path, capsys, "--optimizer", "diagonal", "--problem", "mlp", "--lr", "0.1",
+                            "--damping", "1e-3", "--steps", "60", "--checks", "E7")
+    assert rc == 1
+    assert list(checks)[0] == "E0" and checks["E0"]["verdict"] == "FAIL"
+    assert "RUN HEALTH FAIL (E0)" in "\n".join(text.splitlines()[:3])
+    assert any("worse than the initial" in n or "diverged" in n or "non-finite" in n for n in checks["E0"]["notes"])
+
+
+def test_e0_fixed_diagonal_defaults_train(tmp_path, capsys):
+    rc, checks, text = _run(tmp_path, capsys, "--optimizer", "diagonal", "--problem", "mlp", "--steps", "60",
+                            "--checks", "E7")
+    assert checks["E0"]["verdict"] == "PASS" and checks["E0"]["evidence"]["f_final"] < checks["E0"]["evidence"]["f_initial"]
+    assert "RUN HEALTH" not in text
+
+
+# ============================================================================================ E1
+def test_e1_wrong_gradient_fails(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:wrong_gradient", "--steps", "6",
+                         "--checks", "E1")
+    assert rc == 1 and checks["E1"]["verdict"] == "FAIL"
+
+
+# ============================================================================================ E2
+def test_e2_biased_closure_fails(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:biased_closure", "--steps", "30",
+                         "--checks", "E2")
+    assert rc == 1 and checks["E2"]["verdict"] == "FAIL"
+    assert checks["E2"]["evidence"]["relative_bias"] > 0.1
+
+
+def test_e2_too_few_steps_is_not_applicable(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:honest", "--steps", "5", "--checks", "E2")
+    assert rc == 0 and checks["E2"]["verdict"] == "NOT_APPLICABLE"
+    assert "steps" in checks["E2"]["evidence"]["not_applicable"]
+
+
+# ============================================================================================ E3
+def test_e3_repeated_example_batches_fail(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:repeated_batches", "--steps", "24",
+                         "--checks", "E3")
+    assert rc == 1 and _verdicts(checks, "E3") == ["FAIL"]
+    rows = next(c for k, c in checks.items() if k.startswith("E3"))["evidence"]["per_batch_size"]
+    assert max(r["ratio"] for r in rows) > 4  # V_hat(m) ~ sigma^2, not sigma^2/m
+
+
+def test_e3_identical_examples_are_not_applicable(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:identical_examples", "--steps", "8",
+                         "--checks", "E3")
+    assert _verdicts(checks, "E3") == ["NOT_APPLICABLE"]
+    assert "sigma_1^2 = 0" in next(c for k, c in checks.items() if k.startswith("E3"))["evidence"]["not_applicable"]
+
+
+# ============================================================================================ E4
+def test_e4_indefinite_only_when_applied_fails(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:indefinite_when_applied", "--steps", "6",
+                         "--checks", "E4")
+    assert rc == 1
+    assert checks["E4.apply"]["verdict"] == "FAIL" and checks["E4.apply"]["evidence"]["worst"] > 0.1
+    assert checks["E4"]["verdict"] == "FAIL"
+    assert any("applied operator positive definite" in v["rule"] for v in checks["E4"]["evidence"]["violations"])
+
+
+def test_e4_without_a_preconditioner_is_not_applicable(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:adam", "--steps", "6", "--checks", "E4,E5,E7")
+    for check in ("E4", "E4.apply", "E7a"):
+        assert checks[check]["verdict"] == "NOT_APPLICABLE", check
+    assert set(_verdicts(checks, "E5a")) == {"NOT_APPLICABLE"}
+    assert "no curvature blocks" in checks["E4"]["evidence"]["not_applicable"]
+
+
+# ============================================================================================ E5
+def test_e5_current_batch_preconditioner_fails_and_its_bias_is_sized(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:current_batch_preconditioner",
+                         "--steps", "6", "--checks", "E5")
+    assert rc == 1
+    assert _verdicts(checks, "E5a") == ["FAIL"] and _verdicts(checks, "E5b") == ["FAIL"]
+    e5c = next(c for k, c in checks.items() if k.startswith("E5c"))
+    assert e5c["verdict"] in ("PASS", "FAIL") and e5c["evidence"]["relative_bias"] >= 0
+
+
+def test_e5c_is_not_applicable_when_e5a_passes(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:honest", "--steps", "6", "--checks", "E5")
+    assert rc == 0 and _verdicts(checks, "E5a") == ["PASS"] and _verdicts(checks, "E5c") == ["NOT_APPLICABLE"]
+
+
+# ============================================================================================ E6
+def test_e6_rising_loss_fails(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:ascent_closure", "--steps", "4",
+                         "--checks", "E6")
+    assert rc == 1
+    e6 = next(c for k, c in checks.items() if k.startswith("E6@"))
+    assert e6["verdict"] == "FAIL" and e6["evidence"]["delta_mean"] > 0 > e6["evidence"]["rhs_l0"]
+
+
+# ============================================================================================ E7
+def test_e7_too_large_step_fails_and_constant_step_schedule_is_not_applicable(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--optimizer", "kbfgsl", "--problem", "least-squares", "--lr", "0.5",
+                         "--steps", "6", "--checks", "E7")
+    assert rc == 1 and checks["E7a"]["verdict"] == "FAIL" and checks["E7a"]["statistic"] > 1
+    assert checks["E7b"]["verdict"] == "NOT_APPLICABLE" and "constant step" in checks["E7b"]["evidence"]["not_applicable"]
+
+
+def test_e7b_schedule_outside_the_theorem_fails(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--optimizer", "kbfgsl", "--problem", "least-squares", "--lr", "0.01",
+                         "--beta", "0.3", "--steps", "6", "--checks", "E7")
+    assert rc == 1 and checks["E7b"]["verdict"] == "FAIL"
+
+
+# ============================================================================================ E8
+def test_e8p_outside_the_step_size_condition_is_not_applicable(tmp_path, capsys):
+    """The 1/m floor is a small-step prediction: above kappa_lo/(L kappa_hi^2) it is not claimed (an honest MLP
+    run at lr 0.2 showed a floor ratio of 1.4, so deciding there would be a false FAIL)."""
+    out = tmp_path / "run"
+    rc = cli.main(["check", "--problem", "planted_problems:repeated_batches", "--steps", "12", "--checks", "E8",
+                   "--out", str(out), "--no-progress", "--no-plots", "--checkpoints", "1", "--rate-seeds", "2"])
+    capsys.readouterr()
+    checks = {c["check"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
+    assert checks["E8p"]["verdict"] == "NOT_APPLICABLE"
+    assert "small-step prediction" in checks["E8p"]["evidence"]["not_applicable"]
+    assert checks["E8"]["verdict"] == "NOT_APPLICABLE"  # constant step above the limit: no rate promised
+
+
+def test_e8p_with_a_fixed_loader_is_not_applicable(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli.main(["check", "--problem", "planted_problems:fixed_loader", "--steps", "8", "--checks", "E8",
+                   "--out", str(out), "--no-progress", "--no-plots", "--checkpoints", "1", "--rate-seeds", "2"])
+    capsys.readouterr()
+    checks = {c["check"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
+    assert checks["E8p"]["verdict"] == "NOT_APPLICABLE" and "fixed DataLoader" in checks["E8p"]["evidence"]["not_applicable"]
+
+
+# ============================================================================================ honest
+def test_honest_run_passes_every_check_that_can_fail(tmp_path, capsys):
+    """Theory-mode K-BFGS(L) on least squares with alpha_k = 0.005 (k+1)^-0.75: inside the theorem's step-size
+    condition, so E6, E7a and E8's bound could all fail; nothing is rejected."""
+    rc, checks, _ = _run(tmp_path, capsys, "--optimizer", "kbfgsl", "--problem", "least-squares", "--lr", "0.005",
+                         "--beta", "0.75", "--batch-size", "64", "--steps", "30",
+                         "--checks", "E1,E3,E4,E5,E6,E7,E8")
+    verdicts = {k: c["verdict"] for k, c in checks.items()}
+    for check in ("E0", "E1", "E4", "E4.apply", "E7a", "E7b", "E7c", "E8"):
+        assert verdicts[check] == "PASS", (check, checks[check]["notes"])
+    for prefix in ("E3", "E5a", "E5b", "E6", "E6.form", "E7d"):
+        assert _verdicts(checks, prefix) == ["PASS"], (prefix, verdicts)
+    assert _verdicts(checks, "E5c") == ["NOT_APPLICABLE"]
+    assert rc == 0
+
+
+def test_honest_gradients_pass_e2_with_equivalence(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:honest", "--lr", "0.002", "--batch-size", "64",
+                         "--steps", "200", "--checks", "E2")
+    assert rc == 0 and checks["E2"]["verdict"] == "PASS"
+    assert checks["E2"]["evidence"]["relative_bias_upper"] < 0.05
