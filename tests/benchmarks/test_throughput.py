@@ -345,3 +345,15 @@ def test_attribute_charges_ops_to_the_innermost_library_frame():
 def test_samples_are_plain_records():
     s = Sample("adam", 0, 1, "steady", 0.5)
     assert s.extra == {} and s.phase == "steady"
+
+
+def test_matrix_free_methods_report_products_per_step(tmp_path, device):
+    res = throughput.run_suite(throughput.Workload.autoencoder("tiny", 64), ["adam", "hf", "sfn", "lm"], device,
+                               steps=1, warmup=0, repeats=1, log=lambda *_: None)
+    rows = {r["method"]: r for r in res.rows}
+    assert rows["adam"]["products_per_step"] is None
+    for name in ("hf", "sfn", "lm"):
+        assert rows[name]["products_per_step"] >= 1 and rows[name]["loss_evals_per_step"] >= 1
+        assert rows[name]["x_adam_median"] > 0 and "loose lower bound" in rows[name]["notes"]
+    assert rows["sfn"]["products_per_step"] == 10  # k = 10 Lanczos vectors
+    assert "products + " in throughput.format_table(res.rows, "t")
