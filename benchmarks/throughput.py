@@ -46,6 +46,11 @@ KFAC (empirical Fisher, same T_cov/T_inv) and K-BFGS on the same model, batch an
 the two ``nvtx`` module attributes of ASDL are replaced by a no-op context (annotations only, no
 arithmetic changes). Without ASDL the peers are skipped with a message.
 
+Matrix-free methods (``--methods adam,hf,sfn,lm``; not in the default list): Hessian-free, saddle-free
+Newton and Levenberg–Marquardt report ``products_per_step`` (curvature-vector products, each about
+a forward-mode pass plus a backward) and ``loss_evals_per_step`` (extra forward passes for the
+reduction ratio, backtracking and line searches); their floor column is SGD's, a loose lower bound.
+
 Not implemented: ``--compile`` and ``--cuda-graphs`` (the optimizers' data-dependent control flow,
 Python-side skip rules and hook-based capture have not been made graph-safe; a stub would report
 numbers that mean nothing).
@@ -90,7 +95,9 @@ from benchmarks.timing import (
     summarize,
     synchronize,
 )
-from optimizers import KBFGS, KBFGSL, KFAC, CurvatureOptimizer, diagonal_block
+from optimizers import (KBFGS, KBFGSL, KFAC, CurvatureOptimizer, HessianFree, LevenbergMarquardt, SaddleFreeNewton,
+                        diagonal_block)
+from optimizers.matrix_free import MatrixFreeOptimizer
 
 BASELINE = "adam"
 REFERENCE = "sgdm"
@@ -104,7 +111,8 @@ SWEEP_METHODS = ("sgdm", "adam", "diagonal", "kfac", "kbfgs", "kbfgsl")
 TABLE_COLUMNS = (
     "method", "label", "ms_median", "ms_q25", "ms_q75", "x_adam_median", "x_adam_q25", "x_adam_q75",
     "x_adam_repeat_min", "x_adam_repeat_max", "floor_gflop", "floor_x_sgd", "measured_x_sgd", "gap",
-    "achieved_gflops", "timed_steps", "phases", "skipped_steps", "notes",
+    "achieved_gflops", "timed_steps", "phases", "skipped_steps", "products_per_step", "loss_evals_per_step",
+    "notes",
 )
 MEMORY_COLUMNS = ("method", "state_bytes", "state_x_adam", "peak_bytes", "peak_kind")
 PEER_COLUMNS = ("ours", "theirs", "ours_ms", "theirs_ms", "theirs_x_adam", "ours_over_theirs", "status")
@@ -219,6 +227,15 @@ def _methods() -> dict[str, Method]:
         Method("kbfgs", "K-BFGS", MethodSpec("kbfgs"), lambda m, w: KBFGS(m, lr=1e-3, damping=0.3)),
         Method("kbfgsl", "K-BFGS(L) p=100", MethodSpec("kbfgsl", memory=100),
                lambda m, w: KBFGSL(m, lr=1e-3, damping=0.3)),
+        # whole-model matrix-free methods: their floor column is SGD's (one forward + backward), a loose
+        # lower bound; their cost is counted in products_per_step (curvature-vector products) and
+        # loss_evals_per_step (extra forward passes)
+        Method("hf", "Hessian-free (CG <= 10)", MethodSpec("sgdm"),
+               lambda m, w: HessianFree(m, w.loss_fn, damping=1.0, max_cg_iters=10, weight_decay=1e-5)),
+        Method("sfn", "saddle-free Newton k=10", MethodSpec("sgdm"),
+               lambda m, w: SaddleFreeNewton(m, w.loss_fn, k=10, weight_decay=1e-5)),
+        Method("lm", "Levenberg-Marquardt (CG <= 10)", MethodSpec("sgdm"),
+               lambda m, w: LevenbergMarquardt(m, w.loss_fn, max_cg_iters=10, weight_decay=1e-5)),
         # peers: the optimizer is built by AsdlCandidate (ASDL gradient maker + torch.optim.SGD)
         Method("asdl-kfac", "ASDL KFAC 1/20", MethodSpec("kfac", 1, 20), lambda m, w: None, peer_of="kfac"),
         Method("asdl-kfac-10-100", "ASDL KFAC 10/100", MethodSpec("kfac", 10, 100), lambda m, w: None,
@@ -228,7 +245,10 @@ def _methods() -> dict[str, Method]:
 
 
 METHODS: dict[str, Method] = _methods()
-OUR_METHODS = tuple(n for n, m in METHODS.items() if m.peer_of is None)
+#: matrix-free methods: selectable with --methods, not in the default list (their cost varies with CG/Lanczos)
+MATRIX_FREE_METHODS = ("hf", "sfn", "lm")
+#: the default table (the block-based methods and the first-order baselines)
+OUR_METHODS = tuple(n for n, m in METHODS.items() if m.peer_of is None and n not in MATRIX_FREE_METHODS)
 PEER_METHODS = tuple(n for n, m in METHODS.items() if m.peer_of is not None)
 
 
@@ -361,10 +381,15 @@ class OptimizerCandidate:
             self.optimizer.steps = self.schedule.next_step(self.optimizer.steps, phase)
 
     def step(self) -> Any:
+        if isinstance(self.optimizer, MatrixFreeOptimizer):  # products need the batch targets
+            return self.optimizer.step(self.closure, targets=self.y)
         return self.optimizer.step(self.closure)
 
     def _counters(self) -> dict[str, int]:
         opt = self.optimizer
+        if isinstance(opt, MatrixFreeOptimizer):
+            return {"skipped": int(opt.counters["skipped_steps"]), "products": int(opt.counters["products"]),
+                    "loss_evals": int(opt.counters["loss_evals"])}
         if not isinstance(opt, CurvatureOptimizer):
             return {}
         return {"skipped": int(opt.counters["skipped_steps"]), "reverted": int(opt.counters["reverted_steps"]),
@@ -388,6 +413,8 @@ class OptimizerCandidate:
 
     def notes(self) -> list[str]:
         out = []
+        if isinstance(self.optimizer, MatrixFreeOptimizer):
+            out.append("floor = SGD's (forward + backward), a loose lower bound")
         spec = self.floor_spec()
         if spec.kind == "kbfgsl":
             out.append(f"p={spec.memory}" + (" (prefilled)" if self.prefilled else ""))
@@ -544,12 +571,16 @@ def summarize_candidate(name: str, cand: OptimizerCandidate, samples: Sequence[S
         per_repeat.append(phase_weighted(by_phase, weights).median)
     mine = select(samples, name)
     skipped = sum(s.extra.get("skipped", 0) + s.extra.get("reverted", 0) for s in mine)
+    counted = [s for s in mine if "products" in s.extra]
+    products = sum(s.extra["products"] for s in counted) / len(counted) if counted else None
+    loss_evals = sum(s.extra["loss_evals"] for s in counted) / len(counted) if counted else None
     return {
         "method": name, "label": cand.method.label,
         "ms_median": ms.median, "ms_q25": ms.q25, "ms_q75": ms.q75,
         "x_adam_median": ratio.median, "x_adam_q25": ratio.q25, "x_adam_q75": ratio.q75,
         "x_adam_repeat_min": min(per_repeat), "x_adam_repeat_max": max(per_repeat),
         "timed_steps": len(mine), "phases": _fmt_phases(cand.schedule), "skipped_steps": skipped,
+        "products_per_step": products, "loss_evals_per_step": loss_evals,
         "notes": " ".join(cand.notes()),
     }
 
@@ -686,6 +717,9 @@ def format_table(rows: Sequence[dict[str, Any]], title: str) -> str:
     lines = [header]
     for r in rows:
         notes = r.get("notes") or ""
+        if r.get("products_per_step") is not None:
+            notes = (f"{r['products_per_step']:.1f} products + {r['loss_evals_per_step']:.1f} forwards per step; "
+                     + notes).strip()
         if r.get("skipped_steps"):
             notes = (notes + f" SKIPPED/REVERTED STEPS: {r['skipped_steps']}").strip()
         lines.append((
@@ -789,7 +823,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
     p.add_argument("--repeats", type=_positive, default=3)
     p.add_argument("--methods", default=",".join(OUR_METHODS),
-                   help=f"comma-separated subset of {','.join(OUR_METHODS)} (adam and sgdm always run)")
+                   help=f"comma-separated subset of {','.join(OUR_METHODS + MATRIX_FREE_METHODS)} (default "
+                        f"{','.join(OUR_METHODS)}; adam and sgdm always run)")
     p.add_argument("--no-main", action="store_true", help="skip the main table (run only --sweep/--profile)")
     p.add_argument("--sweep", action="store_true", help="also run the single-Linear scaling sweep")
     p.add_argument("--full", action="store_true", help="the whole sweep grid (widths 256..4096, batches 128..8192)")
@@ -805,6 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prefill", action="store_true", help="do not prefill the K-BFGS(L) memory")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--world-sizes", dest="world_sizes", type=_csv_ints, default=None,
+                   help="also time data-parallel KFAC/K-BFGS/K-BFGS(L) at these world sizes, e.g. 1,2 "
+                        "(gloo on CPU, NCCL with --device cuda; benchmarks.throughput_dist)")
     p.add_argument("--out", type=Path, default=Path("results/throughput"))
     return p
 
@@ -914,9 +952,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         (args.out / "transformer.txt").write_text(text + "\n")
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods + args.profile if m not in OUR_METHODS]
+    bad = [m for m in methods if m not in OUR_METHODS + MATRIX_FREE_METHODS] + [
+        m for m in args.profile if m not in OUR_METHODS]
     if bad:
-        print(f"unknown method(s) {bad}; choose from {', '.join(OUR_METHODS)}", file=sys.stderr)
+        print(f"unknown method(s) {bad}; choose from {', '.join(OUR_METHODS + MATRIX_FREE_METHODS)}", file=sys.stderr)
         return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -959,6 +998,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         texts.append(format_sweep(rows))
         report["sweep"] = rows
         write_csv(out / "sweep.csv", rows, SWEEP_COLUMNS)
+    if args.world_sizes:
+        from benchmarks.throughput_dist import DIST_COLUMNS, format_rows, run_world_sizes
+
+        rows = run_world_sizes(workload.widths, args.batch, args.world_sizes, steps=args.steps,
+                               warmup=max(args.warmup, 1), device=args.device, threads=args.threads)
+        texts.append(format_rows(rows, f"data-parallel {args.model} autoencoder, global batch {args.batch}, "
+                                       f"{args.device}: median of {args.steps} steps (slowest rank)"))
+        report["distributed"] = rows
+        write_csv(out / "distributed.csv", rows, DIST_COLUMNS)
     if args.profile:
         from benchmarks.profile_step import profile_method, write_report
 

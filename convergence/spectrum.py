@@ -8,7 +8,8 @@ so results are reproducible across devices.
 
 * :func:`hutchinson_trace` -- :math:`\operatorname{tr}A = \mathbb E[v^\top A v]` with Rademacher
   :math:`v`; fixed budget, Student-t confidence interval (no relative-change stopping rule).
-* :func:`lanczos` -- Lanczos tridiagonalization with full reorthogonalization.
+* :func:`lanczos` -- Lanczos tridiagonalization with full reorthogonalization (the core's,
+  :mod:`curvature.krylov`, re-exported).
 * :func:`extreme_eigenvalues` -- both ends of the spectrum (``eigsh`` with ``which='LA'`` and
   ``'SA'``), so a negative eigenvalue is found even when it is not the largest in magnitude.
 * :func:`slq_density` -- stochastic Lanczos quadrature (nodes = eigenvalues of :math:`T`, weights =
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from convergence.hessian import CurvatureOperator, as_matvec
+from curvature.krylov import LanczosResult, _generator, lanczos  # the core's one Lanczos
 
 __all__ = [
     "TraceEstimate",
@@ -39,16 +41,6 @@ __all__ = [
 ]
 
 Matvec = Callable[[torch.Tensor], torch.Tensor] | CurvatureOperator
-
-
-def _generator(generator: torch.Generator | None, seed: int | None) -> torch.Generator:
-    if generator is not None:
-        if generator.device.type != "cpu":
-            raise ValueError("pass a CPU torch.Generator; probes are drawn on the CPU and moved to the device")
-        return generator
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(0 if seed is None else int(seed))
-    return gen
 
 
 def rademacher(n: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
@@ -132,114 +124,6 @@ def hutchinson_trace(
         num_samples=num_samples,
         samples=samples,
     )
-
-
-# ================================================================================= Lanczos
-@dataclass(frozen=True)
-class LanczosResult:
-    r"""Output of :func:`lanczos`: :math:`A Q_m = Q_m T_m + \beta_m q_{m+1} e_m^\top`.
-
-    ``alphas`` (length :math:`m`) is the diagonal and ``betas`` (length :math:`m-1`) the
-    off-diagonal of the symmetric tridiagonal :math:`T_m = Q_m^\top A Q_m`; ``basis`` is
-    :math:`Q_m` (``n × m``, orthonormal columns, first column = normalized start vector);
-    ``residual_norm`` is :math:`\beta_m`.  ``m`` can be smaller than the requested number of steps
-    when an invariant subspace is found (breakdown), in which case ``breakdown`` is True.
-    """
-
-    alphas: torch.Tensor
-    betas: torch.Tensor
-    basis: torch.Tensor
-    residual_norm: float
-    breakdown: bool
-
-    @property
-    def num_steps(self) -> int:
-        return int(self.alphas.shape[0])
-
-    def tridiagonal(self) -> torch.Tensor:
-        """The dense ``m × m`` tridiagonal matrix :math:`T_m`."""
-        t = torch.diag(self.alphas)
-        if self.betas.numel():
-            t = t + torch.diag(self.betas, 1) + torch.diag(self.betas, -1)
-        return t
-
-    def ritz(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Ritz values (ascending) and eigenvectors of :math:`T_m` (``torch.linalg.eigh``)."""
-        return torch.linalg.eigh(self.tridiagonal())
-
-
-def lanczos(
-    matvec: Matvec,
-    n: int,
-    num_steps: int,
-    *,
-    v0: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seed: int | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str | None = None,
-    breakdown_tol: float | None = None,
-) -> LanczosResult:
-    r"""Lanczos tridiagonalization of the symmetric operator ``matvec`` with full reorthogonalization.
-
-    Starting from :math:`q_1 = v_0/\|v_0\|` (a seeded Gaussian vector when ``v0`` is None), for
-    :math:`j = 1..m`:
-    :math:`w = Aq_j - \beta_{j-1}q_{j-1}`, :math:`\alpha_j = q_j^\top w`, :math:`w \leftarrow w - \alpha_j q_j`,
-    then :math:`w` is re-orthogonalized twice against all previous :math:`q`'s (classical
-    Gram–Schmidt, "twice is enough"), :math:`\beta_j = \|w\|`, :math:`q_{j+1} = w/\beta_j`.
-    Stops early (breakdown) when :math:`\beta_j \le` ``breakdown_tol`` (default
-    :math:`\sqrt{n}\,\varepsilon\cdot\max_i(|\alpha_i|, \beta_i)\cdot 100`): the Krylov space is then
-    invariant and the Ritz values are exact eigenvalues.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    op = as_matvec(matvec, n, dtype, device)
-    m_max = min(int(num_steps), n)
-    if v0 is None:
-        gen = _generator(generator, seed)
-        v0 = torch.randn(n, generator=gen, dtype=torch.float64)
-    if v0.dim() != 1 or v0.shape[0] != n:
-        raise ValueError(f"v0 has shape {tuple(v0.shape)}, expected a 1-D vector of length n={n}")
-    q = v0.detach().to(dtype=op.dtype, device=op.device)
-    norm = torch.linalg.vector_norm(q)
-    if not norm > 0:
-        raise ValueError("the start vector is zero")
-    q = q / norm
-    eps = torch.finfo(op.dtype).eps
-    basis = torch.empty(n, m_max, dtype=op.dtype, device=op.device)
-    alphas: list[torch.Tensor] = []
-    betas: list[torch.Tensor] = []
-    scale = 0.0
-    beta_prev = None
-    residual = 0.0
-    breakdown = False
-    for j in range(m_max):
-        basis[:, j] = q
-        w = op.matvec(q)
-        if beta_prev is not None:
-            w = w - beta_prev * basis[:, j - 1]
-        alpha = torch.dot(q, w)
-        w = w - alpha * q
-        qj = basis[:, : j + 1]
-        for _ in range(2):
-            w = w - qj @ (qj.T @ w)
-        beta = torch.linalg.vector_norm(w)
-        alphas.append(alpha)
-        scale = max(scale, abs(float(alpha)), float(beta))
-        tol = breakdown_tol if breakdown_tol is not None else 100.0 * math.sqrt(n) * eps * max(scale, 1e-300)
-        residual = float(beta)
-        if float(beta) <= tol:
-            breakdown = j + 1 < n
-            basis = basis[:, : j + 1]
-            break
-        if j + 1 < m_max:
-            betas.append(beta)
-            q = w / beta
-            beta_prev = beta
-    alphas_t = torch.stack(alphas)
-    betas_t = torch.stack(betas) if betas else torch.zeros(0, dtype=op.dtype, device=op.device)
-    basis = basis[:, : alphas_t.shape[0]]
-    return LanczosResult(alphas=alphas_t, betas=betas_t, basis=basis, residual_norm=residual, breakdown=breakdown)
 
 
 # ====================================================================== extreme eigenvalues

@@ -328,7 +328,11 @@ class DiagonalBlock(CurvatureBlock):
         return (per_sample * per_sample).mean(0)
 
     def update_statistics(self, record: LayerRecord, grad: torch.Tensor) -> None:
-        stat = self.batch_statistic(record, grad).to(self.v)
+        self.fold_statistic(self.batch_statistic(record, grad))
+
+    def fold_statistic(self, statistic: torch.Tensor) -> None:
+        """Fold one batch statistic into the EMA (the first one initializes it)."""
+        stat = statistic.to(self.v)
         if self.initialized:
             self.v.mul_(self.decay).add_(stat, alpha=1.0 - self.decay)
         else:

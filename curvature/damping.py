@@ -13,6 +13,13 @@ Kronecker factors, :math:`(A + \lambda_A I) \otimes (G + \lambda_G I)`:
   :math:`\rho > 3/4`, :math:`\lambda \leftarrow \omega\lambda`; if :math:`\rho < 1/4`,
   :math:`\lambda \leftarrow \lambda/\omega`, with :math:`\omega = (19/20)^{T}` for an adjustment
   every :math:`T` steps. It splits :math:`\lambda` like :class:`FactoredPi` (or :class:`Tikhonov`).
+  ``factor`` overrides :math:`\omega` (Martens 2010's Hessian-free rule: :math:`\omega = 2/3`, i.e.
+  :math:`\lambda \leftarrow \tfrac23\lambda` for :math:`\rho > 3/4` and :math:`\tfrac32\lambda`
+  for :math:`\rho < 1/4`);
+* :class:`DelayedGratification`: the Levenberg–Marquardt schedule driven by step success,
+  :math:`\lambda \leftarrow \lambda/\nu_{down}` when :math:`\rho >` ``threshold`` and
+  :math:`\lambda \leftarrow \nu_{up}\lambda` otherwise (Transtrum & Sethna 2012's "delayed
+  gratification": :math:`\nu_{down} = 3`, :math:`\nu_{up} = 2`).
 
 Diagonal blocks use :math:`\lambda` itself: :math:`P = (v + \lambda)^{-1}`.
 """
@@ -95,6 +102,7 @@ class AdaptiveLM(DampingPolicy):
         lower, upper: ratio thresholds (1/4 and 3/4).
         min_damping, max_damping: λ is clipped to this range.
         use_pi: split λ between factors with π (True) or as √λ each (False).
+        factor: ω itself in (0, 1) instead of (19/20)^T (Martens 2010 HF: 2/3); None keeps (19/20)^T.
     """
 
     interval: int = 1
@@ -103,6 +111,7 @@ class AdaptiveLM(DampingPolicy):
     min_damping: float = 1e-8
     max_damping: float = 1e8
     use_pi: bool = True
+    factor: float | None = None
     history: list[tuple[float, float]] = field(default_factory=list, repr=False)
     _pending: list[float] = field(default_factory=list, repr=False)
 
@@ -115,9 +124,13 @@ class AdaptiveLM(DampingPolicy):
         _check_positive("min_damping", self.min_damping)
         if not self.max_damping > self.min_damping:
             raise ValueError("max_damping must exceed min_damping")
+        if self.factor is not None and not (isinstance(self.factor, (int, float)) and 0.0 < self.factor < 1.0):
+            raise ValueError(f"factor must be a number in (0, 1) or None, got {self.factor!r}")
 
     @property
     def omega(self) -> float:
+        if self.factor is not None:
+            return float(self.factor)
         return (19.0 / 20.0) ** self.interval
 
     @property
@@ -149,6 +162,54 @@ class AdaptiveLM(DampingPolicy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.damping = float(state["damping"])
         self._pending = list(state.get("pending", []))
+        self.history = [tuple(h) for h in state.get("history", [])]
+
+
+@dataclass
+class DelayedGratification(DampingPolicy):
+    r"""Levenberg–Marquardt λ schedule by step success (Transtrum & Sethna 2012, "delayed gratification").
+
+    ``observe_reduction_ratio(ρ)``: :math:`\lambda \leftarrow \lambda/` ``down`` when
+    :math:`\rho >` ``threshold`` (the step reduced the loss), else :math:`\lambda \leftarrow`
+    ``up`` :math:`\cdot\lambda` (a non-finite ρ counts as a failure); λ is clipped to
+    ``[min_damping, max_damping]``. With ``down > up`` λ falls faster than it rises, which lets the
+    method approach Gauss–Newton (and its fast local convergence) near a minimum.
+    """
+
+    down: float = 3.0
+    up: float = 2.0
+    threshold: float = 0.0
+    min_damping: float = 1e-12
+    max_damping: float = 1e10
+    history: list[tuple[float, float]] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("down", "up"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 1.0):
+                raise ValueError(f"{name} must be a finite number > 1, got {value!r}")
+        _check_positive("min_damping", self.min_damping)
+        if not self.max_damping > self.min_damping:
+            raise ValueError("max_damping must exceed min_damping")
+
+    @property
+    def needs_reduction_ratio(self) -> bool:
+        return True
+
+    def observe_reduction_ratio(self, rho: float) -> None:
+        if math.isfinite(rho) and rho > self.threshold:
+            self.damping /= self.down
+        else:
+            self.damping *= self.up
+        self.damping = min(max(self.damping, self.min_damping), self.max_damping)
+        self.history.append((rho, self.damping))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"damping": self.damping, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.damping = float(state["damping"])
         self.history = [tuple(h) for h in state.get("history", [])]
 
 

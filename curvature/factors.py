@@ -97,7 +97,17 @@ class EMACovarianceFactor(Factor):
 
     The first statistic observed initializes :math:`F` (no bias toward zero); after that
     :math:`F \leftarrow \beta F + (1-\beta) S`.
+
+    Recovery (see :class:`~curvature.inverter.BatchedInverter`): when :math:`F + \lambda I` cannot be
+    inverted even in float64, the previous inverse is kept (or, before the first inverse, the
+    inversion is retried at once with more damping), the factor's damping multiplier
+    ``damping_boost`` is multiplied by :data:`BOOST` for the following refreshes and relaxes back by
+    :data:`RELAX` per successful refresh, and the failure is counted in ``inversion_failures``. A
+    non-finite :math:`F` is dropped (the next batch re-initializes it), counted in ``statistic_resets``.
     """
+
+    #: damping multiplier after a failed inversion, and its relaxation per successful refresh
+    BOOST, RELAX = 10.0, 0.5
 
     uses_statistics = True
     has_quadratic_form = True
@@ -114,6 +124,9 @@ class EMACovarianceFactor(Factor):
         self.refreshes = 0  # how many times the inverse was recomputed
         self.initialized = False
         self.updates = 0
+        self.damping_boost = 1.0
+        self.inversion_failures = 0
+        self.statistic_resets = 0
 
     @property
     def statistic(self) -> torch.Tensor:
@@ -142,7 +155,9 @@ class EMACovarianceFactor(Factor):
         self.initialized = True
 
     def request_inverse(self, inverter: BatchedInverter, damping: float) -> None:
-        inverter.request(self.F, damping, lambda inverse: self._set_inverse(inverse, damping))
+        used = [float(damping) * self.damping_boost]
+        inverter.request(self.F, used[0], lambda inverse: self._set_inverse(inverse, used[0]),
+                         lambda failed: self._inversion_failed(failed, used))
 
     def eigenbasis(self) -> tuple[torch.Tensor, torch.Tensor]:
         r"""``(eigenvalues, eigenvectors)`` of :math:`F = Q\,\mathrm{diag}(e)\,Q^\top`, ascending.
@@ -157,6 +172,20 @@ class EMACovarianceFactor(Factor):
     def _set_inverse(self, inverse: torch.Tensor, damping: float) -> None:
         self.inverse, self.inverse_damping = inverse, float(damping)
         self.refreshes += 1
+        self.damping_boost = max(1.0, self.damping_boost * self.RELAX)
+
+    def _inversion_failed(self, damping: float, used: list[float]) -> float | None:
+        """Count the failure, raise the damping; keep the previous inverse, or retry with more damping."""
+        self.inversion_failures += 1
+        self.damping_boost *= self.BOOST
+        if not all_finite(self.F):
+            self.F.zero_()
+            self.initialized = False
+            self.statistic_resets += 1
+        if self.inverse is not None:
+            return None
+        used[0] = damping * self.BOOST
+        return used[0]
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         if self.inverse is None:
@@ -169,7 +198,8 @@ class EMACovarianceFactor(Factor):
         return self.inverse
 
     def state_dict(self) -> dict[str, Any]:
-        return _tensor_state(self, ("F", "inverse", "initialized", "updates", "decay", "inverse_damping", "refreshes"))
+        return _tensor_state(self, ("F", "inverse", "initialized", "updates", "decay", "inverse_damping", "refreshes",
+                                    "damping_boost", "inversion_failures", "statistic_resets"))
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.F = state["F"].to(self.F, copy=True)
@@ -177,6 +207,9 @@ class EMACovarianceFactor(Factor):
         self.inverse = None if inv is None else inv.to(self.F, copy=True)
         self.initialized, self.updates, self.decay = bool(state["initialized"]), int(state["updates"]), float(state["decay"])
         self.inverse_damping, self.refreshes = state.get("inverse_damping"), int(state.get("refreshes", 0))
+        self.damping_boost = float(state.get("damping_boost", 1.0))
+        self.inversion_failures = int(state.get("inversion_failures", 0))
+        self.statistic_resets = int(state.get("statistic_resets", 0))
 
 
 class OneHotCountFactor(Factor):
@@ -310,6 +343,15 @@ class SecantFactor(Factor):
     def _incorporate(self, s: torch.Tensor, y: torch.Tensor, reference_norm: float | None) -> str | None:
         raise NotImplementedError
 
+    def reset_secant_memory(self) -> None:
+        """Forget the pairs: H back to its initial matrix and the pair EMA to zero (recovery after a fault)."""
+        self.s_avg.zero_()
+        self.y_avg.zero_()
+        self._reset_h()
+
+    def _reset_h(self) -> None:
+        raise NotImplementedError
+
     def diagnostics(self) -> dict[str, Any]:
         return {"damping": self.counters.as_dict(), "updates": self.updates}
 
@@ -339,6 +381,9 @@ class BFGSFactor(SecantFactor):
     def _incorporate(self, s, y, reference_norm):
         self.H, reason = guarded_bfgs_inverse_update(self.H, s, y, reference_norm, self.curvature_threshold)
         return reason
+
+    def _reset_h(self) -> None:
+        self.H = self.init_scale * torch.eye(self.dim, dtype=self.H.dtype, device=self.H.device)
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         return self.H @ V
@@ -370,6 +415,10 @@ class LBFGSFactor(SecantFactor):
         self.lbfgs.append(s, y)
         return None
 
+    def _reset_h(self) -> None:
+        old = self.lbfgs
+        self.lbfgs = CompactLBFGS(self.dim, old.memory, old.gamma, dtype=old.S.dtype, device=old.S.device)
+
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         return self.lbfgs.apply(V)
 
@@ -394,6 +443,12 @@ class HessianActionFactor(Factor):
     BFGS update (skip rules apply; :math:`s^\top y \ge \lambda_A\|s\|^2` so they never fire in
     exact arithmetic). ``action`` replaces :math:`v \mapsto Mv` with any symmetric positive
     definite action (e.g. an exact Hessian- or GGN-vector product of a small layer).
+
+    Step 0 as in the authors' code (spec §2.1-2.3): after a warm start (:meth:`set_statistic`),
+    statistics observed before the initial inversion are *not* folded in, so
+    :math:`H = (A_\text{warm} + \lambda_A I)^{-1}`; the EMA of :math:`A` starts with the next
+    batch. Without a warm start the first batch's statistic is :math:`A` (it is the only data seen
+    before the first inversion), folded in once.
     """
 
     uses_statistics = True
@@ -410,6 +465,8 @@ class HessianActionFactor(Factor):
         self.action = action
         self.curvature_threshold = curvature_threshold
         self.H: torch.Tensor | None = None
+        self.warm_started = False
+        self.inversion_failures = 0
         self.updates = 0
         self.skips: dict[str, int] = {}
         self.last_pair: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -418,14 +475,21 @@ class HessianActionFactor(Factor):
     def statistic(self) -> torch.Tensor:
         return self.covariance.F
 
+    def _folds(self) -> bool:
+        """False between a warm start and the initial inversion: A is not updated at k = 0."""
+        return self.H is not None or not self.warm_started
+
     def observe(self, statistic: torch.Tensor) -> None:
-        self.covariance.observe(statistic)
+        if self._folds():
+            self.covariance.observe(statistic)
 
     def observe_gram(self, rows: torch.Tensor, with_ones: bool, scale: float) -> None:
-        self.covariance.observe_gram(rows, with_ones, scale)
+        if self._folds():
+            self.covariance.observe_gram(rows, with_ones, scale)
 
     def set_statistic(self, statistic: torch.Tensor) -> None:
         self.covariance.set_statistic(statistic)
+        self.warm_started = True
 
     def damped_matrix(self) -> torch.Tensor:
         r""":math:`M = A + \lambda_A I`."""
@@ -437,9 +501,22 @@ class HessianActionFactor(Factor):
         return self.covariance.F @ v + self.damping * v
 
     def request_inverse(self, inverter: BatchedInverter, damping: float | None = None) -> None:
-        """Initialize ``H = (A + λ_A I)^{-1}`` once; later calls do nothing (H_a is never re-inverted)."""
+        r"""Initialize ``H = (A + λ_A I)^{-1}`` once; later calls do nothing (H_a is never re-inverted).
+
+        If that inversion fails even in float64 it is retried with ten times the damping (a
+        non-finite A is dropped first); the Hessian-action updates then pull H toward
+        :math:`(A + \lambda_A I)^{-1}`. Counted in ``inversion_failures``.
+        """
         if self.H is None:
-            inverter.request(self.covariance.F, self.damping, self._set_inverse)
+            inverter.request(self.covariance.F, self.damping, self._set_inverse, self._inversion_failed)
+
+    def _inversion_failed(self, damping: float) -> float:
+        self.inversion_failures += 1
+        if not all_finite(self.covariance.F):
+            self.covariance.F.zero_()
+            self.covariance.initialized = False
+            self.covariance.statistic_resets += 1
+        return damping * EMACovarianceFactor.BOOST
 
     def _set_inverse(self, inverse: torch.Tensor) -> None:
         self.H = inverse
@@ -475,9 +552,12 @@ class HessianActionFactor(Factor):
 
     def state_dict(self) -> dict[str, Any]:
         return {"covariance": self.covariance.state_dict(), "H": None if self.H is None else self.H.clone(),
-                "damping": self.damping, "updates": self.updates, "skips": dict(self.skips)}
+                "damping": self.damping, "updates": self.updates, "skips": dict(self.skips),
+                "warm_started": self.warm_started, "inversion_failures": self.inversion_failures}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.covariance.load_state_dict(state["covariance"])
         self.H = None if state["H"] is None else state["H"].to(self.covariance.F, copy=True)
         self.damping, self.updates, self.skips = float(state["damping"]), int(state["updates"]), dict(state["skips"])
+        self.warm_started = bool(state.get("warm_started", False))
+        self.inversion_failures = int(state.get("inversion_failures", 0))

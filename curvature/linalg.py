@@ -72,6 +72,8 @@ class InversionStats:
     float64_retries: int = 0
     failures: int = 0
     failed_shapes: list[tuple[int, ...]] = field(default_factory=list)
+    #: failures recovered by the factor (previous inverse kept, or retried with more damping)
+    recovered: int = 0
 
 
 class InversionError(RuntimeError):
@@ -110,6 +112,54 @@ def _damped(batch: torch.Tensor, damping: torch.Tensor | float) -> torch.Tensor:
     return damped
 
 
+def damped_inverse_entries(
+    matrices: torch.Tensor,
+    damping: torch.Tensor | float,
+    method: InverseMethod = "cholesky",
+    stats: InversionStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Like :func:`damped_inverse` on a batch ``[B, n, n]``, but never raises for a bad entry.
+
+    Returns ``(inverses, ok)``: ``ok[i]`` is False when entry ``i`` could not be inverted even in
+    float64 (it is not finite, or :math:`F + \lambda I` is not positive definite); such an entry's
+    inverse is meaningless and must not be used. Every failed entry is counted in ``stats.failures``.
+    A non-finite damping is a caller error and raises :class:`InversionError`.
+    """
+    if method not in ("cholesky", "eigh"):
+        raise ValueError(f"method must be 'cholesky' or 'eigh', got {method!r}")
+    if not (all_finite(damping) if isinstance(damping, torch.Tensor) else math.isfinite(float(damping))):
+        if stats is not None:
+            stats.failures += matrices.shape[0]
+            stats.failed_shapes.append(tuple(matrices.shape))
+        raise InversionError(f"the damping {damping!r} is not finite")
+    if stats is not None:
+        stats.calls += matrices.shape[0]
+    finite = torch.isfinite(matrices.sum(dim=(-2, -1)))
+    if not bool(finite.all()):  # exact per-entry test only when a sum is not finite
+        finite = torch.isfinite(matrices).flatten(1).all(dim=1)
+    safe = matrices if bool(finite.all()) else torch.where(
+        finite.reshape(-1, 1, 1), matrices, torch.zeros((), dtype=matrices.dtype, device=matrices.device))
+    inv, ok = _inverse_once(_damped(safe, damping), method)
+    ok = ok & finite
+    retry = (~ok) & finite
+    if bool(retry.any()):
+        bad = retry.nonzero().flatten()
+        if stats is not None:
+            stats.float64_retries += int(bad.numel())
+        damping_bad = damping[bad].double() if isinstance(damping, torch.Tensor) and damping.dim() > 0 else damping
+        # re-add the damping in float64: in float32 it may have been rounded away
+        inv64, ok64 = _inverse_once(_damped(safe[bad].double(), damping_bad), method)
+        inv = inv.clone()
+        inv[bad] = inv64.to(inv.dtype)
+        ok = ok.clone()
+        ok[bad] = ok64
+    n_failed = int((~ok).sum())
+    if n_failed and stats is not None:
+        stats.failures += n_failed
+        stats.failed_shapes.append(tuple(matrices.shape))
+    return inv, ok
+
+
 def damped_inverse(
     matrices: torch.Tensor,
     damping: torch.Tensor | float,
@@ -123,38 +173,14 @@ def damped_inverse(
     precision) are retried in float64, counted in ``stats``. If float64 fails too,
     :class:`InversionError` is raised: a silent wrong inverse is never returned.
     """
-    if method not in ("cholesky", "eigh"):
-        raise ValueError(f"method must be 'cholesky' or 'eigh', got {method!r}")
     single = matrices.dim() == 2
     batch = matrices.unsqueeze(0) if single else matrices
-
-    def fail(message: str) -> InversionError:
-        if stats is not None:
-            stats.failures += 1
-            stats.failed_shapes.append(tuple(batch.shape))
-        return InversionError(message)
-
-    if stats is not None:
-        stats.calls += batch.shape[0]
-    if not all_finite(batch):
-        raise fail("cannot invert a curvature factor that contains NaN or inf")
-    if not (all_finite(damping) if isinstance(damping, torch.Tensor) else math.isfinite(float(damping))):
-        raise fail(f"the damping {damping!r} is not finite")
-    inv, ok = _inverse_once(_damped(batch, damping), method)
+    inv, ok = damped_inverse_entries(batch, damping, method, stats)
     if not bool(ok.all()):
-        bad = (~ok).nonzero().flatten()
-        if stats is not None:
-            stats.float64_retries += int(bad.numel())
-        damping_bad = damping[bad].double() if isinstance(damping, torch.Tensor) and damping.dim() > 0 else damping
-        # re-add the damping in float64: in float32 it may have been rounded away
-        inv64, ok64 = _inverse_once(_damped(batch[bad].double(), damping_bad), method)
-        if not bool(ok64.all()):
-            raise fail(
-                f"damped factor of size {batch.shape[-1]} is not positive definite even in float64; "
-                "increase the damping"
-            )
-        inv = inv.clone()
-        inv[bad] = inv64.to(inv.dtype)
+        raise InversionError(
+            f"damped factor of size {batch.shape[-1]} is not finite or not positive definite even in "
+            "float64; increase the damping"
+        )
     return inv[0] if single else inv
 
 

@@ -12,6 +12,7 @@ opt = CurvatureOptimizer(model, lr=0.1, damping=0.3,
                          blocks={nn.Linear: kbfgsl_block(memory=20), nn.Conv2d: kfac_block()})
 print(opt.describe())
 x, y = torch.randn(256, 1, 8, 8), torch.randint(0, 10, (256,))
+opt.warm_start([(x, y)], nn.functional.cross_entropy)  # authors' one pass over the data: A (and G) at w0
 for step in range(50):
     def closure():
         opt.zero_grad()

@@ -23,10 +23,18 @@ With ``lag_factors=True`` (theory mode, AS.4) statistics of batch :math:`k` are 
 
 A step whose loss or gradient is not finite is skipped: parameters, momentum and curvature state
 stay exactly as they were, and the skip is counted in :attr:`CurvatureOptimizer.counters`.
+
+**Recovery** (:mod:`optimizers.recovery`, ``recovery=``): a step whose new point is not finite
+(non-finite parameters after the update, or K-BFGS's second pass) is reverted; when the first
+passes of two consecutive steps fail on finite inputs, the point itself is bad and the optimizer
+rolls back to the point before the last applied step (parameters and momentum). After a revert or a
+rollback the secant memory is reset and the step is shrunk, then relaxed back; all counted in
+``counters``. Non-finite model inputs are a data fault: that step is only skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import inspect
@@ -47,8 +55,11 @@ from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
 from curvature.linalg import InversionStats, all_finite
 from curvature.protocols import BlockProtocol
+from optimizers.communicator import Communicator, LocalCommunicator, TorchCommunicator
+from optimizers.data_parallel import DataParallel
 from optimizers.fallback import FALLBACK_RULES, fallback_update
-from optimizers.likelihoods import LIKELIHOODS, sampled_loss
+from optimizers.likelihoods import LIKELIHOODS, draw_noise, sampled_loss
+from optimizers.recovery import Recovery, inputs_finite, make_recovery, reset_secant_memory
 from optimizers.recipes import Recipe, RecipeContext
 
 
@@ -105,6 +116,22 @@ def _as_float(value: torch.Tensor | float | None) -> float | None:
     if value is None:
         return None
     return float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _communicator(distributed: bool | Communicator | None, ddp: nn.Module | None) -> Communicator:
+    """The communicator for the ``distributed`` argument (see :class:`CurvatureOptimizer`)."""
+    if isinstance(distributed, Communicator):
+        return distributed
+    if distributed is None:
+        return TorchCommunicator(ddp.process_group) if ddp is not None else LocalCommunicator()
+    if distributed is True:
+        return TorchCommunicator(ddp.process_group if ddp is not None else None)
+    if distributed is False:
+        if ddp is not None:
+            raise ValueError("distributed=False with a DistributedDataParallel model would let the ranks' curvature "
+                             "drift apart; pass the unwrapped module to train on one process")
+        return LocalCommunicator()
+    raise TypeError(f"distributed must be None, a bool or a Communicator, got {type(distributed).__name__}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -293,6 +320,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: KL-clipping constant c, or None.
         inverse_method: "cholesky" or "eigh" for damped factor inverses.
         seed: seed of the optimizer's own generator (MC Fisher sampling).
+        distributed: data-parallel training (see :mod:`optimizers.data_parallel`): None (default)
+            follows the model -- a ``DistributedDataParallel`` model trains over its process group,
+            anything else on one process; True: the default ``torch.distributed`` group (a plain
+            module whose gradients the user averages, e.g. with
+            :func:`~optimizers.data_parallel.all_reduce_gradients`); False: one process; or a
+            :class:`~optimizers.communicator.Communicator`.
+        distribute: "replicate" (every rank computes every inverse and BFGS update) or "layerwise"
+            (each layer's on one rank, results broadcast).
         param_groups: optional torch.optim-style groups ``[{"params": ..., "lr": ...}, ...]`` that
             together cover every trainable parameter of ``model``. Keys (defaults from the arguments
             above): ``lr``, ``weight_decay``, ``momentum``, ``damping``, ``fallback_lr``,
@@ -300,6 +335,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             per group. A layer's block and momentum follow the group of its weight; its bias may sit
             in another group with its own ``lr`` and ``weight_decay`` (but the same ``momentum``
             and ``damping``, else the step raises).
+        recovery: the :class:`~optimizers.recovery.Recovery` policy after a fault at the new point
+            (None/True: the default policy; False: revert/skip only, no rollback).
+        strict: raise :class:`~curvature.linalg.InversionError` when a factor cannot be inverted
+            even in float64, instead of keeping its previous inverse and raising its damping.
         exclude: layer names or glob patterns (``fnmatch``, e.g. ``"blocks.*.attn"``) that get the
             fallback rule whatever ``blocks`` says.
 
@@ -308,7 +347,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     does not cover, a parametrized weight, tied weights). Lazy modules must run one forward first.
 
     Attributes:
-        counters: ``{"steps", "skipped_steps", "reverted_steps", "skip_reasons"}``; a skipped step
+        counters: ``{"steps", "skipped_steps", "reverted_steps", "skip_reasons", "rollbacks",
+            "recoveries", "secant_resets", "inversion_recoveries", "step_scale", "bad_point_streak"}``
+            (see :mod:`optimizers.recovery`); a skipped step
             (non-finite loss or gradient) leaves everything else unchanged, a reverted step (K-BFGS's
             second pass found a non-finite loss) is undone completely (see :meth:`step`).
         slots, blocks: the preconditioned layers and their blocks; ``fallback_modules`` the layers
@@ -346,9 +387,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         param_groups: Iterable[Mapping[str, Any]] | None = None,
         exclude: Iterable[str] = (),
+        recovery: Recovery | bool | None = None,
+        strict: bool = False,
+        distributed: bool | Communicator | None = None,
+        distribute: str = "replicate",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        if ddp is not None:
+            model = ddp.module  # layer names (and checkpoints) are those of the wrapped module
+        self._ddp = ddp
+        self.data_parallel = DataParallel(_communicator(distributed, ddp), distribute,
+                                          loss_reduction if loss_reduction in ("mean", "sum") else "mean")
         _check_float("lr", lr, 0.0, lo_open=True, hi=None)
         _check_float("momentum", momentum, 0.0, 1.0)
         _check_float("weight_decay", weight_decay, 0.0, None)
@@ -397,6 +448,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.slots, self.fallback_modules = self._assign_blocks(model, blocks, group_damping)
         if not self.slots and not self.fallback_modules:
             raise ValueError("the model has no trainable parameters")
+        self.data_parallel.attach(self.slots)
         self.require_closure = bool(require_closure) or any(s.block.needs_second_pass for s in self.slots.values())
         if self.damping.needs_reduction_ratio:
             lacking = [s.name for s in self.slots.values() if not s.block.has_quadratic_form]
@@ -409,7 +461,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._build_damping = {name: group_damping[id(s.weight)] for name, s in self.slots.items()}
         self._extra_params: OrderedDict[int, str] = OrderedDict()
         self.steps = 0
-        self.counters: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "reverted_steps": 0, "skip_reasons": {}}
+        self.counters: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "reverted_steps": 0, "skip_reasons": {},
+                                         "rollbacks": 0, "recoveries": 0, "secant_resets": 0,
+                                         "inversion_recoveries": 0, "step_scale": 1.0,
+                                         "bad_point_streak": 0}  # first passes failing on finite inputs in a row
+        self.recovery, self.strict = make_recovery(recovery), bool(strict)
+        self._rollback_point: dict[str, Any] | None = None
+        self._batch_inputs: list[tuple[tuple, dict]] = []
         first = next(p for g in self.param_groups for p in g["params"])
         self._generator = torch.Generator(device=first.device).manual_seed(seed)
         self._hooks: OrderedDict[int, Callable[[StepInfo], None]] = OrderedDict()
@@ -670,6 +728,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 extra.append((id(p), f"param_groups[{index}][{j}]"))
             elif name not in self.fallback_modules:
                 self.fallback_modules[name] = module
+        if new_slots:
+            self.data_parallel.attach({**self.slots, **{slot.name: slot for slot in new_slots}})
         for slot in new_slots:
             self.slots[slot.name] = slot
             if _captured(slot.block):
@@ -693,6 +753,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _clear_captured(self) -> None:
         self.capture.clear()
         self._inputs = []
+        self._batch_inputs = []
 
     @property
     def blocks(self) -> dict[str, CurvatureBlock]:
@@ -718,7 +779,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _record_inputs(self, module, args, kwargs):
         """Forward pre-hook on the model: every forward with gradients enabled starts a new capture
-        pass (a micro-batch); its inputs are kept for the Monte-Carlo Fisher pass."""
+        pass (a micro-batch); its inputs are kept for the Monte-Carlo Fisher pass, and referenced
+        (for the finiteness check of a failed step) until the next step."""
+        if torch.is_grad_enabled() and not self._internal_pass:
+            self._batch_inputs.append((args, kwargs))
         if self.capture.config.active and torch.is_grad_enabled():
             self.capture.begin_pass()
             if self.fisher == "mc" and not self._internal_pass:
@@ -741,6 +805,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             h=second,
         )
         self._inputs = []
+        self._batch_inputs = []
 
     # ------------------------------------------------------------------ the step
     def _nonfinite_reason(self, loss: torch.Tensor | float | None) -> str | None:
@@ -820,40 +885,49 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._check_model()
         k = self.steps
         loss = None
+        self.data_parallel.begin_step()
         if closure is not None:
             self._configure_capture(k)
             with torch.enable_grad():
                 loss = closure()
             self._check_loss(loss, "the closure")
-        records, inputs = self.capture.records, self._inputs
+        records, inputs, batch_inputs = self.capture.records, self._inputs, self._batch_inputs
         self._clear_captured()
         settings = self._layer_settings()
         stats_due = self._stats_due(k)
         self._check_records(records, stats_due)
-        reason = self._nonfinite_reason(loss)
-        if reason is not None:
-            self._skip(k, reason, loss)
+        # one rank's non-finite loss or gradient makes every rank skip (one small all-reduce)
+        agreement = self.data_parallel.agree(self._nonfinite_reason(loss), _as_float(loss), records, list(self.slots))
+        if agreement.reason is not None:
+            self._skip(k, self._first_pass_fault(agreement.reason, batch_inputs), loss)
             self._configure_capture(k)
             return loss
+        self.counters["bad_point_streak"] = 0
+        self.data_parallel.set_grad_scales(records)  # per-sample rows of the global batch
 
         # Everything checkable is checked; what can still fail (an inversion, a user hook, the closure's
         # second call) is undone from a snapshot, so a step that raises leaves no trace but the error.
         second_pass = any(s.block.needs_second_pass for s in self.slots.values()) or self.damping.needs_reduction_ratio
         guarded = second_pass or self._inverse_due(k) or bool(self._precondition_hooks)
         snapshot = self._snapshot() if guarded else None
+        point = self._light_snapshot(snapshot) if self.recovery.rollback or snapshot is not None else None
         try:
-            info = self._mutate(k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot)
+            info = self._mutate(k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot, point)
         except BaseException:
             if snapshot is not None:
                 self._restore(snapshot)
             raise
+        if not info.skipped:
+            self._rollback_point = point if self.recovery.rollback else None
+            self.recovery.after_accepted_step()
+            self.counters["step_scale"] = self.recovery.step_scale
         self.steps += 1
         self.counters["steps"] = self.steps
         self._configure_capture(self.steps)
         self._emit(info)
         return loss
 
-    def _mutate(self, k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot) -> StepInfo:
+    def _mutate(self, k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot, point) -> StepInfo:
         """The mutating part of a step (statistics, inverses, momentum, direction, update, second pass)."""
         grads = {name: slot.adapter.grad_matrix() for name, slot in self.slots.items()}
         if stats_due and self.fisher == "mc" and any(s.block.needs_g for s in self.slots.values()):
@@ -886,7 +960,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             directions[name] = slot.block.precondition(g)
             for hook in list(self._precondition_hooks.values()):
                 hook(k, name, slot.block, g, directions[name])
-        scale = self._kl_scale(settings, pre, directions)
+        scale = self._kl_scale(settings, pre, directions) * self.recovery.step_scale
 
         for name, slot in self.slots.items():
             d_w, d_b = slot.adapter.split_matrix(directions[name])
@@ -894,14 +968,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             slot.weight.add_(d_w, alpha=-part.lr_w * scale)
             if d_b is not None:
                 slot.bias.add_(d_b, alpha=-part.lr_b * scale)
-        self._fallback_step()
+        self._fallback_step(self.recovery.step_scale)
         if stats_due and self.lag_factors:
             self._update_statistics(records, grads)
 
         info = StepInfo(step=k, lr=lr, loss=_as_float(loss), step_scale=scale,
                         grads=grads, inputs=pre, directions=directions, records=records,
                         layer_lrs={n: (p.lr_w, p.lr_b) for n, p in settings.items()})
-        if second_pass:
+        if point is not None and not all_finite(*[p for g in self.param_groups for p in g["params"]]):
+            if snapshot is not None:
+                self._restore(snapshot)
+            else:  # only parameters and momentum changed besides this batch's (finite) statistics
+                self._restore_light(point)
+            self._count_revert("non-finite parameters after the update (step reverted)", info)
+        elif second_pass:
             step_sizes = {n: settings[n].lr_w * scale for n in self.slots}
             self._second_pass(closure, records, loss, step_sizes, grads, directions, snapshot, info)
         return info
@@ -959,18 +1039,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _update_statistics(self, records: Mapping[str, LayerRecord], grads: Mapping[str, torch.Tensor]) -> None:
         for name, slot in self.slots.items():
-            record = records.get(name)
-            if record is None:
-                if slot.block.needs_a or slot.block.needs_g:
-                    raise RuntimeError(
-                        f"no statistics were captured for layer {name!r}: run forward and backward on the "
-                        "batch (with gradients enabled) before step(), or pass a closure"
-                    )
-                record = LayerRecord()
-            slot.block.update_statistics(record, grads[name])
+            if records.get(name) is None and (slot.block.needs_a or slot.block.needs_g):
+                raise RuntimeError(
+                    f"no statistics were captured for layer {name!r}: run forward and backward on the "
+                    "batch (with gradients enabled) before step(), or pass a closure"
+                )
+        # one process: each block folds its rows in; several: statistics averaged over ranks first
+        self.data_parallel.update_statistics(self.slots, records, grads, LayerRecord)
 
     def _refresh_inverses(self, settings: Mapping[str, PartSettings]) -> None:
-        inverter = BatchedInverter(self.inverse_method, self.inversion_stats)
+        # layerwise: each layer's owner inverts and broadcasts; otherwise the plain batched inverter
+        inverter = self.data_parallel.inverter(BatchedInverter(self.inverse_method, self.inversion_stats, strict=self.strict))
         policies: dict[float, DampingPolicy] = {}
         for name, slot in self.slots.items():
             lam = settings[name].damping
@@ -981,8 +1060,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 if policy is None:
                     policy = policies[lam] = copy.copy(self.damping)
                     policy.damping = lam
-            slot.block.request_inverses(inverter, policy)
+            slot.block.request_inverses(inverter.for_layer(name), policy)
         inverter.run()
+        self.counters["inversion_recoveries"] = self.inversion_stats.recovered
 
     def _kl_scale(self, settings: Mapping[str, PartSettings], inputs, directions) -> float:
         r""":math:`\nu = \min(1, \sqrt{c / v})` with :math:`v = \sum \alpha^2\langle d, m\rangle` over
@@ -1004,15 +1084,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _slot_param_ids(self) -> set[int]:
         return {id(p) for s in self.slots.values() for p in s.adapter.parameters()}
 
-    def _fallback_step(self) -> None:
-        """The fallback rule, with each group's settings, on every parameter without a block."""
+    def _fallback_step(self, scale: float = 1.0) -> None:
+        """The fallback rule, with each group's settings (learning rate × ``scale``), on every parameter without a block."""
         in_slots = self._slot_param_ids()
         for group in self.param_groups:
             flr, beta1, beta2, eps = self._fallback_settings(group)
             for p in group["params"]:
                 if id(p) in in_slots or p.grad is None:
                     continue
-                fallback_update(p, p.grad, self.state[p], rule=self.fallback, lr=flr, momentum=beta1,
+                fallback_update(p, p.grad, self.state[p], rule=self.fallback, lr=flr * scale, momentum=beta1,
                                 weight_decay=float(group["weight_decay"]), betas2=beta2, eps=eps)
 
     def _snapshot(self) -> dict[str, Any]:
@@ -1027,6 +1107,61 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "groups_damping": [g["damping"] for g in self.param_groups],
             "generator": self._generator.get_state(),
         }
+
+    def _light_snapshot(self, full: dict[str, Any] | None) -> dict[str, Any]:
+        """Parameters and per-parameter state only (the point a rollback returns to); shared with
+        ``full`` when the step already took a complete snapshot."""
+        if full is not None:
+            return {"params": full["params"], "state": full["state"]}
+        return {"params": [(p, p.detach().clone()) for g in self.param_groups for p in g["params"]],
+                "state": {p: {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in s.items()}
+                          for p, s in self.state.items()}}
+
+    def _restore_light(self, point: dict[str, Any]) -> None:
+        """Put back parameters and per-parameter state from :meth:`_light_snapshot` (copies, so the
+        point stays intact)."""
+        with torch.no_grad():
+            for p, value in point["params"]:
+                p.copy_(value)
+        for p in [q for q in self.state if q not in point["state"]]:
+            del self.state[p]
+        for p, s in point["state"].items():
+            self.state[p] = {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in s.items()}
+
+    def _count_revert(self, reason: str, info: StepInfo) -> None:
+        self.counters["reverted_steps"] += 1
+        self.counters["skip_reasons"][reason] = self.counters["skip_reasons"].get(reason, 0) + 1
+        info.skipped, info.skip_reason = True, reason
+        self._recover()
+
+    def _first_pass_fault(self, reason: str, batch_inputs: list) -> str:
+        """Classify a non-finite first pass; roll back when the point itself is bad. Returns the skip reason.
+
+        Non-finite model inputs are a data fault: the step is skipped and nothing else happens. On
+        finite inputs, the second such step in a row means the parameters are the problem: the
+        optimizer returns to the point before the last applied step (if it kept it) and recovers.
+        """
+        if batch_inputs and not inputs_finite(batch_inputs):
+            return "non-finite input batch"
+        self.counters["bad_point_streak"] = self.counters.get("bad_point_streak", 0) + 1
+        if self.counters["bad_point_streak"] >= 2 and self._rollback_point is not None and self.recovery.enabled:
+            self._restore_light(self._rollback_point)
+            self._rollback_point = None
+            self.counters["bad_point_streak"] = 0
+            self.counters["rollbacks"] += 1
+            self._recover()
+            return "non-finite loss or gradient at the point of the last step (rolled back)"
+        return reason
+
+    def _recover(self) -> None:
+        """The recovery policy after a revert or a rollback: reset the secant memory, shrink the step."""
+        if not self.recovery.enabled:
+            return
+        self.counters["recoveries"] += 1
+        if self.recovery.reset_secant:
+            self.counters["secant_resets"] += reset_secant_memory(s.block for s in self.slots.values())
+        self.recovery.after_fault()
+        self.counters["step_scale"] = self.recovery.step_scale
 
     def _restore(self, snapshot: dict[str, Any]) -> None:
         """Put back what :meth:`_snapshot` copied (bit-identical)."""
@@ -1047,8 +1182,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _second_pass(self, closure, before, loss, step_sizes, grads, directions, snapshot, info: StepInfo) -> None:
         self.capture.set(h=True, g=True, preactivation_grads_only=True)
         self._internal_pass = True
+        no_sync = self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
         try:
-            with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
+            with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad(), no_sync:
                 loss_after = closure()
         finally:
             self._internal_pass = False
@@ -1059,29 +1195,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         bad = not math.isfinite(info.loss_after) or not all_finite(
             *[r.grad_rows for r in after.values() if r.grad_rows is not None]
         )
+        if not bad:
+            for name, slot in self.slots.items():
+                if slot.block.needs_second_pass and (name not in after or name not in before or after[name].grad_rows is None):
+                    raise RuntimeError(
+                        f"layer {name!r} was not evaluated (forward and backward) by the closure on both calls: the "
+                        "closure must run the same batch through the model and call backward every time"
+                    )
+        # agreed over ranks; when no rank is bad the blocks consume the (global) batch means
+        bad, loss_after_all = self.data_parallel.second_pass(self.slots, before, after, bad, info.loss_after)
         if bad:
             self._restore(snapshot)
-            self.counters["reverted_steps"] += 1
-            reason = "non-finite loss or gradient at the new point (step reverted)"
-            self.counters["skip_reasons"][reason] = self.counters["skip_reasons"].get(reason, 0) + 1
-            info.skipped, info.skip_reason = True, reason
+            self._count_revert("non-finite loss or gradient at the new point (step reverted)", info)
             return
-        for name, slot in self.slots.items():
-            if slot.block.needs_second_pass and (name not in after or name not in before or after[name].grad_rows is None):
-                raise RuntimeError(
-                    f"layer {name!r} was not evaluated (forward and backward) by the closure on both calls: the "
-                    "closure must run the same batch through the model and call backward every time"
-                )
-        for name, slot in self.slots.items():
-            if slot.block.needs_second_pass:
-                slot.block.update_after_step(before[name], after[name])
         if self.damping.needs_reduction_ratio:
             model_change = 0.0
             for name, slot in self.slots.items():
                 delta = -step_sizes[name] * directions[name]
                 model_change += float(torch.sum(grads[name] * delta))
                 model_change += 0.5 * float(slot.block.curvature_quadratic(delta) + self.damping.damping * torch.sum(delta * delta))
-            rho = (info.loss_after - _as_float(loss)) / model_change if model_change < 0 else -math.inf
+            loss_before = self.data_parallel.agreed_loss(_as_float(loss))
+            rho = (loss_after_all - loss_before) / model_change if model_change < 0 else -math.inf
             info.reduction_ratio = rho
             self.damping.observe_reduction_ratio(rho)
             for group in self.param_groups:  # the adapted λ is visible (and settable) in every group
@@ -1098,7 +1232,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with frozen_parameters([p for g in self.param_groups for p in g["params"]]), torch.enable_grad():
                 for args, kwargs in inputs:
                     out = self.model(*args, **kwargs)
-                    loss = sampled_loss(out, self.likelihood, self.loss_reduction, self._generator)
+                    # several ranks: noise drawn once for the global batch, this rank's rows of it
+                    noise = self.data_parallel.mc_noise(
+                        next(iter(self.slots)), lambda n, out=out: draw_noise(self.likelihood, out, n, self._generator),
+                        out.shape[0]) if self.slots else None
+                    loss = sampled_loss(out, self.likelihood, self.loss_reduction, self._generator, noise=noise)
                     if len(inputs) > 1 and self.loss_reduction == "mean":
                         loss = loss / len(inputs)
                     loss.backward()
@@ -1154,7 +1292,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             raise ValueError("warm_start got no batches")
         for name, slot in self.slots.items():
             a_sum, g_sum = sums[name]
-            slot.block.warm_start(None if a_sum is None else a_sum / count, None if g_sum is None else g_sum / count)
+            a_avg = None if a_sum is None else a_sum / count
+            g_avg = None if g_sum is None else g_sum / count
+            present = [t for t in (a_avg, g_avg) if t is not None]
+            reduced = iter(self.data_parallel.comm.weighted_mean([(t, count) for t in present]))  # over ranks' batches
+            a_avg = None if a_avg is None else next(reduced)
+            g_avg = None if g_avg is None else next(reduced)
+            slot.block.warm_start(a_avg, g_avg)
         self._configure_capture(self.steps)
         return count
 
@@ -1176,6 +1320,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "generator": self._generator.get_state(),
             "blocks": {name: slot.block.state_dict() for name, slot in self.slots.items()},
             "kinds": {name: slot.block.describe() for name, slot in self.slots.items()},
+            "recovery": self.recovery.state_dict(),
+            "inversion_recovered": self.inversion_stats.recovered,
         }
         return state
 
@@ -1198,6 +1344,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._generator.set_state(extra["generator"])
         for name, slot in self.slots.items():
             slot.block.load_state_dict(extra["blocks"][name])
+        if "recovery" in extra:
+            self.recovery.load_state_dict(extra["recovery"])
+        self.inversion_stats.recovered = int(extra.get("inversion_recovered", 0))
         self._configure_capture(self.steps)
 
     def _validate_checkpoint(self, extra: Mapping[str, Any], torch_state: Mapping[str, Any]) -> None:

@@ -8,7 +8,8 @@ Per layer :math:`\\tilde W \\leftarrow \\tilde W - \\alpha H_g M H_a` with
   the pairs :math:`s_g = \\bar h(w_{k+1}) - \\bar h(w_k)`, :math:`y_g = \\bar g(w_{k+1}) - \\bar g(w_k)`
   from a second pass on the same batch, EMA-averaged (0.9) and double-damped (μ1 = 0.2, μ2 = √λ).
 
-Defaults: λ_A = μ2 = √λ, momentum 0.9 (EMA form), weight decay 1e-5, H_g starts at I. The H updates
+Defaults: lr 0.3, λ = 0.3 (the authors' values, also the best of the defaults study's candidates,
+README "Defaults"), λ_A = μ2 = √λ, momentum 0.9 (EMA form), weight decay 1e-5, H_g starts at I. The H updates
 of step k happen after the direction p_k is formed, as in the authors' code; with
 ``lag_factors=True`` the A statistics of batch k are also folded in only after the step.
 
@@ -26,6 +27,7 @@ from typing import Mapping
 from torch import nn
 
 from optimizers.driver import CurvatureOptimizer
+from optimizers.recovery import Recovery
 from optimizers.recipes import Recipe, default_blocks, kbfgs_block, kfac_block
 
 
@@ -43,7 +45,7 @@ class KBFGS(CurvatureOptimizer):
         momentum: β of the EMA momentum.
         weight_decay: τ (L2 term added to the gradient; per group).
         a_decay: EMA decay of A (the Hessian-action matrix of H_a).
-        pair_decay: EMA decay of the (s, y) pairs of H_g.
+        pair_decay: EMA decay of the (s, y) pairs of H_g (default 0.9, or 0 with ``full_batch``).
         mu1, mu2: double-damping constants (μ2 default √λ).
         lambda_a: λ_A (default √λ).
         damping_variant: "interpolate" (authors' code) or "lm".
@@ -60,6 +62,9 @@ class KBFGS(CurvatureOptimizer):
         exclude: layer names or glob patterns that get the fallback rule.
         seed: seed of the optimizer's generator.
         param_groups: optional torch.optim-style groups covering every trainable parameter.
+        full_batch: declare that every step sees the whole training set: ``pair_decay`` then defaults
+            to 0 (the authors' code turns the pair EMA off in that case; README "Full-batch training").
+        recovery, strict: see :class:`~optimizers.driver.CurvatureOptimizer`.
     """
 
     _memory: int | None = None
@@ -73,7 +78,7 @@ class KBFGS(CurvatureOptimizer):
         momentum: float = 0.9,
         weight_decay: float = 1e-5,
         a_decay: float = 0.9,
-        pair_decay: float = 0.9,
+        pair_decay: float | None = None,
         mu1: float = 0.2,
         mu2: float | None = None,
         lambda_a: float | None = None,
@@ -91,6 +96,11 @@ class KBFGS(CurvatureOptimizer):
         exclude=(),
         seed: int = 0,
         param_groups=None,
+        full_batch: bool = False,
+        recovery: Recovery | bool | None = None,
+        strict: bool = False,
+        distributed=None,
+        distribute: str = "replicate",
     ) -> None:
         if memory is not None and self._memory is None:
             raise ValueError(
@@ -99,6 +109,8 @@ class KBFGS(CurvatureOptimizer):
             )
         if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0:
             raise ValueError(f"damping (lambda) must be a number > 0, got {damping!r}")
+        if pair_decay is None:  # the authors' code: EMA 0.9 of the pairs, none when the batch is the data set
+            pair_decay = 0.0 if full_batch else 0.9
         memory = self._memory if memory is None else memory
         if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory < 1):
             raise ValueError(f"memory must be an integer >= 1, got {memory!r}")
@@ -110,7 +122,8 @@ class KBFGS(CurvatureOptimizer):
             weight_decay=weight_decay, curvature_update_freq=1, inverse_update_freq=1, fallback=fallback,
             loss_reduction=loss_reduction, lag_factors=lag_factors, require_closure=True, seed=seed,
             fallback_lr=fallback_lr, fallback_betas=fallback_betas, fallback_eps=fallback_eps,
-            param_groups=param_groups,
+            param_groups=param_groups, recovery=recovery, strict=strict,
+            distributed=distributed, distribute=distribute,
         )
 
 

@@ -20,21 +20,52 @@ import torch.nn.functional as F
 LIKELIHOODS = ("bernoulli", "gaussian", "categorical")
 
 
+def draw_noise(likelihood: str, output: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    r"""The randomness :func:`sampled_loss` uses, drawn for ``n`` samples shaped like ``output``'s samples.
+
+    Uniforms :math:`u \sim U[0, 1)` per element (Bernoulli: :math:`t = [u < \sigma(z)]`), standard
+    normals per element (Gaussian), one uniform per sample and location (categorical, inverse CDF).
+    For Bernoulli and Gaussian, ``draw_noise(..., N)`` is exactly what :func:`sampled_loss` draws
+    from ``generator`` for a batch of ``N``; data-parallel ranks draw it once for the global batch
+    and each take their rows, so the samples equal a single process's.
+    """
+    if likelihood == "bernoulli":
+        return torch.rand((n, *output.shape[1:]), generator=generator, device=output.device, dtype=output.dtype)
+    if likelihood == "gaussian":
+        return torch.randn((n, *output.shape[1:]), generator=generator, device=output.device, dtype=output.dtype)
+    if likelihood == "categorical":
+        return torch.rand((n, *output.shape[2:]), generator=generator, device=output.device, dtype=output.dtype)
+    raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+
+
 def sampled_loss(output: torch.Tensor, likelihood: str, reduction: str = "mean",
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """The loss of ``output`` against targets sampled from its own predictive distribution."""
+                 generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of ``output`` against targets sampled from its own predictive distribution.
+
+    ``noise`` (from :func:`draw_noise`, one row per sample of ``output``) replaces the draw from
+    ``generator``.
+    """
     if not isinstance(output, torch.Tensor):
         raise TypeError(f"the Monte-Carlo Fisher needs the model to return one tensor, got {type(output).__name__}")
     z = output
+    if noise is not None and noise.shape[0] != z.shape[0]:
+        raise ValueError(f"noise has {noise.shape[0]} rows for an output of {z.shape[0]} samples")
     with torch.no_grad():
         if likelihood == "bernoulli":
             probs = torch.sigmoid(z.detach())
-            target = (torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype) < probs).to(z.dtype)
+            u = noise if noise is not None else torch.rand(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            target = (u < probs).to(z.dtype)
         elif likelihood == "gaussian":
-            target = z.detach() + torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            eps = noise if noise is not None else torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            target = z.detach() + eps
         elif likelihood == "categorical":
             logits = z.detach().movedim(1, -1).reshape(-1, z.shape[1])
-            idx = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+            probs = torch.softmax(logits, -1)
+            if noise is None:
+                idx = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            else:  # inverse CDF of each row at its uniform
+                cdf = probs.cumsum(-1)
+                idx = torch.searchsorted(cdf, noise.reshape(-1, 1).to(cdf)).squeeze(-1).clamp_(max=z.shape[1] - 1)
             target = idx.reshape(*z.movedim(1, -1).shape[:-1])
         else:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")

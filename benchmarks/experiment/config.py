@@ -33,8 +33,8 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from benchmarks.experiment.settings import (OPTIMIZERS, OptimizerSettings, check_optimizer_name, make_settings,
-                                            parse_value)
+from benchmarks.experiment.settings import (DEFAULT_OPTIMIZERS, OPTIMIZERS, OptimizerSettings, check_optimizer_name,
+                                            make_settings, parse_value)
 from benchmarks.models import PAPER_SEED
 
 __all__ = [
@@ -87,6 +87,9 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple[float, ...]]] = {
     "adam": {"lr": log_grid(1e-5, 1e-2), "eps": log_grid(1e-5, 1e-3)},
     "rmsprop": {"lr": log_grid(1e-5, 1e-2), "eps": log_grid(1e-5, 1e-3)},
     "sgdm": {"lr": log_grid(1e-5, 1e-1)},
+    "hf": {"lr": (1.0,), "damping": log_grid(0.1, 10)},
+    "sfn": {"lr": (1.0,), "damping": log_grid(1e-3, 1e-1)},
+    "lm": {"lr": (1.0,), "damping": log_grid(1e-4, 1e-2)},
 }
 
 
@@ -117,7 +120,7 @@ class ExperimentConfig:
     """
 
     dataset: str = "curves"
-    optimizers: tuple[str, ...] = tuple(OPTIMIZERS)
+    optimizers: tuple[str, ...] = DEFAULT_OPTIMIZERS
     epochs: int = 100
     batch_size: int = 1000
     device: str = "cpu"

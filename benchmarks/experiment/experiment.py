@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from benchmarks.experiment.checkpoint import write_json
+from benchmarks.experiment.parallel import Parallel
 from benchmarks.experiment.config import ExperimentConfig, config_summary
 from benchmarks.experiment.datasets import DataBundle, check_widths, load_data
 from benchmarks.experiment.grid import grid_points, select_best
@@ -93,26 +94,29 @@ def run_experiment(
     print_fn: Callable[[str], None] | None = print,
     on_step: Callable[[str, str, int, int], None] | None = None,
     data: DataBundle | None = None,
+    parallel: Parallel | None = None,
 ) -> ExperimentResult:
     """Train every optimizer of ``cfg`` and write ``results.json``, ``curves.csv`` and the plots.
 
     ``on_step(optimizer, run, epoch, step)`` is called after every step. ``data`` skips loading.
+    ``parallel``: data-parallel ranks (torchrun); only rank 0 prints and writes.
     """
     out = Path(out)
-    say = print_fn or (lambda _msg: None)
+    par = parallel if parallel is not None else Parallel()
+    say = (print_fn if par.is_main else None) or (lambda _msg: None)
     _check_device(cfg)
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     try:
         return _run(cfg, out, say, resume=resume, progress=progress, checkpoint=checkpoint, on_step=on_step,
-                    data=data)
+                    data=data, par=par)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run(cfg: ExperimentConfig, out: Path, say: Callable[[str], None], *, resume: bool, progress: bool,
-         checkpoint: bool, on_step, data: DataBundle | None) -> ExperimentResult:
+         checkpoint: bool, on_step, data: DataBundle | None, par: Parallel) -> ExperimentResult:
     out.mkdir(parents=True, exist_ok=True)
     data = data if data is not None else load_data(cfg)
     check_widths(cfg, data)
@@ -129,7 +133,7 @@ def _run(cfg: ExperimentConfig, out: Path, say: Callable[[str], None], *, resume
         for tag, _values, settings in points:
             step_cb = None if on_step is None else (lambda e, j, _n=name, _t=tag: on_step(_n, _t, e, j))
             rec = train_run(cfg, data, name, settings, out / "runs" / name / tag, tag=tag, resume=resume,
-                            progress=progress, checkpoint=checkpoint, on_step=step_cb)
+                            progress=progress, checkpoint=checkpoint, on_step=step_cb, parallel=par)
             runs[name].append(rec)
             say(f"  {label(name):10s} {tag if cfg.grid else settings.short():28s} "
                 f"final train {rec.final_train_loss:.6g} after {rec.epochs_done} epochs ({rec.stop_reason}"
@@ -141,12 +145,14 @@ def _run(cfg: ExperimentConfig, out: Path, say: Callable[[str], None], *, resume
     rows = summary_rows(records, target)
     table = format_table(rows)
 
+    if not par.is_main:  # rank 0 writes the outputs
+        return ExperimentResult(cfg, out, info, records, runs, selected, target, rows, table, [])
     plots = write_plots(out, records, title=f"{cfg.dataset.upper()} autoencoder", target=target)
     write_curves_csv(out / CURVES_CSV, [(r, r is records[n]) for n in cfg.optimizers for r in runs[n]])
     payload = {
         "schema": 1,
         "config": config_summary(cfg),
-        "environment": _environment(cfg),
+        "environment": {**_environment(cfg), "world_size": par.world_size},
         "data": info,
         "target": target,
         "target_rule": "given (--target)" if cfg.target is not None else "worst final train loss x 1.05",

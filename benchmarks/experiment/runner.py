@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.experiment.checkpoint import CHECKPOINT, RESULT, load_checkpoint, read_json, save_checkpoint, write_json
 from benchmarks.experiment.config import ExperimentConfig, fingerprint
+from benchmarks.experiment.parallel import Parallel
 from benchmarks.experiment.datasets import DataBundle
 from benchmarks.experiment.settings import BuildContext, OptimizerSettings
 from benchmarks.models import Autoencoder, build_autoencoder, likelihood_for, loss_for
@@ -228,11 +229,16 @@ def train_run(
     progress: bool = True,
     checkpoint: bool = True,
     on_step: Callable[[int, int], None] | None = None,
+    parallel: Parallel | None = None,
 ) -> RunRecord:
     """Train one optimizer with ``settings``; checkpoint into ``run_dir``; return its record.
 
     ``on_step(epoch, step)`` is called after every step (tests use it to interrupt a run).
+    ``parallel``: data-parallel ranks (:mod:`benchmarks.experiment.parallel`); rank 0 alone writes.
     """
+    par = parallel if parallel is not None else Parallel()
+    checkpoint = checkpoint and par.is_main
+    progress = progress and par.is_main
     device = torch.device(cfg.device)
     run_dir = Path(run_dir)
     fp = fingerprint(cfg, name, settings)
@@ -248,14 +254,15 @@ def train_run(
                              f"--epochs {cfg.epochs}; use a fresh --out or a larger --epochs")
         if _finished(done, cfg):
             return done
-    if not resume and run_dir.exists():
+    if not resume and run_dir.exists() and par.is_main:
         shutil.rmtree(run_dir)
 
     loss_fn = loss_for(cfg.dataset)
     likelihood = likelihood_for(cfg.dataset)
     ctx = BuildContext(likelihood=likelihood, loss_fn=loss_fn, seed=cfg.seed)
     model = build_model(cfg)
-    opt = settings.build(model, ctx)
+    net = par.wrap(model)  # DistributedDataParallel with several ranks; curvature optimizers unwrap it
+    opt = settings.build(net, ctx)
     gen = torch.Generator().manual_seed(cfg.seed)
     n_train, batch = data.train.shape[0], cfg.batch_size
     n_batches = n_train // batch
@@ -281,8 +288,9 @@ def train_run(
         if settings.warm_starts and batch < n_train:
             _sync(device)
             w0, c0 = time.perf_counter(), time.process_time()
-            warm_batches = (data.train[i * batch:(i + 1) * batch] for i in range(n_batches))
-            rec.warm_start_batches = settings.run_warm_start(opt, model, ctx, warm_batches)
+            lo, hi = par.shard(batch)
+            warm_batches = (data.train[i * batch:(i + 1) * batch][lo:hi] for i in range(n_batches))
+            rec.warm_start_batches = settings.run_warm_start(opt, net, ctx, warm_batches)
             _sync(device)
             rec.warm_start_wall, rec.warm_start_cpu = time.perf_counter() - w0, time.process_time() - c0
         _append_epoch(rec, model, opt, data, cfg, loss_fn, likelihood, epoch=0, wall=0.0, cpu=0.0, times=[])
@@ -303,12 +311,16 @@ def train_run(
             _sync(device)
             w0, c0 = time.perf_counter(), time.process_time()
             perm = torch.randperm(n_train, generator=gen).to(device)
+            lo, hi = par.shard(batch)
+            weight = par.loss_weight(batch)
             for j in range(n_batches):
-                xb = data.train.index_select(0, perm[j * batch:(j + 1) * batch])
+                xb = data.train.index_select(0, perm[j * batch:(j + 1) * batch][lo:hi])
 
                 def closure(xb: torch.Tensor = xb) -> torch.Tensor:
                     opt.zero_grad(set_to_none=False)
-                    loss = loss_fn(model(xb), xb)
+                    loss = loss_fn(net(xb), xb)
+                    if weight != 1.0:
+                        loss = loss * weight
                     loss.backward()
                     return loss
 
@@ -318,6 +330,7 @@ def train_run(
                 _sync(device)
                 times.append(1e3 * (time.perf_counter() - t0))
                 value = math.nan if loss is None else float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+                value = par.mean(value)  # the global minibatch's loss (after the timed step)
                 rec.batch_losses.append(value)
                 bar.update(1)
                 if on_step is not None:
@@ -340,7 +353,8 @@ def train_run(
     finally:
         bar.close()
     rec.stop_reason = _stop_reason(rec, cfg)
-    write_json(result_path, rec.to_dict())
+    if par.is_main:
+        write_json(result_path, rec.to_dict())
     return rec
 
 

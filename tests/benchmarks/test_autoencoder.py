@@ -439,3 +439,19 @@ def test_missing_datasets_give_clear_errors(tmp_path):
         load_data(build_config(cli={"dataset": "mnist", "data_dir": str(tmp_path), "mnist_test_as_train": True}))
     with pytest.raises(DatasetError, match="newfaces_rot_single.mat"):
         load_data(build_config(cli={"dataset": "faces", "data_dir": str(tmp_path)}))
+
+
+def test_matrix_free_optimizers_train_on_the_device(tmp_path, micro_data, device):
+    """hf, sfn, lm are selectable like the paper's six and decrease the training loss in one epoch."""
+    cfg = build_config(config_file={**MICRO, "optimizers": ["hf", "sfn", "lm"], "epochs": 1, "device": device.type},
+                       sets=["hf.max_cg_iters=5", "sfn.k=4", "lm.max_cg_iters=5"])
+    assert cfg.settings["hf"].max_cg_iters == 5 and cfg.settings["sfn"].k == 4
+    data = DataBundle(micro_data.train.to(device), micro_data.test.to(device), micro_data.source)
+    res = run_experiment(cfg, tmp_path, progress=False, print_fn=None, checkpoint=False, data=data)
+    assert set(res.records) == {"hf", "sfn", "lm"}
+    for name, rec in res.records.items():
+        assert rec.stop_reason == "epochs" and rec.steps == [0, 4], name
+        assert rec.train_loss[1] < rec.train_loss[0], name
+    assert build_config().optimizers == ALL  # the matrix-free methods are opt-in
+    with pytest.raises(ValueError, match="momentum"):
+        make_settings("hf", {"momentum": 0.9})

@@ -297,8 +297,8 @@ def test_profile_breakdown_partitions_the_step(method, device):
         assert "inverter.BatchedInverter.run" in {r[0] for r in phases["inverse+stats"].tables[0].rows}
         # outside the inverse phase the inverter is constructed but inverts nothing
         stats = {r[0]: r for r in phases["stats"].tables[0].rows}
-        assert "linalg.damped_inverse" not in stats
-        assert "linalg.damped_inverse" in {r[0] for r in phases["inverse+stats"].tables[0].rows}
+        assert "linalg.damped_inverse_entries" not in stats
+        assert "linalg.damped_inverse_entries" in {r[0] for r in phases["inverse+stats"].tables[0].rows}
     assert report.text().count("by region, exclusive") == len(expected)
 
 
@@ -360,3 +360,15 @@ def test_transformer_throughput_rows_are_paired_with_adamw(tmp_path):
     assert [r["method"] for r in rows] == ["adamw", "kfac", "kbfgs", "kbfgsl"]
     assert float(rows[0]["x_adamw_median"]) == 1.0
     assert all(float(r["ms_median"]) > 0 and int(r["timed_steps"]) == 2 for r in rows)
+
+
+def test_matrix_free_methods_report_products_per_step(tmp_path, device):
+    res = throughput.run_suite(throughput.Workload.autoencoder("tiny", 64), ["adam", "hf", "sfn", "lm"], device,
+                               steps=1, warmup=0, repeats=1, log=lambda *_: None)
+    rows = {r["method"]: r for r in res.rows}
+    assert rows["adam"]["products_per_step"] is None
+    for name in ("hf", "sfn", "lm"):
+        assert rows[name]["products_per_step"] >= 1 and rows[name]["loss_evals_per_step"] >= 1
+        assert rows[name]["x_adam_median"] > 0 and "loose lower bound" in rows[name]["notes"]
+    assert rows["sfn"]["products_per_step"] == 10  # k = 10 Lanczos vectors
+    assert "products + " in throughput.format_table(res.rows, "t")

@@ -106,17 +106,19 @@ def test_ekfac_state_round_trips(device, example):
 
 @pytest.mark.slow
 def test_ekfac_trains_the_mnist_autoencoder_at_least_as_well_as_kfac(mnist_path, example):
-    """200 steps, same settings (lr, λ, momentum, weight decay, T_inv, warm-up) for both; a narrow
-    784-32-8-32-784 autoencoder on 1,000 test-split images to keep the run short."""
+    """200 steps, same settings (lr, λ, momentum, weight decay, T_inv, warm-up) for both. To keep the run
+    short: 1,000 test-split images at half resolution (2×2 average pooling, 196 pixels in [0, 1]) and a
+    narrow 196-32-8-32-196 autoencoder (when written: KFAC 42.0, EKFAC 37.5 mean loss of the last 20 steps)."""
     from benchmarks.data.mnist import load_mnist
 
     images = load_mnist(mnist_path, split="test")[0][:1000]
+    images = nn.functional.avg_pool2d(images.reshape(-1, 1, 28, 28), 2).reshape(-1, 196)
     ns = example("ekfac_block")
 
     def run(recipe) -> list[float]:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(784, 32), nn.ReLU(), nn.Linear(32, 8), nn.Linear(8, 32), nn.ReLU(),
-                              nn.Linear(32, 784))
+        model = nn.Sequential(nn.Linear(196, 32), nn.ReLU(), nn.Linear(32, 8), nn.Linear(8, 32), nn.ReLU(),
+                              nn.Linear(32, 196))
         opt = CurvatureOptimizer(model, lr=0.3, damping=3.0, blocks={nn.Linear: recipe}, momentum=0.9,
                                  weight_decay=1e-5, inverse_update_freq=20, inverse_warmup_steps=5)
         losses = []

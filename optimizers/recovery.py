@@ -1,0 +1,121 @@
+r"""Recovery after a fault at the new point: what the optimizer does after a reverted or rolled-back step.
+
+A step is *reverted* when K-BFGS's second pass finds a non-finite loss or gradient at the new
+point; it is *rolled back* when the first pass of the next step finds a non-finite loss or
+gradient on a batch whose inputs are finite (so the fault is in the parameters that the previous
+step produced: the optimizer returns to the point before that step). Either way the step left the
+region where the model is finite, and repeating it would fail again. The policy then
+
+* resets the secant memory (``reset_secant``): H_g back to its initial scale (dense BFGS), the
+  L-BFGS memory cleared, the pair EMA zeroed — the pairs that led here are not trusted;
+* shrinks the step (``step_shrink``): the next steps use ``lr · step_scale`` with
+  ``step_scale ← step_shrink · step_scale`` after each fault (never below ``min_step_scale``),
+  then relaxes back by ``× relax`` per accepted step up to 1.
+
+Everything is counted in ``opt.counters`` (``recoveries``, ``secant_resets``, ``rollbacks``) and
+``opt.counters["step_scale"]`` is the current multiplier. ``Recovery(enabled=False)`` restores the
+old behaviour (the step is reverted or skipped, nothing else changes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterable
+
+import torch
+
+
+@dataclass
+class Recovery:
+    """Configuration and state of the recovery policy (see the module docstring).
+
+    Args:
+        enabled: apply the policy at all.
+        reset_secant: reset H_g's secant memory after a fault.
+        step_shrink: factor in (0, 1] applied to the step multiplier after a fault.
+        relax: factor ≥ 1 by which the multiplier grows back per accepted step (capped at 1).
+        min_step_scale: the multiplier never goes below this.
+        rollback: keep the point before each step so that a fault found by the next first pass
+            (finite inputs, non-finite loss or gradient) can return to it; costs one copy of the
+            parameters and momentum.
+    """
+
+    enabled: bool = True
+    reset_secant: bool = True
+    step_shrink: float = 0.1
+    relax: float = 2.0
+    min_step_scale: float = 1e-4
+    rollback: bool = True
+    step_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name, lo, hi in (("step_shrink", 0.0, 1.0), ("min_step_scale", 0.0, 1.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v <= hi:
+                raise ValueError(f"Recovery.{name} must be a number in ({lo}, {hi}], got {v!r}")
+        if isinstance(self.relax, bool) or not isinstance(self.relax, (int, float)) or not (
+                math.isfinite(self.relax) and self.relax >= 1.0):
+            raise ValueError(f"Recovery.relax must be a finite number >= 1, got {self.relax!r}")
+
+    def after_fault(self) -> None:
+        """Shrink the step multiplier (the caller resets the secant memory when ``reset_secant``)."""
+        if self.enabled:
+            self.step_scale = max(self.min_step_scale, self.step_scale * self.step_shrink)
+
+    def after_accepted_step(self) -> None:
+        """Relax the step multiplier back toward 1."""
+        if self.step_scale < 1.0:
+            self.step_scale = min(1.0, self.step_scale * self.relax)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_scale = float(state["step_scale"])
+
+
+def make_recovery(value: "Recovery | bool | None") -> Recovery:
+    """``True``/None: the default policy; ``False``: disabled; a :class:`Recovery` is used as given."""
+    if value is None or value is True:
+        return Recovery()
+    if value is False:
+        return Recovery(enabled=False, rollback=False)
+    if isinstance(value, Recovery):
+        return value
+    raise TypeError(f"recovery must be a Recovery, True or False, got {type(value).__name__}")
+
+
+def inputs_finite(inputs: Any) -> bool:
+    """True when every floating-point tensor in (nested tuples, lists, dicts of) ``inputs`` is finite."""
+    from curvature.linalg import all_finite
+
+    tensors: list = []
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() or obj.is_complex():
+                tensors.append(obj.detach())
+        elif isinstance(obj, (tuple, list)):
+            for item in obj:
+                walk(item)
+        elif isinstance(obj, dict):
+            for item in obj.values():
+                walk(item)
+
+    walk(inputs)
+    return all_finite(*tensors)
+
+
+def reset_secant_memory(blocks: Iterable[Any]) -> int:
+    """Reset every secant factor (H_g of K-BFGS / K-BFGS(L)) among ``blocks``; returns how many."""
+    from curvature.factors import SecantFactor
+
+    n = 0
+    for block in blocks:
+        for side in ("a_factor", "g_factor"):
+            factor = getattr(block, side, None)
+            if isinstance(factor, SecantFactor):
+                factor.reset_secant_memory()
+                n += 1
+    return n

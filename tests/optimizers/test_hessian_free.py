@@ -1,0 +1,132 @@
+"""Hessian-free optimization against dense float64 GGN oracles on tiny models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, jacrev
+
+from curvature.damping import AdaptiveLM, Tikhonov
+from curvature.krylov import truncated_cg
+from curvature.products import make_functional
+from optimizers.hessian_free import HessianFree
+
+F64 = torch.float64
+
+
+def _problem(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(device=device, dtype=F64)
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(1), dtype=F64).to(device)
+    y = torch.randint(0, 3, (10,), generator=torch.Generator().manual_seed(2)).to(device)
+    return model, F.cross_entropy, x, y
+
+
+def dense_ggn(model, loss_fn, x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, g): G = J^T H_ell J with jacrev, g = grad f, both dense float64."""
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def unflat(t):
+        return {n: piece.reshape(s) for n, piece, s in zip(names, torch.split(t, [s.numel() for s in shapes]), shapes)}
+
+    def out(t):
+        return functional_call(model, unflat(t), (x,))
+
+    z = out(theta).detach()
+    jac = jacrev(lambda t: out(t).reshape(-1))(theta)
+    h_ell = jacrev(jacrev(lambda o: loss_fn(o.reshape(z.shape), y)))(z.reshape(-1))
+    g = jacrev(lambda t: loss_fn(out(t), y))(theta)
+    return jac.T @ h_ell @ jac, g
+
+
+def _closure(opt, model, loss_fn, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_step_equals_damped_gauss_newton_solve(device):
+    model, loss_fn, x, y = _problem(device)
+    lam = 0.1
+    ggn, g = dense_ggn(model, loss_fn, x, y)
+    expected = -torch.linalg.solve(ggn + lam * torch.eye(ggn.shape[0], dtype=F64, device=device), g)
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    opt = HessianFree(model, loss_fn, lr=1.0, damping=Tikhonov(lam), max_cg_iters=200, progress_eps=None,
+                      cg_tol=1e-13, backtrack=False, line_search=False)
+    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(after - before, expected, rtol=1e-8, atol=1e-10)
+    info = opt.last_step
+    assert info.accepted and info.products == info.details["cg_iterations"] + 1
+    # the warm start is the solution just found
+    torch.testing.assert_close(opt._get_vector("cg_solution"), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_cg_on_damped_ggn_is_monotone_in_the_damped_norm(device):
+    model, loss_fn, x, y = _problem(device)
+    lam = 0.05
+    ggn, g = dense_ggn(model, loss_fn, x, y)
+    a = ggn + lam * torch.eye(ggn.shape[0], dtype=F64, device=device)
+    x_star = torch.linalg.solve(a, -g)
+    product = make_functional(model, loss_fn, x, y).prepared_product("ggn")
+    errors = []
+    truncated_cg(lambda v: product(v) + lam * v, -g, max_iters=30, progress_eps=None,
+                 callback=lambda i, xi, r: errors.append(float(torch.sqrt((xi - x_star) @ a @ (xi - x_star)))))
+    assert len(errors) >= 10
+    assert all(e1 <= e0 * (1 + 1e-12) for e0, e1 in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-3 * errors[0]
+
+
+class Square(nn.Module):
+    """z = w^2 (a scalar parameter): the GGN 4w^2 badly underestimates the curvature far from the data."""
+
+    def __init__(self, w: float) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([w], dtype=F64))
+
+    def forward(self, x):
+        return (self.w**2) * x
+
+
+def test_lm_rule_raises_after_bad_ratio_and_lowers_after_good_one(device):
+    half_sse = lambda o, t: 0.5 * ((o - t) ** 2).sum()  # noqa: E731
+    x = torch.ones(1, dtype=F64, device=device)
+    y = torch.ones(1, dtype=F64, device=device)
+    # bad: at w = 0.1 the Gauss-Newton step overshoots (rho < 1/4): lambda <- 3/2 lambda
+    model = Square(0.1).to(device)
+    opt = HessianFree(model, half_sse, damping=1e-4, progress_eps=None)
+    assert isinstance(opt.damping, AdaptiveLM) and opt.damping.omega == pytest.approx(2 / 3)
+    opt.step(_closure(opt, model, half_sse, x, y), targets=y)
+    assert opt.last_step.reduction_ratio < 0.25
+    assert math.isclose(opt.damping.damping, 1.5e-4)
+    # good: a linear least-squares problem, the quadratic model is exact (rho = 1): lambda <- 2/3 lambda
+    lin = nn.Linear(2, 1, bias=False).to(device=device, dtype=F64)
+    xs = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=F64, device=device)
+    ys = torch.tensor([[1.0], [-1.0], [0.5]], dtype=F64, device=device)
+    opt2 = HessianFree(lin, half_sse, damping=1e-2, progress_eps=None)
+    opt2.step(_closure(opt2, lin, half_sse, xs, ys), targets=ys)
+    assert opt2.last_step.reduction_ratio == pytest.approx(1.0, rel=1e-6)
+    assert math.isclose(opt2.damping.damping, 1e-2 * 2 / 3)
+
+
+def test_backtracking_and_line_search_never_increase_the_batch_objective(device):
+    model, loss_fn, x, y = _problem(device)
+    opt = HessianFree(model, loss_fn, damping=1e-3, max_cg_iters=40)
+    closure = _closure(opt, model, loss_fn, x, y)
+    for _ in range(6):
+        opt.step(closure, targets=y)
+        info = opt.last_step
+        if info.accepted:
+            assert info.loss_after < info.loss  # Armijo with a descent direction implies a decrease
+            assert info.details["backtracked_to"] <= info.details["cg_iterations"]
+    assert opt.counters["steps"] == 6
