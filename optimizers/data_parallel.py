@@ -411,7 +411,12 @@ class _OwnedRequests:
     def __init__(self, parent: LayerInverter, owner: int) -> None:
         self.parent, self.owner = parent, owner
 
-    def request(self, matrix: torch.Tensor, damping: float, callback: Callable[[torch.Tensor], None]) -> None:
+    def request(self, matrix: torch.Tensor, damping: float, callback: Callable[[torch.Tensor], None],
+                on_failure: Callable[[float], float | None] | None = None) -> None:
+        """Queue ``matrix`` for its owner. ``on_failure`` (the factor's inversion recovery) is not
+        used here: it changes the factor's state on the owner alone, so in "layerwise" mode a failed
+        inversion raises :class:`~curvature.linalg.InversionError` on every rank instead (see
+        :meth:`LayerInverter.run`); "replicate" mode recovers as a single process does."""
         box: list = [None]
         self.parent._pending.append((matrix, self.owner, callback, box))
         if self.owner == self.parent.dp.rank:
