@@ -233,7 +233,7 @@ def test_adam_fallback_has_its_own_lr_betas_and_eps(device, fallback_lr):
     torch.manual_seed(0)
     model = _WithNorm().to(D).to(device)
     opt = KFAC(model, lr=0.5, damping=0.3, fallback="adam", fallback_lr=fallback_lr, fallback_betas=(0.8, 0.99),
-               fallback_eps=1e-10)
+               fallback_eps=1e-10, blocks={nn.LayerNorm: None})  # LayerNorm would get a diagonal block
     lr = 1e-3 if fallback_lr is None else fallback_lr
     assert f"fallback (adam, lr={lr:g}, betas=(0.8, 0.99), eps=1e-10)" in opt.describe()
     x = torch.randn(8, 5, dtype=D, device=device)
@@ -247,7 +247,7 @@ def test_adam_fallback_has_its_own_lr_betas_and_eps(device, fallback_lr):
 def test_sgd_fallback_uses_the_groups_lr_unless_told(device):
     torch.manual_seed(0)
     model = _WithNorm().to(D).to(device)
-    opt = KFAC(model, lr=0.5, damping=0.3, momentum=0.0, weight_decay=0.0)
+    opt = KFAC(model, lr=0.5, damping=0.3, momentum=0.0, weight_decay=0.0, blocks={nn.LayerNorm: None})
     assert "fallback (sgd, lr=0.5, momentum=0)" in opt.describe()
     x = torch.randn(8, 5, dtype=D, device=device)
     before = model.norm.bias.detach().clone()

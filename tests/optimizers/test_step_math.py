@@ -62,12 +62,25 @@ def _assert_identical(a, b, path="state"):
         assert a == b, path
 
 
+def _without_recovery_targets(state):
+    """The state minus what the recovery policy deliberately changes after a revert: H_g's secant
+    memory (reset) and the policy's own step multiplier."""
+    state = copy.deepcopy(state)
+    for block in state["opt"]["secondorder"]["blocks"].values():
+        block.pop("g")
+    state["opt"]["secondorder"].pop("recovery", None)
+    return state
+
+
+@pytest.mark.parametrize("recovery", [False, True], ids=["revert-only", "default-recovery"])
 @pytest.mark.parametrize("cls", [KBFGS, KBFGSL], ids=["kbfgs", "kbfgsl"])
-def test_revert_after_non_finite_second_pass_is_complete(device, cls):
+def test_revert_after_non_finite_second_pass_is_complete(device, cls, recovery):
     """Finite at the current point, NaN at the new one: parameters, momentum and every factor (including
-    the A statistics folded in before the direction) are bit-identical to before the step."""
+    the A statistics folded in before the direction) are bit-identical to before the step. With the
+    default recovery policy the revert is followed by its documented actions, and only by them: H_g's
+    secant memory is reset (counted) and the step multiplier shrinks."""
     model, x, y = _problem(device)
-    opt = cls(model, lr=0.2, damping=0.3)
+    opt = cls(model, lr=0.2, damping=0.3, recovery=recovery)
     for k in range(3):
         opt.step(_closure(opt, model, x + 0.1 * k, y))
     before = _everything_but_counters(opt, model)
@@ -86,7 +99,14 @@ def test_revert_after_non_finite_second_pass_is_complete(device, cls):
     opt.step(nan_at_new_point)
     assert len(calls) == 2
     assert opt.counters["reverted_steps"] == 1
-    _assert_identical(before, _everything_but_counters(opt, model))
+    after = _everything_but_counters(opt, model)
+    if recovery:
+        assert opt.counters["recoveries"] == 1 and opt.counters["secant_resets"] == len(opt.blocks)  # one per block
+        assert opt.counters["step_scale"] < 1.0
+        _assert_identical(_without_recovery_targets(before), _without_recovery_targets(after))
+    else:
+        assert opt.counters["secant_resets"] == 0 and opt.counters["step_scale"] == 1.0
+        _assert_identical(before, after)
     opt.step(_closure(opt, model, x, y))  # training goes on from the restored state
     assert opt.counters["reverted_steps"] == 1
 
