@@ -13,6 +13,9 @@
 # Not part of `bash run.sh test` or .ci/run (a full run takes hours on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# mutmut runs each mutant in a process forked from one that already ran torch: an OpenMP thread pool
+# does not survive fork(), and every mutant then hangs until its timeout. One thread avoids that.
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 python -c "import mutmut" 2>/dev/null || python -m pip install -q "mutmut==3.8.1"
 rm -rf mutants
 ORIG=$(mktemp)

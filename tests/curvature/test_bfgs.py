@@ -201,6 +201,19 @@ def test_check_pair_reasons(device):
     assert DEFAULT_CURVATURE_THRESHOLD == 1e-4
 
 
+def test_check_pair_reports_sy_and_skips_at_the_threshold(device):
+    """Every verdict carries sᵀy (NaN only for a non-finite pair), and the relative rule skips
+    *at* equality: sᵀy ≤ threshold·‖s‖²·‖g_ref‖ (values exact in binary floating point)."""
+    s = to_work(torch.tensor([1.0, 0.0]), device)
+    y = to_work(torch.tensor([0.5, 3.0]), device)                  # sᵀy = 0.5, ‖s‖² = 1
+    assert check_pair(s, -y).sy == pytest.approx(-0.5)
+    assert math.isnan(check_pair(to_work(torch.tensor([float("nan"), 0.0]), device), y).sy)
+    at = check_pair(s, y, reference_norm=1.0, threshold=0.5)      # 0.5 <= 0.5 · 1 · 1
+    assert at.reason == "s^T y below the relative curvature threshold" and at.sy == pytest.approx(0.5)
+    above = check_pair(s, y, reference_norm=1.0, threshold=0.25)  # 0.5 > 0.25
+    assert above.ok and above.sy == pytest.approx(0.5)
+
+
 @given(data=st.data())
 @hyp(max_examples=100)
 def test_guarded_update_relative_threshold(device, data):
