@@ -61,6 +61,7 @@ from optimizers.fallback import FALLBACK_RULES, fallback_update
 from optimizers.likelihoods import LIKELIHOODS, draw_noise, sampled_loss
 from optimizers.recovery import Recovery, inputs_finite, make_recovery, reset_secant_memory
 from optimizers.recipes import Recipe, RecipeContext
+from optimizers.validation import check_float as _check_float, check_int as _check_int
 
 
 @dataclass
@@ -132,22 +133,6 @@ def _communicator(distributed: bool | Communicator | None, ddp: nn.Module | None
                              "drift apart; pass the unwrapped module to train on one process")
         return LocalCommunicator()
     raise TypeError(f"distributed must be None, a bool or a Communicator, got {type(distributed).__name__}")
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, lo: float, hi: float | None = None, lo_open: bool = False, hi_open: bool = True) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = value > lo if lo_open else value >= lo
-        if ok and hi is not None:
-            ok = value < hi if hi_open else value <= hi
-    if not ok:
-        lo_b, hi_b = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ValueError(f"{name} must be a finite number in {lo_b}{lo}, {'inf' if hi is None else hi}{hi_b}, got {value!r}")
 
 
 def _check_group(group: Mapping[str, Any], where: str) -> None:

@@ -41,28 +41,9 @@ from torch.utils.hooks import RemovableHandle
 
 from curvature.damping import DampingPolicy
 from curvature.products import FunctionalLoss, make_functional
+from optimizers.validation import check_float, check_int  # noqa: F401  (re-exported for the methods)
 
 LossFn = Callable[[Any, Any], torch.Tensor]
-
-
-def check_float(name: str, value: Any, lo: float, hi: float | None = None, *, lo_open: bool = False,
-                hi_open: bool = True) -> float:
-    """Return ``float(value)`` or raise ``ValueError`` naming the parameter and the allowed range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        ok = value > lo if lo_open else value >= lo
-        if ok and hi is not None:
-            ok = value < hi if hi_open else value <= hi
-    if not ok:
-        lo_b, hi_b = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise ValueError(f"{name} must be a finite number in {lo_b}{lo}, {'inf' if hi is None else hi}{hi_b}, got {value!r}")
-    return float(value)
-
-
-def check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 @dataclass
