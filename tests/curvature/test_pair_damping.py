@@ -359,3 +359,41 @@ def test_p12_eigenvalue_bounds_after_dd_and_bfgs(device, variant, data, mu1, mu2
     scale = max(hi, hi0)
     assert hi <= upper + tau * scale
     assert lo >= lower - tau * scale
+
+
+def test_dd_boundaries_overflow_and_counters_exact(device):
+    """Exact edges of the skip rules (kills mutants that survived the suite): the zero-pair and the
+    damped-s rules skip *at* equality with ``min_norm``; a damped pair that overflows is skipped with
+    its reason and returned unchanged; the guard counter accumulates; ``powell_sign`` reaches step 1."""
+    H = to_work(torch.eye(2, dtype=F64), device)
+    apply_H = lambda v: H @ v  # noqa: E731
+    half = to_work(torch.tensor([0.5, 0.0], dtype=F64), device)
+    one = to_work(torch.tensor([1.0, 0.0], dtype=F64), device)
+    dd = DoubleDamping(mu1=0.2, mu2=0.5, min_norm=0.5)
+    assert dd(half, half, apply_H).skip_reason == "zero pair"                      # ‖s‖ = ‖y‖ = min_norm
+    assert dd(half, one, apply_H).skip_reason == "damped s is (numerically) zero"  # ‖s̃‖ = ‖s‖ = min_norm
+    # finite s and y, ỹ = y + μ2 s̃ overflows (LM variant): skipped, counted, the input pair returned
+    counters = DampingCounters()
+    big = to_work(torch.tensor([1e200, 0.0], dtype=F64), device)
+    pair = DoubleDamping(mu1=0.2, mu2=1e109, variant="lm")(big, one, apply_H, counters)
+    assert pair.skip_reason == "non-finite damped pair" and pair.s is big and pair.y is one
+    assert counters.skip_reasons == {"non-finite damped pair": 1} and counters.step2 == 0
+    # the step-2 guard (μ2 > 1, s̃ᵀy = ‖s̃‖²) counted once per pair
+    s = to_work(torch.tensor([1.0, 2.0], dtype=F64), device)
+    counters = DampingCounters()
+    for _ in range(2):
+        DoubleDamping(mu1=0.2, mu2=2.0)(s, s.clone(), lambda v: 0.5 * v, counters)
+    assert counters.step2_guard == 2
+    # powell_sign is passed to step 1 (a step-1-active pair: sᵀy < μ1 yᵀHy)
+    y = to_work(torch.tensor([-1.0, 0.5], dtype=F64), device)
+    for sign in (1, -1):
+        got = DoubleDamping(mu1=0.2, mu2=0.5, powell_sign=sign)(one, y, apply_H).s
+        torch.testing.assert_close(got, powell_h_damping(one, y, H @ y, 0.2, sign)[0], rtol=0, atol=0)
+
+
+def test_powell_b_form_is_inactive_at_equality(device):
+    """sᵀy = μ sᵀBs exactly: no damping (θ = 1 and ``active`` is False)."""
+    s = to_work(torch.tensor([1.0, 0.0], dtype=F64), device)
+    y = to_work(torch.tensor([0.5, 7.0], dtype=F64), device)       # sᵀy = 0.5 = μ · sᵀBs with B = I, μ = 0.5
+    r, theta, active = powell_b_damping(s, y, s.clone(), mu=0.5)
+    assert not active and theta == 1.0 and r is y
