@@ -332,11 +332,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     **Fallback.** A layer without a block gets the fallback rule; ``describe()`` lists it with the
     reason (no block for its type, excluded, an unsupported configuration, parameters the adapter
-    does not cover, a parametrized weight, tied weights). Lazy modules must run one forward first.
+    does not cover, a parametrized weight, tied weights that cannot share one block, an attention
+    found at a step to be used for cross-attention). Lazy modules must run one forward first.
+    Fully tied layers (the same weight and bias) share one summed block (see :meth:`_assign_blocks`).
 
     Attributes:
         counters: ``{"steps", "skipped_steps", "reverted_steps", "skip_reasons", "rollbacks",
-            "recoveries", "secant_resets", "inversion_recoveries", "step_scale", "bad_point_streak"}``
+            "recoveries", "secant_resets", "inversion_recoveries", "step_scale", "bad_point_streak",
+            "runtime_fallbacks"}``
             (see :mod:`optimizers.recovery`); a skipped step
             (non-finite loss or gradient) leaves everything else unchanged, a reverted step (K-BFGS's
             second pass found a non-finite loss) is undone completely (see :meth:`step`).
@@ -678,8 +681,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return f"tied weights shared between {members}: tied attention projections are not supported"
         params = {n: [id(p) for p in a.parameters()] for n, a in adapters.items()}
         if any(params[n] != params[first] for n in members):
-            return (f"partial tie between {members}: they share some but not all of their weight/bias; a summed "
-                    "block needs the very same weight and bias in every layer")
+            return (f"partial tie between {members}: they share some but not all of their weight/bias (one summed "
+                    "block for tied weights needs the very same weight and bias in every layer)")
         if any((a.a_dim, a.g_dim) != (adapters[first].a_dim, adapters[first].g_dim) for a in adapters.values()):
             return f"tied weights shared between {members} with different Kronecker shapes"
         if any(found[n][0] is not found[first][0] for n in members):
