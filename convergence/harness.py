@@ -898,7 +898,8 @@ def run_harness(source: Source, config: HarnessConfig) -> Report:
     whole = None
     if matrix_free:  # the whole-model path: one operator, recorded through the optimizer's step hook
         every = config.probe_every or max(1, config.steps // 10)
-        whole = WholeModelMonitor(optimizer, probe_interval=every if "E4" in config.checks else 0)
+        probing = "E4" in config.checks or "E7" in config.checks  # E7a uses E4's kappa
+        whole = WholeModelMonitor(optimizer, probe_interval=every if probing else 0)
     tap = GradientTap(p.model, optimizer)
     try:
         trace = train(p, optimizer, loader, steps=config.steps, lr=lr, beta=config.beta,
