@@ -121,7 +121,7 @@ def _lazy_float(name: str) -> property:
     key = "_" + name
 
     def get(self: Any) -> float | None:
-        value = self.__dict__.get(key)
+        value = self.__dict__.get(key)  # documented below (``get.__doc__``)
         if isinstance(value, torch.Tensor):
             value = self.__dict__[key] = float(value)
         return value
@@ -130,7 +130,8 @@ def _lazy_float(name: str) -> property:
         self.__dict__[key] = value.detach() if isinstance(value, torch.Tensor) else (
             None if value is None else float(value))
 
-    return property(get, put, doc=f"``{name}`` as a float (converted from the step's tensor on first read)")
+    get.__doc__ = put.__doc__ = f"``{name}`` as a float (converted from the step's tensor on first read)"
+    return property(get, put)
 
 
 StepInfo.loss = _lazy_float("loss")  # type: ignore[assignment]
@@ -1198,14 +1199,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layers (and over weight and bias parts with their own learning rates)."""
         if self.kl_clip is None:
             return 1.0
-        vg = 0.0
+        sums = []  # every layer's inner products, read from the device at once
         for name, slot in self.slots.items():
             part, d, m = settings[name], directions[name], inputs[name]
             if part.lr_w == part.lr_b:
-                vg += float(torch.sum(d * m)) * part.lr_w * part.lr_w
+                sums.append(torch.sum(d * m))
             else:
                 (dw, db), (mw, mb) = slot.adapter.split_matrix(d), slot.adapter.split_matrix(m)
-                vg += float(torch.sum(dw * mw)) * part.lr_w**2 + float(torch.sum(db * mb)) * part.lr_b**2
+                sums += [torch.sum(dw * mw), torch.sum(db * mb)]
+        values = iter(torch.stack([v.double() for v in sums]).tolist() if sums else [])
+        vg = 0.0
+        for name in self.slots:  # the same Python arithmetic as one read per layer
+            part = settings[name]
+            if part.lr_w == part.lr_b:
+                vg += next(values) * part.lr_w * part.lr_w
+            else:
+                vg += next(values) * part.lr_w**2 + next(values) * part.lr_b**2
         if not vg > 0:
             return 1.0
         return min(1.0, math.sqrt(self.kl_clip / vg))

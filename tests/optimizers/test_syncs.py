@@ -7,7 +7,8 @@ sees tensor methods and conversions. On CUDA the same steps also run under
 ``torch.cuda.set_sync_debug_mode("error")`` minus the budgeted calls, so any unbudgeted
 synchronizing call raises there.
 
-Budget with default settings (one process, no KL clipping, fixed damping), per step:
+Budget with default settings (one process, no KL clipping, fixed damping), per step (KL
+clipping adds one read per step for all layers):
 
 * KFAC, diagonal: 1 (the fused first-pass check) + 1 (the new-point check of recovery, which keeps
   a rollback point by default); +1 on a step that refreshes inverses (every success mask of every
@@ -54,6 +55,8 @@ CASES = {
     "kfac": (lambda m: KFAC(m, inverse_update_freq=4, inverse_warmup_steps=0), lambda L, refresh: 2 + refresh),
     "kfac-no-recovery": (lambda m: KFAC(m, inverse_update_freq=4, inverse_warmup_steps=0, recovery=False),
                          lambda L, refresh: 1 + 2 * refresh),
+    "kfac-kl-clip": (lambda m: KFAC(m, inverse_update_freq=4, inverse_warmup_steps=0, kl_clip=1e-3),
+                     lambda L, refresh: 3 + refresh),
     "diagonal": (lambda m: Diagonal(m), lambda L, refresh: 2),
     "kbfgs": (lambda m: KBFGS(m), lambda L, refresh: 2 + 4 * L),
     "kbfgsl": (lambda m: KBFGSL(m, memory=3), lambda L, refresh: 2 + 4 * L),
