@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-test", dest="n_test", type=int, help="test images (default: the whole split)")
     p.add_argument("--max-time", dest="max_time", type=float,
                    help="stop a run after this many seconds of training CPU time (the authors' max_cpu_time)")
-    p.add_argument("--target", type=float, help="target train loss for time-to-target (default: worst final x1.05)")
+    p.add_argument("--target", type=float, help="target train loss for time-to-target (default: the best first-order "
+                   "method's final train loss; without one, the worst final x1.05)")
     p.add_argument("--divergence-factor", dest="divergence_factor", type=float,
                    help="stop a run as diverged above this multiple of its initial train loss "
                         "(default 1000; inf: never)")

@@ -10,7 +10,10 @@ training batches are i.i.d. draws with replacement of ``batch_size`` examples (t
 seeded sampler per run) -- or a ``DataLoader``: then it *is* the training loader (its sampler,
 ``drop_last`` and collation are part of what E2/E3 test; E8's runs at 4m are not possible) and f is
 the loss over its ``dataset``. ``make_optimizer(model)`` returns the optimizer: any optimizer built
-from the curvature blocks gets every check; any other ``torch.optim`` optimizer (e.g. Adam, as a
+from the curvature blocks gets every check; the whole-model matrix-free ones (``HessianFree``,
+``LevenbergMarquardt``, ``SaddleFreeNewton``, e.g. ``lambda m: HessianFree(m, loss_fn)``) get their
+batch targets through the closures and the whole-model E4/E4.apply/E7a of
+:mod:`convergence.whole_model` (NOT_APPLICABLE for saddle-free Newton), E5 NOT_APPLICABLE; any other ``torch.optim`` optimizer (e.g. Adam, as a
 baseline) gets the checks that need only its steps (E1, E2, E3, E6 in step form, E7b/c, E8) and
 NOT_APPLICABLE for the ones that need a preconditioner (E4, E5, E7a, E7d).
 """

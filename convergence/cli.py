@@ -3,7 +3,7 @@ r"""``python -m convergence check``: train with the monitor on, run E0 and the c
 Usage::
 
     python -m convergence check --problem {least-squares,logistic,softmax,mlp,mnist | MODULE:FUNCTION}
-        [--optimizer {kbfgs,kbfgsl,kfac,diagonal}] [--steps N] [--batch-size B]
+        [--optimizer {kbfgs,kbfgsl,kfac,diagonal,hf,sfn,lm}] [--steps N] [--batch-size B]
         [--lr LR] [--damping LAMBDA] [--beta BETA] [--device {cpu,cuda}] [--seed S] --out DIR
         [--data-dir DIR] [--mnist-examples N] [--theory-mode | --no-theory-mode]
         [--checks E1,E2,...] [--checkpoints C] [--rate-seeds S] [--descent-batches R] [--alpha A]
@@ -19,7 +19,13 @@ What it does:
    ``lipschitz``, ``batch_size`` -- and the optimizer (``--optimizer``, unless the entry point gives
    ``make_optimizer``); in theory mode (the default) with ``momentum=0, weight_decay=0,
    lag_factors=True`` and an i.i.d. with-replacement sampler, otherwise with the optimizer's defaults
-   and a shuffling ``DataLoader`` -- the report then lists the theory-mode violations;
+   and a shuffling ``DataLoader`` -- the report then lists the theory-mode violations. The
+   matrix-free optimizers ``hf`` (Hessian-free), ``sfn`` (saddle-free Newton) and ``lm``
+   (Levenberg-Marquardt) take the problem's loss, get their batch targets through the closures
+   (:mod:`convergence.whole_model`) and in theory mode run without CG warm start (``hf``) and without
+   momentum or uphill acceptance (``lm``); E4 checks the dense operator their step solved with for
+   ``hf``/``lm`` (NOT_APPLICABLE for ``sfn``: its ``|H|^-1`` is not a quasi-Newton H_k), E5 is
+   NOT_APPLICABLE for all three (the operator is built from the step's own batch);
 2. trains and checks with :func:`convergence.harness.run_harness` (see there: the gradient tap for
    E2, the recorded batches for E3, the applied-operator probes for E4, every check under its own
    guard, E0 run health first, Holm-Bonferroni at family-wise ``--alpha``);
@@ -51,10 +57,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from convergence.harness import CHECKS  # E1..E8 (E0 always runs)
 
-__all__ = ["CHECKS", "OPTIMIZERS", "PROBLEMS", "build_parser", "parse_args", "build_problem", "build_optimizer",
+__all__ = ["CHECKS", "OPTIMIZERS", "MATRIX_FREE", "PROBLEMS", "build_parser", "parse_args", "build_problem", "build_optimizer",
            "make_loader", "run", "main"]
 
-OPTIMIZERS = ("kbfgs", "kbfgsl", "kfac", "diagonal")
+OPTIMIZERS = ("kbfgs", "kbfgsl", "kfac", "diagonal", "hf", "sfn", "lm")
+#: the whole-model matrix-free optimizers (convergence.whole_model)
+MATRIX_FREE = ("hf", "sfn", "lm")
 PROBLEMS = ("least-squares", "logistic", "softmax", "mlp", "mnist")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
@@ -128,9 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minibatch size m (default: an entry point's batch_size, else 16)")
     p.add_argument("--lr", type=_positive_float, default=None,
                    help="base learning rate; alpha_k = lr (k+1)^-beta (default: 0.2 for K-BFGS, 0.1 for kfac, 0.05 "
-                        "for diagonal; an entry point's own optimizer keeps its lr)")
+                        "for diagonal, 1 for hf, sfn, lm; an entry point's own optimizer keeps its lr)")
     p.add_argument("--damping", type=_positive_float, default=None,
-                   help="damping lambda (default: 0.3 for K-BFGS, 1.0 for kfac and diagonal)")
+                   help="damping lambda (default: 0.3 for K-BFGS, 1.0 for kfac, diagonal and hf, 0.01 for sfn, "
+                        "0.001 for lm; for hf/sfn/lm the initial value of the adaptive damping)")
     p.add_argument("--beta", type=_beta, default=0.0, help="step-size decay exponent in [0, 1] (default 0: constant)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train and check (default cpu)")
     p.add_argument("--seed", type=_nonnegative_int, default=0,
@@ -232,17 +241,32 @@ def build_problem(name: str, *, seed: int = 0, device: torch.device | str = "cpu
     raise ValueError(f"unknown problem {name!r}; choose from {PROBLEMS}")
 
 
-DEFAULT_LR = {"kbfgs": 0.2, "kbfgsl": 0.2, "kfac": 0.1, "diagonal": 0.05}
+DEFAULT_LR = {"kbfgs": 0.2, "kbfgsl": 0.2, "kfac": 0.1, "diagonal": 0.05, "hf": 1.0, "sfn": 1.0, "lm": 1.0}
 #: diagonal: damping 1e-3 (the old default) lets 1/(v + 1e-3) reach ~1e3 on rarely-excited weights and the
 #: run diverged (loss 0.49 -> 5,803 on mlp); with 1.0 the operator is bounded by 1 and the run trains.
-DEFAULT_DAMPING = {"kbfgs": 0.3, "kbfgsl": 0.3, "kfac": 1.0, "diagonal": 1.0}
+#: hf, sfn, lm: the optimizers' own initial damping (HF: Martens's adaptive lambda from 1; LM: Marquardt's 1e-3).
+DEFAULT_DAMPING = {"kbfgs": 0.3, "kbfgsl": 0.3, "kfac": 1.0, "diagonal": 1.0, "hf": 1.0, "sfn": 1e-2, "lm": 1e-3}
 
 
-def build_optimizer(name: str, model: nn.Module, *, lr: float, damping: float, theory_mode: bool, seed: int = 0):
-    """The optimizer; in theory mode with :func:`convergence.monitor.theory_mode_kwargs`."""
+def build_optimizer(name: str, model: nn.Module, *, lr: float, damping: float, theory_mode: bool, seed: int = 0,
+                    loss_fn=None):
+    """The optimizer; in theory mode with :func:`convergence.monitor.theory_mode_kwargs` (for the matrix-free
+    ones: no CG warm start for ``hf``, no momentum or uphill acceptance for ``lm``). ``loss_fn`` is needed by
+    ``hf``, ``sfn`` and ``lm`` (their curvature products)."""
     from convergence.monitor import theory_mode_kwargs
     from optimizers import KBFGS, KBFGSL, KFAC, CurvatureOptimizer, diagonal_block
 
+    if name in MATRIX_FREE:
+        from optimizers import HessianFree, LevenbergMarquardt, SaddleFreeNewton
+
+        if loss_fn is None:
+            raise ValueError(f"--optimizer {name} needs the problem's loss_fn")
+        if name == "hf":
+            return HessianFree(model, loss_fn, lr=lr, damping=damping, **({"cg_decay": 0.0} if theory_mode else {}))
+        if name == "sfn":
+            return SaddleFreeNewton(model, loss_fn, lr=lr, damping=damping)
+        return LevenbergMarquardt(model, loss_fn, lr=lr, damping=damping,
+                                  **({"momentum": False, "uphill": False} if theory_mode else {}))
     extra = theory_mode_kwargs() if theory_mode else {}
     if name == "kbfgs":
         return KBFGS(model, lr=lr, damping=damping, seed=seed, **extra)
@@ -287,9 +311,9 @@ def _source(args: argparse.Namespace):
             damping = args.damping if args.damping is not None else DEFAULT_DAMPING[args.optimizer]
             args.damping_used, args.lr_used = damping, lr
 
-            def make_opt(model, lr=lr, damping=damping):
+            def make_opt(model, lr=lr, damping=damping, loss_fn=fields["loss_fn"]):
                 return build_optimizer(args.optimizer, model, lr=lr, damping=damping, theory_mode=args.theory_mode,
-                                       seed=args.seed)
+                                       seed=args.seed, loss_fn=loss_fn)
         batch = args.batch_size or fields.get("batch_size") or 16
         return make_source(fields["model"], fields["loss_fn"], fields["data"], make_opt, batch_size=batch,
                            lipschitz=fields.get("lipschitz"), device=device, make_closure=fields.get("make_closure"),
@@ -307,7 +331,7 @@ def _source(args: argparse.Namespace):
 
     def make_opt(model):
         return build_optimizer(args.optimizer, model, lr=lr, damping=damping, theory_mode=args.theory_mode,
-                               seed=args.seed)
+                               seed=args.seed, loss_fn=problem.loss_fn)
 
     def loader(seed: int, batch_size: int, num_batches: int):
         return make_loader(problem.dataset, batch_size, args.theory_mode, seed, num_batches)
@@ -342,7 +366,8 @@ def run(args: argparse.Namespace, *, stdout=None) -> int:
                extra={"gradient_norm_sq": {"steps": report.trace.grad_steps, "main_run": report.trace.grad_norm_sq,
                                            "alpha": report.trace.lrs},
                       "monitor": None if report.monitor is None else {
-                          "records": len(report.monitor.records), "spectrum": report.monitor.spectrum_series()}})
+                          "records": len(report.monitor.records), "spectrum": report.monitor.spectrum_series()},
+                      "whole_model": None if report.whole_model is None else report.whole_model.to_json()})
     name = args.optimizer or meta.get("optimizer")
     damping = getattr(args, "damping_used", None)
     title = (f"{name} on {args.problem}: {args.steps} steps, batch {source.batch_size}, lr {meta['lr']:g}"

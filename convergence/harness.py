@@ -125,9 +125,12 @@ class Source:
     name: str = "problem"
 
     def closure_factory(self, optimizer):
-        if self.make_closure is not None:
-            return self.make_closure(optimizer)
-        return self.problem.make_closure(optimizer)
+        make = self.make_closure(optimizer) if self.make_closure is not None else self.problem.make_closure(optimizer)
+        from convergence.whole_model import is_matrix_free_optimizer, with_targets
+
+        if is_matrix_free_optimizer(optimizer):  # its step needs the batch targets: the closures carry them
+            return with_targets(make)
+        return make
 
     def training_loader(self, seed: int, num_batches: int, batch_size: int | None = None) -> Iterable:
         if self.make_loader is not None:
@@ -181,6 +184,8 @@ class GradientTap:
         self.step, self._called = step, False
 
     def wrap(self, closure: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        targets = getattr(closure, "targets", None)  # a matrix-free optimizer's closure carries its targets
+
         def tapped() -> torch.Tensor:
             loss = closure()
             if not self._called:
@@ -193,6 +198,8 @@ class GradientTap:
                 self.gradients[self.step] = flat
             return loss
 
+        if targets is not None:
+            tapped.targets = targets  # type: ignore[attr-defined]
         return tapped
 
     def _on_step(self, info) -> None:
@@ -282,7 +289,9 @@ def _skipped(optimizer) -> int:
     counters = getattr(optimizer, "counters", None)
     if not isinstance(counters, dict):
         return 0
-    return int(counters.get("skipped_steps", 0)) + int(counters.get("reverted_steps", 0))
+    # a matrix-free optimizer's rejected step (no decrease found) leaves the parameters unchanged, like a skip
+    return (int(counters.get("skipped_steps", 0)) + int(counters.get("reverted_steps", 0))
+            + int(counters.get("rejected_steps", 0)))
 
 
 def train(problem, optimizer, loader, *, steps: int, lr: float, beta: float, make_closure=None,
@@ -407,6 +416,7 @@ class Context:
     lipschitz_h: float | None = None
     sigma_history: list[tuple[int, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    whole_model: Any = None  # the WholeModelMonitor of a matrix-free optimizer (convergence.whole_model)
 
     @property
     def problem(self):
@@ -535,6 +545,17 @@ def _run_e3(ctx: Context, k: int) -> list[CheckResult]:
 def _run_e4(ctx: Context) -> list[CheckResult]:
     from convergence.checks.preconditioner import check_applied_operator, check_preconditioner
 
+    if ctx.whole_model is not None:
+        from convergence.whole_model import (check_whole_model_preconditioner, check_whole_model_step_form,
+                                             operator_reason)
+
+        reason = operator_reason(ctx.optimizer)
+        if reason is not None:
+            return [not_applicable("E4", "AS.3 bounded preconditioner", reason),
+                    not_applicable("E4.apply", "applied operator", reason)]
+        res = check_whole_model_preconditioner(ctx.whole_model)
+        ctx.extra["e4_series"] = res.evidence.get("series")
+        return [res, check_whole_model_step_form(ctx.whole_model)]
     if not ctx.curvature:
         return [_no_preconditioner("E4", "AS.3 bounded preconditioner"),
                 _no_preconditioner("E4.apply", "applied operator = to_dense()")]
@@ -574,6 +595,13 @@ def _other_batches(ctx: Context, k: int, seed: int, count: int) -> list[Any]:
 def _run_e5(ctx: Context, k: int) -> list[CheckResult]:
     from convergence.checks.independence import check_batch_swap, check_data_flow, check_independence_bias
 
+    if ctx.whole_model is not None:
+        from convergence.whole_model import AS4_REASON, operator_reason
+
+        reason = operator_reason(ctx.optimizer) or AS4_REASON
+        return _tag([not_applicable("E5a", "AS.4 preconditioner independent of the batch", reason),
+                     not_applicable("E5b", "AS.4 data flow", reason),
+                     not_applicable("E5c", "AS.4 size of the bias", reason)], k)
     if not ctx.curvature:
         return _tag([_no_preconditioner("E5a", "AS.4 preconditioner independent of the batch"),
                      _no_preconditioner("E5b", "AS.4 data flow"),
@@ -635,6 +663,15 @@ class _StepView:
 def _run_e7a(ctx: Context) -> list[CheckResult]:
     from convergence.checks.stepsize import check_step_size
 
+    if ctx.whole_model is not None:
+        from convergence.whole_model import check_whole_model_step_size, operator_reason
+
+        reason = operator_reason(ctx.optimizer)
+        if reason is not None:
+            return [not_applicable("E7a", "step size alpha_k <= kappa_lo/(L kappa_hi^2)", reason)]
+        _ensure_lipschitz(ctx)
+        l_hat = max(v for v in (ctx.lipschitz_hat, ctx.lipschitz_h) if v is not None and math.isfinite(v))
+        return [check_whole_model_step_size(ctx.whole_model, l_hat)]
     if not ctx.curvature:
         return [_no_preconditioner("E7a", "step size alpha_k <= kappa_lo/(L kappa_hi^2)")]
     _ensure_lipschitz(ctx)
@@ -672,6 +709,10 @@ def _run_e7c(ctx: Context) -> list[CheckResult]:
 def _run_e7d(ctx: Context) -> list[CheckResult]:
     from convergence.checks.stepsize import check_eos_corollary
 
+    if ctx.whole_model is not None:
+        return _tag([not_applicable("E7d", "EoS corollary", "the corollary's operator capture is per layer "
+                                    "(block precondition hooks); a whole-model matrix-free optimizer has none")],
+                    max(ctx.trace.snapshots))
     if not ctx.curvature:
         return _tag([_no_preconditioner("E7d", "EoS corollary")], max(ctx.trace.snapshots))
     _ensure_lipschitz(ctx)
@@ -731,7 +772,8 @@ def _run_e8(ctx: Context) -> list[CheckResult]:
     rows = [ctx.trace.grad_norm_sq] + [t.grad_norm_sq for t in runs]
     f_initial = [ctx.trace.losses[0]] + [t.losses[0] for t in runs]
     lipschitz, is_upper = _lipschitz_for_bounds(ctx)
-    kappa = ctx.monitor.kappa_observed() if ctx.curvature else (math.nan, math.nan)
+    kappa = (ctx.monitor.kappa_observed() if ctx.curvature else
+             ctx.whole_model.kappa_observed() if ctx.whole_model is not None else (math.nan, math.nan))
     sigma2 = max(v for _, v in _sigma_history(ctx))
     kappa_ok = all(math.isfinite(v) for v in kappa) and kappa[0] > 0
     out: list[CheckResult] = []
@@ -799,6 +841,8 @@ class Report:
     theory_mode: bool | None
     errors: list[str]
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the :class:`~convergence.whole_model.WholeModelMonitor` of a matrix-free optimizer (else None)
+    whole_model: Any = None
 
     @property
     def summary(self) -> dict[str, int]:
@@ -846,10 +890,14 @@ def run_harness(source: Source, config: HarnessConfig) -> Report:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise HarnessError(f"make_optimizer returned a {type(optimizer).__name__}, not a torch.optim.Optimizer")
     curvature = is_curvature_optimizer(optimizer)
+    from convergence.whole_model import WholeModelMonitor, is_matrix_free_optimizer, whole_model_violations
+
+    matrix_free = is_matrix_free_optimizer(optimizer)
     lr = float(config.lr) if config.lr is not None else float(optimizer.param_groups[0]["lr"])
     initial_state = copy.deepcopy(p.model.state_dict())
     loader = source.training_loader(config.seed * 1000, config.steps)
-    violations = theory_mode_violations(optimizer, loader) if curvature else _generic_violations(optimizer, loader)
+    violations = (theory_mode_violations(optimizer, loader) if curvature else
+                  whole_model_violations(optimizer, loader) if matrix_free else _generic_violations(optimizer, loader))
     snaps = snapshot_steps(config.steps, config.checkpoints)
     sigma_steps = sorted(set(snaps) | set(snapshot_steps(config.steps, min(6, config.steps))))
     monitor = None
@@ -857,6 +905,11 @@ def run_harness(source: Source, config: HarnessConfig) -> Report:
         every = config.probe_every or max(1, config.steps // 10)
         monitor = TrainingMonitor(optimizer, keep_pairs=False, probes=config.probes if "E4" in config.checks else 0,
                                   probe_interval=every, probe_seed=config.seed)
+    whole = None
+    if matrix_free:  # the whole-model path: one operator, recorded through the optimizer's step hook
+        every = config.probe_every or max(1, config.steps // 10)
+        probing = "E4" in config.checks or "E7" in config.checks  # E7a uses E4's kappa
+        whole = WholeModelMonitor(optimizer, probe_interval=every if probing else 0)
     tap = GradientTap(p.model, optimizer)
     try:
         trace = train(p, optimizer, loader, steps=config.steps, lr=lr, beta=config.beta,
@@ -866,8 +919,10 @@ def run_harness(source: Source, config: HarnessConfig) -> Report:
         tap.detach()
         if monitor is not None:
             monitor.detach()
+        if whole is not None:
+            whole.detach()
     final_state = _flat(p.model)
-    ctx = Context(source, config, optimizer, monitor, trace, lr)
+    ctx = Context(source, config, optimizer, monitor, trace, lr, whole_model=whole)
     ctx.extra["initial_state"] = initial_state
 
     _guard(ctx, "E0", lambda: [check_run_health(trace, max_skip_fraction=config.max_skip_fraction)])
@@ -902,7 +957,9 @@ def run_harness(source: Source, config: HarnessConfig) -> Report:
         "optimizer_description": optimizer.describe() if hasattr(optimizer, "describe") else repr(optimizer),
         "curvature_optimizer": curvature, "lipschitz_declared": p.lipschitz, "L_hat": ctx.lipschitz_hat,
         "L_H": ctx.lipschitz_h,
-        "kappa_observed": list(monitor.kappa_observed()) if monitor is not None else None,
+        "kappa_observed": (list(monitor.kappa_observed()) if monitor is not None else
+                           list(whole.kappa_observed()) if whole is not None else None),
+        "matrix_free_optimizer": matrix_free,
         "initial_loss": trace.losses[0] if trace.losses else None, "final_loss": trace.final_loss,
         "skipped_or_reverted_steps": trace.skipped_steps, "sigma1_sq_history": ctx.sigma_history,
         "errors": ctx.errors, "seconds": time.time() - started,
@@ -911,7 +968,7 @@ def run_harness(source: Source, config: HarnessConfig) -> Report:
     }
     ctx.extra["final_state"] = final_state
     return Report(results, meta, trace, monitor, violations, source.theory_mode, ctx.errors,
-                  extra={k: v for k, v in ctx.extra.items() if k != "initial_state"})
+                  extra={k: v for k, v in ctx.extra.items() if k != "initial_state"}, whole_model=whole)
 
 
 def _generic_violations(optimizer, loader) -> list[str]:

@@ -99,9 +99,15 @@ class HessianFree(MatrixFreeOptimizer):
         super().__init__(model, loss_fn, lr=lr, damping=damping, weight_decay=weight_decay,
                          targets_are_inputs=targets_are_inputs)
 
+    def _curvature_product(self, ctx: StepContext):
+        r"""``v -> Cv`` at the step's point and batch: the GGN (``curvature="ggn"``) or the Hessian."""
+        return ctx.functional.prepared_product(self.curvature)
+
     def _propose(self, ctx: StepContext) -> torch.Tensor | None:
         info, lam = ctx.info, float(self.damping.damping)
-        curvature = ctx.counted(ctx.functional.prepared_product(self.curvature))
+        raw = self._curvature_product(ctx)
+        ctx.expose(raw, lam)
+        curvature = ctx.counted(raw)
 
         def damped(v: torch.Tensor) -> torch.Tensor:
             return curvature(v) + lam * v
@@ -110,7 +116,7 @@ class HessianFree(MatrixFreeOptimizer):
         x0 = self.cg_decay * previous if previous is not None and self.cg_decay > 0 else None
         result = truncated_cg(damped, -ctx.grad, x0=x0, max_iters=self.max_cg_iters, tol=self.cg_tol,
                               progress_eps=self.progress_eps, save_gamma=1.3 if self.backtrack else None)
-        info.details.update(cg_iterations=result.iterations, cg_stop=result.stop_reason)
+        info.details.update(cg_iterations=result.iterations, cg_stop=result.stop_reason, cg_warm_start=x0 is not None)
         if not bool(torch.isfinite(result.x).all()):
             info.details["reason"] = "non-finite CG solution"
             self.damping.observe_reduction_ratio(float("-inf"))

@@ -116,7 +116,9 @@ class LevenbergMarquardt(MatrixFreeOptimizer):
 
     def _propose(self, ctx: StepContext) -> torch.Tensor | None:
         info, lam = ctx.info, float(self.damping.damping)
-        ggn = ctx.counted(ctx.functional.prepared_product("ggn"))
+        raw = ctx.functional.prepared_product("ggn")
+        ctx.expose(raw, lam)
+        ggn = ctx.counted(raw)
 
         def damped(v: torch.Tensor) -> torch.Tensor:
             return ggn(v) + lam * v

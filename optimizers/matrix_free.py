@@ -8,8 +8,10 @@ conventions of :class:`~optimizers.driver.CurvatureOptimizer`:
 * **closure protocol** -- ``loss = opt.step(closure, targets=y)``: the closure zeroes the
   gradients, runs forward and backward on the batch and returns the loss
   ``loss_fn(model(inputs), targets)``. The model's inputs are recorded by a forward pre-hook during
-  the closure; the targets are passed to ``step`` (or, with ``targets_are_inputs=True``, are the
-  model's first input, as for an autoencoder). The products and the extra loss evaluations (the
+  the closure; the targets are passed to ``step`` (or carried by the closure as its ``targets``
+  attribute, see :class:`BatchClosure`, which is how a caller that only knows
+  ``optimizer.step(closure)`` -- the convergence harness -- hands them over; or, with
+  ``targets_are_inputs=True``, are the model's first input, as for an autoencoder). The products and the extra loss evaluations (the
   reduction ratio, backtracking, line searches) are functional
   (:func:`torch.func.functional_call`) on that batch: the closure is called exactly once per step.
 * the objective is :math:`F(\theta) = f(\theta) + \tfrac\tau2\|\theta\|^2` with ``weight_decay``
@@ -22,6 +24,12 @@ conventions of :class:`~optimizers.driver.CurvatureOptimizer`:
   ``rejected_steps``;
 * :attr:`counters` also accumulates ``products`` (curvature-vector products) and ``loss_evals``
   (extra forward passes), so the per-step cost is measurable;
+* **step hooks** receive :class:`MatrixFreeStepInfo`, including the batch gradient ``grad``, the
+  applied parameter change ``update`` and -- for the methods whose step is
+  :math:`-(C + \operatorname{diag}(\delta))^{-1}g` solved by CG (Hessian-free, LM) -- the operator
+  itself (``operator``: :math:`v \mapsto Cv`, uncounted; ``operator_shift``: :math:`\delta`, the
+  L2 term plus the damping) and the CG preconditioner; the operator is dropped after the hooks ran
+  (it holds the batch's linearization), so ``last_step.operator`` is None;
 * ``state_dict()`` holds every piece of state (per-parameter vectors such as the previous CG
   solution in ``state``, scalars and the damping policy under ``"matrix_free"``) and
   ``load_state_dict`` resumes bit for bit.
@@ -69,6 +77,18 @@ class MatrixFreeStepInfo:
     products: int = 0
     loss_evals: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    #: the flat gradient of F the step preconditioned (L2 included), None for a skipped step
+    grad: torch.Tensor | None = None
+    #: the applied change of the flat parameters (None when nothing was applied)
+    update: torch.Tensor | None = None
+    #: ``v -> C v``, the curvature part of the operator the step solved with, at the step's point and
+    #: batch (not counted in ``products``); step hooks only (dropped afterwards)
+    operator: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: :math:`\delta`, the diagonal added to ``operator`` (L2 τ plus the damping), so the system was
+    #: :math:`(C + \operatorname{diag}(\delta))\,p = -g`
+    operator_shift: torch.Tensor | None = None
+    #: :math:`\operatorname{diag}(M^{-1})` of the CG preconditioner, when one was used
+    cg_preconditioner: torch.Tensor | None = None
 
 
 @dataclass
@@ -91,6 +111,14 @@ class StepContext:
             value += 0.5 * self.weight_decay * float(torch.dot(theta, theta))
         return value
 
+    def expose(self, curvature: Callable[[torch.Tensor], torch.Tensor], damping: float | torch.Tensor) -> None:
+        r"""Publish the system the step solves, :math:`(C + \tau I + \operatorname{diag}(\lambda d))p = -g`,
+        to the step hooks: ``curvature`` is the *uncounted* :math:`v \mapsto Cv` and ``damping`` the
+        damping term (a number :math:`\lambda`, or the vector :math:`\lambda d`)."""
+        shift = torch.as_tensor(damping, dtype=self.theta.dtype, device=self.theta.device)
+        shift = (shift + self.weight_decay) * torch.ones_like(self.theta)
+        self.info.operator, self.info.operator_shift = curvature, shift
+
     def counted(self, matvec: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         """``matvec`` plus the L2 curvature :math:`\\tau v`, counting products into this step's info."""
         tau = self.weight_decay
@@ -101,6 +129,19 @@ class StepContext:
             return out + tau * v if tau else out
 
         return product
+
+
+class BatchClosure:
+    """A closure that carries its batch's targets: ``opt.step(BatchClosure(closure, y))`` is
+    ``opt.step(closure, targets=y)``. Any callable with a ``targets`` attribute works the same way."""
+
+    def __init__(self, closure: Callable[[], torch.Tensor], targets: Any) -> None:
+        if not callable(closure):
+            raise TypeError("closure must be callable")
+        self.closure, self.targets = closure, targets
+
+    def __call__(self) -> torch.Tensor:
+        return self.closure()
 
 
 class MatrixFreeOptimizer(torch.optim.Optimizer):
@@ -172,10 +213,13 @@ class MatrixFreeOptimizer(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{type(self).__name__} needs step(closure): the closure must zero the gradients, run forward "
                 "and backward on the batch and return loss_fn(model(inputs), targets)")
+        if targets is None:
+            targets = getattr(closure, "targets", None)
         if targets is None and not self.targets_are_inputs:
             raise RuntimeError(
                 f"{type(self).__name__} needs the batch targets for its curvature products: call "
-                "opt.step(closure, targets=y), or build it with targets_are_inputs=True for an autoencoder")
+                "opt.step(closure, targets=y) (or pass a closure with a `targets` attribute, e.g. "
+                "optimizers.matrix_free.BatchClosure), or build it with targets_are_inputs=True for an autoencoder")
         k = self.steps
         lr = float(self.param_groups[0]["lr"])
         self._inputs = None
@@ -211,6 +255,7 @@ class MatrixFreeOptimizer(torch.optim.Optimizer):
         if self.weight_decay:
             grad = grad + self.weight_decay * theta
             info.loss += 0.5 * self.weight_decay * float(torch.dot(theta, theta))
+        info.grad = grad
         ctx = StepContext(functional, theta, grad, info.loss, lr, info, self.weight_decay)
         new_theta = self._propose(ctx)
         if new_theta is None:
@@ -220,6 +265,7 @@ class MatrixFreeOptimizer(torch.optim.Optimizer):
                 info.loss_after = info.loss
         else:
             info.accepted = True
+            info.update = new_theta - theta
             for p, value in zip(params, functional.unflatten(new_theta).values()):
                 p.copy_(value)
         self.steps += 1
@@ -231,8 +277,11 @@ class MatrixFreeOptimizer(torch.optim.Optimizer):
         self.counters["products"] += info.products
         self.counters["loss_evals"] += info.loss_evals
         self.last_step = info
-        for hook in list(self._hooks.values()):
-            hook(info)
+        try:
+            for hook in list(self._hooks.values()):
+                hook(info)
+        finally:
+            info.operator = None  # holds the batch's linearization: step hooks only
 
     def _propose(self, ctx: StepContext) -> torch.Tensor | None:  # pragma: no cover - abstract
         raise NotImplementedError

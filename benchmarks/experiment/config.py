@@ -108,7 +108,8 @@ class ExperimentConfig:
     ``n_train``/``n_test`` = None: the whole split (CURVES: 20,000/10,000). ``max_time``: stop a
     run once its cumulative training *CPU* time (``time.process_time``, summed over threads)
     reaches this many seconds, checked at epoch ends (the authors' ``max_cpu_time``).
-    ``target``: the loss for "time to target" (None: the worst final training loss × 1.05).
+    ``target``: the loss for "time to target" (None: the best first-order baseline's final training
+    loss; without a first-order run, the worst final training loss × 1.05).
     ``divergence_factor``: a run stops as diverged once its training loss exceeds this multiple
     of its initial loss (None or inf: only non-finite losses count, as in the authors' code).
     ``tau``: the L2 coefficient in the *reported* losses, + ½τ‖θ‖². ``widths``: a custom

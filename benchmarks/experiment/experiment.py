@@ -140,8 +140,10 @@ def _run(cfg: ExperimentConfig, out: Path, say: Callable[[str], None], *, resume
                 + (f": {rec.error}" if rec.error else "") + ")")
         selected[name] = select_best([r.final_train_loss for r in runs[name]], [r.diverged for r in runs[name]])
     records = {n: runs[n][selected[n] if selected[n] is not None else 0] for n in cfg.optimizers}
-    target = cfg.target if cfg.target is not None else default_target(
-        {n: r for n, r in records.items() if not r.diverged})
+    if cfg.target is not None:
+        target, target_rule = cfg.target, "given (--target)"
+    else:
+        target, target_rule = default_target({n: r for n, r in records.items() if not r.diverged})
     rows = summary_rows(records, target)
     table = format_table(rows)
 
@@ -155,7 +157,7 @@ def _run(cfg: ExperimentConfig, out: Path, say: Callable[[str], None], *, resume
         "environment": {**_environment(cfg), "world_size": par.world_size},
         "data": info,
         "target": target,
-        "target_rule": "given (--target)" if cfg.target is not None else "worst final train loss x 1.05",
+        "target_rule": target_rule,
         "summary": rows,
         "runs": {n: records[n].to_dict() for n in cfg.optimizers},
     }
@@ -168,7 +170,8 @@ def _run(cfg: ExperimentConfig, out: Path, say: Callable[[str], None], *, resume
     write_json(out / RESULTS_JSON, payload)
 
     target_txt = "none" if target is None else f"{target:.6g}"
-    say(f"\nSummary ({cfg.dataset}, target train loss {target_txt}; times exclude warm start and evaluation):")
+    say(f"\nSummary ({cfg.dataset}, target train loss {target_txt} = {target_rule}; "
+        "times exclude warm start and evaluation):")
     say(table)
     say(f"\nresults: {out / RESULTS_JSON}\ncurves:  {out / CURVES_CSV}")
     say("plots:   " + "\n         ".join(str(p) for p in plots))

@@ -110,6 +110,8 @@ class OptimizerSettings:
 
     LABEL: ClassVar[str] = "optimizer"
     TUNED: ClassVar[tuple[str, ...]] = ("lr",)
+    #: A first-order baseline (its best final loss sets the summary's default time-to-target goal).
+    FIRST_ORDER: ClassVar[bool] = False
 
     lr: float = 1e-3
     momentum: float = 0.9
@@ -258,6 +260,7 @@ class AdamSettings(OptimizerSettings):
 
     LABEL: ClassVar[str] = "Adam"
     TUNED: ClassVar[tuple[str, ...]] = ("lr", "eps")
+    FIRST_ORDER: ClassVar[bool] = True
 
     lr: float = FIRST_ORDER_LR["adam"]
     eps: float = 1e-4
@@ -302,6 +305,7 @@ class SGDMSettings(OptimizerSettings):
     """SGD with EMA momentum."""
 
     LABEL: ClassVar[str] = "SGD-m"
+    FIRST_ORDER: ClassVar[bool] = True
 
     lr: float = FIRST_ORDER_LR["sgdm"]
 

@@ -15,7 +15,8 @@ from benchmarks.data import DatasetError, load_curves
 from benchmarks.experiment import build_config, log_grid, run_experiment
 from benchmarks.experiment.config import ExperimentConfig, parse_set
 from benchmarks.experiment.datasets import DataBundle, load_data
-from benchmarks.experiment.report import default_target, summary_rows, time_to_target
+from benchmarks.experiment.report import (BEST_FIRST_ORDER_RULE, WORST_FINAL_RULE, default_target, summary_rows,
+                                          time_to_target)
 from benchmarks.experiment.runner import CURVE_FIELDS, TIMING_FIELDS, RunRecord, build_model, evaluate
 from benchmarks.experiment.settings import BuildContext, make_settings
 from benchmarks.models import likelihood_for, loss_for, summed_bce_with_logits
@@ -92,8 +93,8 @@ def test_tiny_preset_results_json(tiny_run):
         assert run["warm_start_batches"] == (4 if warm else 0)
     # same initial weights for every optimizer
     assert len({run["train_loss"][0] for run in res["runs"].values()}) == 1
-    finals = [run["train_loss"][-1] for run in res["runs"].values()]
-    assert res["target"] == pytest.approx(max(finals) * 1.05)
+    first_order = [res["runs"][n]["train_loss"][-1] for n in ("adam", "rmsprop", "sgdm")]
+    assert res["target"] == min(first_order) and res["target_rule"] == BEST_FIRST_ORDER_RULE
 
 
 def test_tiny_preset_curves_csv(tiny_run):
@@ -272,14 +273,30 @@ def _record(name, losses, walls, ms):
 def test_summary_target_and_ratios():
     recs = {"kbfgs": _record("kbfgs", [500.0, 100.0, 50.0], [0.0, 2.0, 4.0], [40.0, 50.0, 60.0]),
             "adam": _record("adam", [500.0, 300.0, 200.0], [0.0, 1.0, 2.0], [10.0, 10.0, 30.0])}
-    target = default_target(recs)
-    assert target == pytest.approx(210.0)
+    target, rule = default_target(recs)
+    assert target == 200.0 and rule == BEST_FIRST_ORDER_RULE  # Adam's final loss, the only first-order run
     assert time_to_target(recs["kbfgs"], target) == (1, 2.0, 4.0)
     assert time_to_target(recs["adam"], target) == (2, 2.0, 4.0)
     assert time_to_target(recs["adam"], 10.0) == (None, None, None)
     rows = {r["optimizer"]: r for r in summary_rows(recs, target)}
     assert rows["K-BFGS"]["ms_per_step"] == 50.0 and rows["K-BFGS"]["x_adam"] == pytest.approx(5.0)
     assert rows["K-BFGS"]["skipped"] == 3 and rows["K-BFGS"]["settings"] == "lr=0.3 damping=0.3"
+
+
+def test_default_target_is_the_best_first_order_final_loss():
+    """The goal is what the best first-order baseline reaches in the whole budget (the smallest final
+    loss among Adam, RMSprop, SGD-m), not a level every method passes; without a first-order run it
+    falls back to the worst final loss × 1.05, and non-finite finals never set it."""
+    recs = {"kbfgs": _record("kbfgs", [500.0, 100.0, 50.0], [0.0, 2.0, 4.0], [1.0]),
+            "adam": _record("adam", [500.0, 300.0, 200.0], [0.0, 1.0, 2.0], [1.0]),
+            "sgdm": _record("sgdm", [500.0, 400.0, 150.0], [0.0, 1.0, 2.0], [1.0]),
+            "rmsprop": _record("rmsprop", [500.0, 400.0, math.nan], [0.0, 1.0, 2.0], [1.0])}
+    assert default_target(recs) == (150.0, BEST_FIRST_ORDER_RULE)
+    assert time_to_target(recs["adam"], 150.0) == (None, None, None)  # Adam never reaches SGD-m's final loss
+    second_order = {"kbfgs": recs["kbfgs"], "kfac": _record("kfac", [500.0, 90.0, 80.0], [0.0, 1.0, 2.0], [1.0])}
+    target, rule = default_target(second_order)
+    assert target == pytest.approx(80.0 * 1.05) and rule == WORST_FINAL_RULE
+    assert default_target({}) == (None, WORST_FINAL_RULE)
 
 
 def test_divergence_rules():
