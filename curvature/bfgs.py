@@ -115,11 +115,11 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
     u = H @ y
     a = rho * rho * torch.dot(y, u) + rho
     w = (0.5 * a) * s - rho * u
-    ns, nw = torch.linalg.vector_norm(s), torch.linalg.vector_norm(w)
-    alpha = torch.where((ns > 0) & (nw > 0), torch.sqrt(nw / ns), torch.ones_like(ns))
-    s_hat, w_hat = alpha * s, w / alpha
-    p = (s_hat + w_hat) * math.sqrt(0.5)
-    q = (s_hat - w_hat) * math.sqrt(0.5)
+    # α/√2 and 1/(α√2) with α = √(‖w‖/‖s‖); a zero s or w (then the update is zero) gives finite scales
+    alpha = torch.sqrt(torch.linalg.vector_norm(w) / torch.linalg.vector_norm(s))
+    alpha = torch.nan_to_num(alpha, nan=1.0, posinf=1.0).clamp_(min=torch.finfo(s.dtype).tiny ** 0.5)
+    s_hat, w_hat = (alpha * math.sqrt(0.5)) * s, w / (alpha * math.sqrt(2.0))
+    p, q = s_hat + w_hat, s_hat - w_hat
     out = torch.outer(p, p)
     out.sub_(torch.outer(q, q))
     return out.add_(H)

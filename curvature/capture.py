@@ -388,10 +388,13 @@ def _factor_dtype(rows: torch.Tensor, adapter: LayerAdapter) -> torch.Tensor:
     """Rows in the dtype of the layer's weight (the factors' dtype): under ``torch.autocast`` the
     hooks see bfloat16/float16 activations and gradients, which are widened once here so that every
     statistic, mean and secant difference is formed in the factors' precision."""
+    if rows.dtype not in _HALF:  # the common case, without looking up the weight
+        return rows
     dtype = adapter.weight.dtype
-    if rows.is_floating_point() and rows.dtype != dtype and dtype.is_floating_point:
-        return rows.to(dtype)
-    return rows
+    return rows.to(dtype) if dtype.is_floating_point and dtype != rows.dtype else rows
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 _original_linear = F.linear
