@@ -88,6 +88,7 @@ from benchmarks.models import (
 from benchmarks.timing import (
     Sample,
     make_timer,
+    set_cpu_clock,
     paired_ratios,
     phase_weighted,
     run_interleaved,
@@ -839,6 +840,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-steps", type=_positive, default=1, help="profiled steps per phase")
     p.add_argument("--no-prefill", action="store_true", help="do not prefill the K-BFGS(L) memory")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="CPU clock: wall (perf_counter) or thread (the step thread's CPU time, robust on a busy "
+                        "machine; use with --threads 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-sizes", dest="world_sizes", type=_csv_ints, default=None,
                    help="also time data-parallel KFAC/K-BFGS/K-BFGS(L) at these world sizes, e.g. 1,2 "
@@ -941,6 +945,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    set_cpu_clock(args.clock)
     if args.model == "transformer":
         rows = run_transformer(device, batch=args.batch, seq_len=args.seq_len, steps=args.steps,
                                warmup=args.warmup, repeats=args.repeats, seed=args.seed)

@@ -297,8 +297,8 @@ def test_profile_breakdown_partitions_the_step(method, device):
         assert "inverter.BatchedInverter.run" in {r[0] for r in phases["inverse+stats"].tables[0].rows}
         # outside the inverse phase the inverter is constructed but inverts nothing
         stats = {r[0]: r for r in phases["stats"].tables[0].rows}
-        assert "linalg.damped_inverse_entries" not in stats
-        assert "linalg.damped_inverse_entries" in {r[0] for r in phases["inverse+stats"].tables[0].rows}
+        assert "linalg.launch_inverses" not in stats
+        assert "linalg.launch_inverses" in {r[0] for r in phases["inverse+stats"].tables[0].rows}
     assert report.text().count("by region, exclusive") == len(expected)
 
 
@@ -372,3 +372,20 @@ def test_matrix_free_methods_report_products_per_step(tmp_path, device):
         assert rows[name]["x_adam_median"] > 0 and "loose lower bound" in rows[name]["notes"]
     assert rows["sfn"]["products_per_step"] == 10  # k = 10 Lanczos vectors
     assert "products + " in throughput.format_table(res.rows, "t")
+
+
+def test_thread_clock_is_selectable_and_rejects_unknown_clocks(device):
+    """``--clock thread`` makes CPU timing use the step thread's CPU time; CUDA keeps its events."""
+    from benchmarks import timing
+
+    try:
+        timing.set_cpu_clock("thread")
+        timer = timing.make_timer(device)
+        assert isinstance(timer, timing.CUDATimer if device.type == "cuda" else timing.ThreadTimer)
+        x = torch.randn(64, 64, device=device)
+        assert timer.time(lambda: [x @ x for _ in range(20)]) >= 0.0
+        with pytest.raises(ValueError, match="clock"):
+            timing.set_cpu_clock("cpu")
+    finally:
+        timing.set_cpu_clock("wall")
+    assert isinstance(timing.make_timer("cpu"), timing.CPUTimer)
