@@ -49,6 +49,10 @@ class LayerAdapter:
     #: When set, the rows come from ``F.linear(x, functional_weight, ...)`` calls made inside
     #: ``hook_module``'s forward (the module itself is never called, e.g. MultiheadAttention's out_proj).
     functional_weight: torch.Tensor | None = None
+    #: Set (to the reason) when a forward call showed that this layer's rows cannot be captured, e.g.
+    #: an attention called with distinct query/key/value; the optimizer then moves the layer to its
+    #: fallback rule before the next step mutates anything (see ``CurvatureOptimizer.describe``).
+    runtime_fallback: str | None = None
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -327,15 +331,29 @@ class AttentionInProjAdapter(_AttentionProjection):
     ``in_proj_bias`` as one Linear-like layer whose output is :math:`[q; k; v]`.
 
     Captured from ``F.linear(x, in_proj_weight, in_proj_bias)``, which the attention makes when query,
-    key and value are the same tensor (self-attention). With distinct query/key/value it projects
-    chunks of the weight instead, nothing is captured and the step says so (exclude the layer).
-    Inside the attention the layout is ``[S, B, E]``; rows are reordered batch-major (B groups).
+    key and value are the same tensor (self-attention). With distinct query/key/value
+    (cross-attention, or key is value but query differs) it projects *chunks* of the weight on
+    different inputs (``torch.nn.functional._in_projection_packed``), which one Kronecker block on
+    the packed projection cannot describe: :meth:`observe_call` then sets :attr:`runtime_fallback`
+    and the optimizer gives ``in_proj_weight``/``in_proj_bias`` its fallback rule from that step on
+    (before the step mutates anything; ``describe()`` says so). Inside the attention the layout is
+    ``[S, B, E]``; rows are reordered batch-major (B groups).
     """
 
     def __init__(self, attention: nn.MultiheadAttention) -> None:
         super().__init__(attention, attention)
         self.has_bias = attention.in_proj_bias is not None
         self.functional_weight = attention.in_proj_weight
+
+    def observe_call(self, args: tuple, kwargs: dict) -> None:
+        """Note a call with distinct query/key/value (called before the attention's forward)."""
+        names = ("query", "key", "value")
+        qkv = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
+        if not (qkv[0] is qkv[1] and qkv[1] is qkv[2]) and self.runtime_fallback is None:
+            self.runtime_fallback = (
+                "cross-attention: called with distinct query/key/value, so the packed q/k/v projection is applied "
+                "in chunks to different inputs, which one Kronecker block cannot describe"
+            )
 
     @property
     def weight(self) -> nn.Parameter:

@@ -237,18 +237,19 @@ class LayerCapture:
         self._new_pass = True
         self._version = 0
         self._cache: tuple[int, dict[str, LayerRecord]] | None = None
-        self._handles = []
+        self._handles: dict[str, list] = {}
         for name, adapter in self.layers.items():
             self._hook(name, adapter)
 
     def _hook(self, name: str, adapter: LayerAdapter) -> None:
         hook = self._make_forward_hook(name, adapter)
         weight = getattr(adapter, "functional_weight", None)
+        handles = self._handles.setdefault(name, [])
         if weight is None:
-            self._handles.append(adapter.module.register_forward_hook(InertOnCopy(hook)))
+            handles.append(adapter.module.register_forward_hook(InertOnCopy(hook)))
         else:
-            self._handles.extend(watch_functional_linear(adapter.hook_module, weight, hook,
-                                                         getattr(adapter, "observe_call", None)))
+            handles.extend(watch_functional_linear(adapter.hook_module, weight, hook,
+                                                   getattr(adapter, "observe_call", None)))
 
     def add_layer(self, name: str, adapter: LayerAdapter) -> None:
         """Start capturing one more layer."""
@@ -257,11 +258,32 @@ class LayerCapture:
         self.layers[name] = adapter
         self._hook(name, adapter)
 
+    def share(self, name: str, adapter: LayerAdapter) -> None:
+        """Record ``adapter``'s module under the existing layer ``name`` as well (tied weights).
+
+        Its forward calls join ``name``'s calls by the rule of the module doc: within a pass they are
+        further calls on the same samples (expand over calls), exactly as if ``name``'s own module had
+        been applied to both inputs. ``adapter`` must be of the kind of ``name``'s adapter and hold the
+        same parameters (the caller checks this).
+        """
+        if name not in self.layers:
+            raise ValueError(f"layer {name!r} is not captured")
+        self._hook(name, adapter)
+
+    def remove_layer(self, name: str) -> None:
+        """Stop capturing one layer (its hooks, including shared ones, are removed; its calls forgotten)."""
+        for handle in self._handles.pop(name, []):
+            handle.remove()
+        self.layers.pop(name, None)
+        if self._calls.pop(name, None) is not None:
+            self._version += 1
+
     def remove(self) -> None:
         """Remove all hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for handles in self._handles.values():
+            for handle in handles:
+                handle.remove()
+        self._handles = {}
 
     def set(self, **flags: bool) -> None:
         """Replace the configuration (flags of :class:`CaptureConfig`) and forget old records."""
@@ -338,9 +360,9 @@ class LayerCapture:
             samples = adapter.num_samples(x) if hasattr(adapter, "num_samples") else int(x.shape[0])
             call = _Call(self._pass, groups, adapter.has_bias, samples)
             if cfg.a:
-                call.input_rows = adapter.input_rows(x.detach())
+                call.input_rows = _factor_dtype(adapter.input_rows(x.detach()), adapter)
             if cfg.h:
-                call.h_rows = adapter.output_rows(output.detach())
+                call.h_rows = _factor_dtype(adapter.output_rows(output.detach()), adapter)
             self._calls.setdefault(name, []).append(call)
             self._version += 1
             replaced = None
@@ -352,7 +374,7 @@ class LayerCapture:
                     output = replaced = output.detach().requires_grad_(True)
 
                 def grad_hook(grad: torch.Tensor, call: _Call = call) -> None:
-                    call.grad_rows = adapter.output_rows(grad.detach())
+                    call.grad_rows = _factor_dtype(adapter.output_rows(grad.detach()), adapter)
                     self._version += 1
                     self._new_pass = True  # a backward ran: the next forward call is a new pass
 
@@ -360,6 +382,16 @@ class LayerCapture:
             return replaced
 
         return hook
+
+
+def _factor_dtype(rows: torch.Tensor, adapter: LayerAdapter) -> torch.Tensor:
+    """Rows in the dtype of the layer's weight (the factors' dtype): under ``torch.autocast`` the
+    hooks see bfloat16/float16 activations and gradients, which are widened once here so that every
+    statistic, mean and secant difference is formed in the factors' precision."""
+    dtype = adapter.weight.dtype
+    if rows.is_floating_point() and rows.dtype != dtype and dtype.is_floating_point:
+        return rows.to(dtype)
+    return rows
 
 
 _original_linear = F.linear

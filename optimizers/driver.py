@@ -53,7 +53,7 @@ from curvature.blocks import CurvatureBlock, a_statistic, g_statistic
 from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_parameters
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
-from curvature.linalg import InversionStats, all_finite
+from curvature.linalg import InversionStats, all_finite, finite_flag
 from curvature.protocols import BlockProtocol
 from optimizers.communicator import Communicator, LocalCommunicator, TorchCommunicator
 from optimizers.data_parallel import DataParallel
@@ -72,6 +72,9 @@ class LayerSlot:
     module: nn.Module
     adapter: LayerAdapter
     block: CurvatureBlock
+    #: Tied weights: the other layers (name, adapter) holding the same weight and bias, whose calls
+    #: are captured into this slot's statistics (see ``CurvatureOptimizer._assign_blocks``).
+    shared: tuple[tuple[str, LayerAdapter], ...] = ()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -110,6 +113,29 @@ class StepInfo:
     directions: dict[str, torch.Tensor] = field(default_factory=dict)
     records: dict[str, LayerRecord] = field(default_factory=dict)
     layer_lrs: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def _lazy_float(name: str) -> property:
+    """A ``StepInfo`` attribute that may be set to a (device) tensor and reads as a Python float:
+    the conversion, a host synchronization, happens on the first read, not in ``step()``."""
+    key = "_" + name
+
+    def get(self: Any) -> float | None:
+        value = self.__dict__.get(key)  # documented below (``get.__doc__``)
+        if isinstance(value, torch.Tensor):
+            value = self.__dict__[key] = float(value)
+        return value
+
+    def put(self: Any, value: Any) -> None:
+        self.__dict__[key] = value.detach() if isinstance(value, torch.Tensor) else (
+            None if value is None else float(value))
+
+    get.__doc__ = put.__doc__ = f"``{name}`` as a float (converted from the step's tensor on first read)"
+    return property(get, put)
+
+
+StepInfo.loss = _lazy_float("loss")  # type: ignore[assignment]
+StepInfo.loss_after = _lazy_float("loss_after")  # type: ignore[assignment]
 
 
 def _as_float(value: torch.Tensor | float | None) -> float | None:
@@ -245,6 +271,9 @@ def _check_blocks(model: nn.Module, blocks: Mapping[Any, Any]) -> None:
             pass
 
 
+#: Why a step is reverted when its update made a parameter non-finite.
+_BAD_NEW_POINT = "non-finite parameters after the update (step reverted)"
+
 #: State tensors whose leading sizes count stored pairs (L-BFGS memory) and so may differ.
 _COUNTED = {"S": 1, "Y": 1, "SY": 2, "YY": 2}
 
@@ -329,11 +358,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     **Fallback.** A layer without a block gets the fallback rule; ``describe()`` lists it with the
     reason (no block for its type, excluded, an unsupported configuration, parameters the adapter
-    does not cover, a parametrized weight, tied weights). Lazy modules must run one forward first.
+    does not cover, a parametrized weight, tied weights that cannot share one block, an attention
+    found at a step to be used for cross-attention). Lazy modules must run one forward first.
+    Fully tied layers (the same weight and bias) share one summed block (see :meth:`_assign_blocks`).
 
     Attributes:
         counters: ``{"steps", "skipped_steps", "reverted_steps", "skip_reasons", "rollbacks",
-            "recoveries", "secant_resets", "inversion_recoveries", "step_scale", "bad_point_streak"}``
+            "recoveries", "secant_resets", "inversion_recoveries", "step_scale", "bad_point_streak",
+            "runtime_fallbacks"}``
             (see :mod:`optimizers.recovery`); a skipped step
             (non-finite loss or gradient) leaves everything else unchanged, a reverted step (K-BFGS's
             second pass found a non-finite loss) is undone completely (see :meth:`step`).
@@ -449,7 +481,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.counters: dict[str, Any] = {"steps": 0, "skipped_steps": 0, "reverted_steps": 0, "skip_reasons": {},
                                          "rollbacks": 0, "recoveries": 0, "secant_resets": 0,
                                          "inversion_recoveries": 0, "step_scale": 1.0,
-                                         "bad_point_streak": 0}  # first passes failing on finite inputs in a row
+                                         "bad_point_streak": 0,  # first passes failing on finite inputs in a row
+                                         "runtime_fallbacks": 0}  # layers moved to the fallback rule at a step
+        self.runtime_fallbacks: dict[str, str] = {}
         self.recovery, self.strict = make_recovery(recovery), bool(strict)
         self._rollback_point: dict[str, Any] | None = None
         self._batch_inputs: list[tuple[tuple, dict]] = []
@@ -458,6 +492,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._hooks: OrderedDict[int, Callable[[StepInfo], None]] = OrderedDict()
         self._precondition_hooks: OrderedDict[int, Callable] = OrderedDict()
         self.capture = LayerCapture({n: s.adapter for n, s in self.slots.items() if _captured(s.block)}, loss_reduction)
+        for name, slot in self.slots.items():  # tied weights: every member's calls feed the one block
+            for _, member in slot.shared if _captured(slot.block) else ():
+                self.capture.share(name, member)
         self._inputs: list[tuple[tuple, dict]] = []
         self._internal_pass = False
         self._root_hook = model.register_forward_pre_hook(InertOnCopy(self._record_inputs), with_kwargs=True)
@@ -538,8 +575,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         A module falls back (with ``fallback='error'``: raises) when it is excluded, when ``blocks``
         maps it to None or has no recipe for it, when it has no adapter or its adapter rejects its
         configuration, when it has parameters the adapter does not cover, when its weight is
-        parametrized (``torch.nn.utils.parametrize``), when it shares a parameter with another module
-        (tied weights), or when the recipe rejects the layer. Every parameter is assigned once.
+        parametrized (``torch.nn.utils.parametrize``), or when the recipe rejects the layer.
+
+        **Tied weights.** Modules sharing a Parameter form a tie group. The group gets *one* block
+        (on the first module's slot; the others are listed in ``slot.shared``) when every member would
+        get a block on its own with the same recipe, all members have the same adapter kind, hold the
+        very same weight and bias (a *full* tie) and agree on the Kronecker shapes: the capture records
+        every member's calls under the one layer name, so the statistics are those of one module
+        applied to all the members' inputs (expand over calls, one sample count per pass). Otherwise
+        every member falls back with the reason: a partial tie (only the weight shared), layers of
+        different kinds (the embedding/output-head tie: the embedding's A is the token side, the
+        head's the input side, a transposed Kronecker structure), attention projections, or a member
+        that falls back on its own. Every parameter is assigned once.
         """
         _check_blocks(model, blocks)
         slots: OrderedDict[str, LayerSlot] = OrderedDict()
@@ -550,10 +597,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if lazy:
             raise ValueError(f"layers {lazy} are lazy and not initialized yet: run one forward pass on a batch "
                              "before building the optimizer")
-        users: dict[int, list[str]] = {}
-        for name, _, own in modules:
-            for p in own:
-                users.setdefault(id(p), []).append(name)
         contextual = contextual_adapters(model)
 
         def fall_back(name: str, module: nn.Module, reason: str) -> None:
@@ -562,67 +605,161 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             fallback[name] = module
             self.fallback_reasons[name] = reason
 
-        for name, module, own in modules:
-            if not own:
-                continue
-            tied = sorted({u for p in own for u in users[id(p)] if u != name})
-            if tied:
-                fall_back(name, module, f"tied weights shared with {tied}")
-                continue
+        def candidate(name: str, module: nn.Module, own: list) -> tuple[Any, LayerAdapter, RecipeContext] | str:
+            """(recipe, adapter, ctx) for the module on its own, or the reason it falls back."""
             if parametrize.is_parametrized(module) or isinstance(module, parametrize.ParametrizationList):
-                fall_back(name, module, "parametrized weight (torch.nn.utils.parametrize)")
-                continue
+                return "parametrized weight (torch.nn.utils.parametrize)"
             if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
-                fall_back(name, module, "excluded")
-                continue
+                return "excluded"
             if name in blocks:
                 recipe = blocks[name]
             else:
                 recipe = next((r for k, r in blocks.items() if isinstance(k, type) and isinstance(module, k)), None)
             if recipe is None:
-                why = "blocks maps it to None" if name in blocks or any(
+                return "blocks maps it to None" if name in blocks or any(
                     isinstance(k, type) and isinstance(module, k) for k in blocks) else "no block for this layer type"
-                fall_back(name, module, why)
-                continue
             try:
                 adapter = contextual.get(id(module)) or adapter_for(module)
                 if isinstance(adapter, UnsupportedLayerError):
                     raise adapter
             except UnsupportedLayerError as err:
-                fall_back(name, module, str(err))
-                continue
+                return str(err)
             if adapter is None:
-                fall_back(name, module, f"no adapter for {type(module).__name__}")
-                continue
+                return f"no adapter for {type(module).__name__}"
             covered = {id(p) for p in adapter.parameters()}
             extra = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in covered]
             if extra:
-                fall_back(name, module, f"parameters {extra} that {type(adapter).__name__} does not cover")
-                continue
+                return f"parameters {extra} that {type(adapter).__name__} does not cover"
             if any(not p.requires_grad for p in adapter.parameters()):
-                fall_back(name, module, "part of its weight/bias is frozen")
-                continue
+                return "part of its weight/bias is frozen"
             weight = adapter.weight
-            ctx = RecipeContext(weight.dtype, weight.device, group_damping.get(id(weight), self.damping.damping))
+            return recipe, adapter, RecipeContext(weight.dtype, weight.device, group_damping.get(id(weight), self.damping.damping))
+
+        # tie groups: modules connected by shared trainable parameters (in model order)
+        holder: dict[int, str] = {}
+        group_of: dict[str, str] = {}
+
+        def root(n: str) -> str:
+            while group_of[n] != n:
+                n = group_of[n]
+            return n
+
+        for name, _, own in modules:
+            group_of[name] = name
+            for p in own:
+                other = holder.setdefault(id(p), name)
+                if other != name:
+                    a, b = root(other), root(name)
+                    if a != b:
+                        group_of[b] = a
+        ties: dict[str, list[str]] = {}
+        for name, _, own in modules:
+            if own:
+                ties.setdefault(root(name), []).append(name)
+        info = {name: (module, own) for name, module, own in modules}
+
+        for name, module, own in modules:
+            if not own:
+                continue
+            members = ties[root(name)]
+            if name != members[0]:
+                continue  # handled with the group's first member
+            found = {n: candidate(n, info[n][0], info[n][1]) for n in members}
+            tie = self._tie_reason(members, found) if len(members) > 1 else None
+            if tie is not None or isinstance(found[name], str):
+                for n in members:
+                    fall_back(n, info[n][0], found[n] if isinstance(found[n], str) else tie)
+                continue
+            recipe, adapter, ctx = found[name]
             try:
                 block = _build_block(recipe, name, adapter, ctx)
                 if (block.needs_a or block.needs_g or block.needs_second_pass) and not getattr(adapter, "has_rows", True):
                     raise UnsupportedLayerError(f"{block.describe()} needs captured rows, which "
                                                 f"{type(adapter).__name__} has none of (use a diagonal block)")
             except UnsupportedLayerError as err:
-                fall_back(name, module, str(err))
+                for n in members:
+                    fall_back(n, info[n][0], str(err) if n == name else f"tied weights shared with {name!r}, which "
+                              f"falls back ({err})")
                 continue
-            slots[name] = LayerSlot(name, module, adapter, block)
+            slots[name] = LayerSlot(name, module, adapter, block,
+                                    shared=tuple((n, found[n][1]) for n in members[1:]))
         return slots, fallback
+
+    @staticmethod
+    def _tie_reason(members: list[str], found: Mapping[str, Any]) -> str | None:
+        """Why the tie group ``members`` cannot share one block (None: it can). ``found[n]`` is the
+        member's own (recipe, adapter, ctx), or the reason it falls back on its own."""
+        bad = [n for n in members if isinstance(found[n], str)]
+        if bad:
+            return f"tied weights shared with {bad}, which fall back on their own"
+        adapters = {n: found[n][1] for n in members}
+        kinds = {n: type(a).__name__ for n, a in adapters.items()}
+        first = members[0]
+        if len(set(kinds.values())) > 1:
+            one_hot = [n for n, a in adapters.items() if getattr(a, "one_hot_input", False)]
+            if one_hot:
+                return (f"tied weights shared between {members}: an embedding's gradient matrix is the transpose of a "
+                        "Linear-like layer's (its A is the token side, the other's A the input side), so the two "
+                        "Kronecker structures are transposed and cannot be summed in one block")
+            return f"tied weights shared between {members}, layers of different kinds ({sorted(set(kinds.values()))}); " \
+                   "no common Kronecker block"
+        if any(getattr(a, "functional_weight", None) is not None for a in adapters.values()):
+            return f"tied weights shared between {members}: tied attention projections are not supported"
+        params = {n: [id(p) for p in a.parameters()] for n, a in adapters.items()}
+        if any(params[n] != params[first] for n in members):
+            return (f"partial tie between {members}: they share some but not all of their weight/bias (one summed "
+                    "block for tied weights needs the very same weight and bias in every layer)")
+        if any((a.a_dim, a.g_dim) != (adapters[first].a_dim, adapters[first].g_dim) for a in adapters.values()):
+            return f"tied weights shared between {members} with different Kronecker shapes"
+        if any(found[n][0] is not found[first][0] for n in members):
+            return f"tied weights shared between {members}, which blocks maps to different recipes"
+        return None
+
+    def _apply_runtime_fallbacks(self, names: Mapping[str, str] | None = None) -> None:
+        """Move layers whose adapter found, from how the model called it, that its rows cannot be
+        captured (``adapter.runtime_fallback``, e.g. ``nn.MultiheadAttention`` used for
+        cross-attention) to the fallback rule, or the layers ``names`` (name -> reason, from a
+        checkpoint). Deterministic and permanent: the block, its capture hooks and its momentum
+        matrix are dropped, ``describe()`` lists the layer with the reason, ``counters["runtime_fallbacks"]``
+        counts the layers moved, and ``state_dict()`` keeps the list so a reloaded optimizer does the same.
+        Called by :meth:`step` before the step mutates anything (validate, then mutate).
+        """
+        if names is None:
+            names = {n: s.adapter.runtime_fallback for n, s in self.slots.items()
+                     if getattr(s.adapter, "runtime_fallback", None) and _captured(s.block)}
+        moved = [n for n in names if n in self.slots]
+        if not moved:
+            return
+        if self.fallback == "error":
+            name = moved[0]
+            raise UnsupportedLayerError(f"layer {name!r} ({type(self.slots[name].module).__name__}): {names[name]}, "
+                                        "and fallback='error'; exclude the layer (exclude=[...]) or use a fallback rule")
+        for name in moved:
+            slot = self.slots.pop(name)
+            self.capture.remove_layer(name)
+            self._build_damping.pop(name, None)
+            for n, module in [(name, slot.module)] + [(m, a.module) for m, a in slot.shared]:
+                self.fallback_modules[n] = module
+                self.fallback_reasons[n] = names[name]
+            self.state.get(slot.weight, {}).pop("momentum_matrix", None)
+            if self._rollback_point is not None:
+                self._rollback_point["state"].get(slot.weight, {}).pop("momentum_matrix", None)
+            self.runtime_fallbacks[name] = names[name]
+        self.counters["runtime_fallbacks"] = self.counters.get("runtime_fallbacks", 0) + len(moved)
+        self.data_parallel.assign(self.slots)
 
     def describe(self) -> str:
         """A table of which adapter and block (or fallback rule, with its learning rate and reason) each
-        layer got. Every trainable parameter is counted once (a tied parameter in the first layer that holds it).
+        layer got. Every trainable parameter is counted once (a tied parameter in the first layer that
+        holds it; the other layers of a summed tied block are listed with 0 parameters).
         """
         rows = [("layer", "module", "adapter", "curvature", "parameters")]
         for name, slot in self.slots.items():
             rows.append((name, type(slot.module).__name__, type(slot.adapter).__name__, slot.block.describe(),
                          str(sum(p.numel() for p in slot.adapter.parameters()))))
+            for member, adapter in slot.shared:
+                rows.append((member, type(adapter.module).__name__, type(adapter).__name__,
+                             f"one summed block with {name!r} (tied weights)", "0"))
         seen = {id(p) for s in self.slots.values() for p in s.adapter.parameters()}
         for name, module in self.fallback_modules.items():
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
@@ -794,9 +931,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def _nonfinite_reason(self, loss: torch.Tensor | float | None) -> str | None:
-        if loss is not None and not math.isfinite(_as_float(loss)):
-            return "non-finite loss"
+        """Why the first pass is unusable (non-finite loss or gradient), or None.
+
+        One fused on-device reduction over the loss and every gradient and one host
+        synchronization (the skip decision needs the host); the exact classification runs only
+        when that reduction is not finite.
+        """
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        tensors = grads + ([loss] if isinstance(loss, torch.Tensor) else [])
+        if loss is not None and not isinstance(loss, torch.Tensor) and not math.isfinite(float(loss)):
+            return "non-finite loss"
+        if not tensors or bool(finite_flag(*tensors)):
+            return None
+        if isinstance(loss, torch.Tensor) and not math.isfinite(_as_float(loss)):
+            return "non-finite loss"
         if not all_finite(*grads):
             return "non-finite gradient"
         return None
@@ -804,8 +952,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _skip(self, k: int, reason: str, loss) -> None:
         self.counters["skipped_steps"] += 1
         self.counters["skip_reasons"][reason] = self.counters["skip_reasons"].get(reason, 0) + 1
-        self._emit(StepInfo(step=k, lr=self.param_groups[0]["lr"], loss=_as_float(loss),
-                            skipped=True, skip_reason=reason))
+        self._emit(StepInfo(step=k, lr=self.param_groups[0]["lr"], loss=loss, skipped=True, skip_reason=reason))
 
     def _emit(self, info: StepInfo) -> None:
         for hook in list(self._hooks.values()):
@@ -876,13 +1023,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
             self._check_loss(loss, "the closure")
+        self._apply_runtime_fallbacks()  # before anything of the step is mutated
         records, inputs, batch_inputs = self.capture.records, self._inputs, self._batch_inputs
         self._clear_captured()
         settings = self._layer_settings()
         stats_due = self._stats_due(k)
         self._check_records(records, stats_due)
         # one rank's non-finite loss or gradient makes every rank skip (one small all-reduce)
-        agreement = self.data_parallel.agree(self._nonfinite_reason(loss), _as_float(loss), records, list(self.slots))
+        agreement = self.data_parallel.agree(self._nonfinite_reason(loss), loss, records, list(self.slots))
         if agreement.reason is not None:
             self._skip(k, self._first_pass_fault(agreement.reason, batch_inputs), loss)
             self._configure_capture(k)
@@ -957,18 +1105,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if stats_due and self.lag_factors:
             self._update_statistics(records, grads)
 
-        info = StepInfo(step=k, lr=lr, loss=_as_float(loss), step_scale=scale,
+        info = StepInfo(step=k, lr=lr, loss=loss, step_scale=scale,
                         grads=grads, inputs=pre, directions=directions, records=records,
                         layer_lrs={n: (p.lr_w, p.lr_b) for n, p in settings.items()})
-        if point is not None and not all_finite(*[p for g in self.param_groups for p in g["params"]]):
+        params = [p for g in self.param_groups for p in g["params"]]
+        if second_pass:  # the new point's check is fused with the second pass's (one synchronization)
+            step_sizes = {n: settings[n].lr_w * scale for n in self.slots}
+            self._second_pass(closure, records, loss, step_sizes, grads, directions, snapshot, info,
+                              params if point is not None else [])
+        elif point is not None and not all_finite(*params):
             if snapshot is not None:
                 self._restore(snapshot)
             else:  # only parameters and momentum changed besides this batch's (finite) statistics
                 self._restore_light(point)
-            self._count_revert("non-finite parameters after the update (step reverted)", info)
-        elif second_pass:
-            step_sizes = {n: settings[n].lr_w * scale for n in self.slots}
-            self._second_pass(closure, records, loss, step_sizes, grads, directions, snapshot, info)
+            self._count_revert(_BAD_NEW_POINT, info)
         return info
 
     def _check_loss(self, loss: Any, what: str) -> None:
@@ -998,14 +1148,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             rec = records.get(name)
             if rec is None:
                 if need_a or need_g:
-                    hint = ""
-                    if getattr(slot.adapter, "functional_weight", None) is not None:
-                        hint = (f"; {type(slot.adapter).__name__} captures the attention's F.linear calls only for "
-                                "self-attention (query, key and value the same tensor): otherwise exclude the layer "
-                                f"(exclude=[{name!r}])")
                     raise RuntimeError(
                         f"no statistics were captured for layer {name!r}: run forward and backward on the "
-                        f"batch (with gradients enabled) before step(), or pass a closure{hint}"
+                        "batch (with gradients enabled) before step(), or pass a closure"
                     )
                 continue
             rows = next((r for r in (rec.input_rows, rec.h_rows, rec.grad_rows) if r is not None), None)
@@ -1054,14 +1199,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layers (and over weight and bias parts with their own learning rates)."""
         if self.kl_clip is None:
             return 1.0
-        vg = 0.0
+        sums = []  # every layer's inner products, read from the device at once
         for name, slot in self.slots.items():
             part, d, m = settings[name], directions[name], inputs[name]
             if part.lr_w == part.lr_b:
-                vg += float(torch.sum(d * m)) * part.lr_w * part.lr_w
+                sums.append(torch.sum(d * m))
             else:
                 (dw, db), (mw, mb) = slot.adapter.split_matrix(d), slot.adapter.split_matrix(m)
-                vg += float(torch.sum(dw * mw)) * part.lr_w**2 + float(torch.sum(db * mb)) * part.lr_b**2
+                sums += [torch.sum(dw * mw), torch.sum(db * mb)]
+        values = iter(torch.stack([v.double() for v in sums]).tolist() if sums else [])
+        vg = 0.0
+        for name in self.slots:  # the same Python arithmetic as one read per layer
+            part = settings[name]
+            if part.lr_w == part.lr_b:
+                vg += next(values) * part.lr_w * part.lr_w
+            else:
+                vg += next(values) * part.lr_w**2 + next(values) * part.lr_b**2
         if not vg > 0:
             return 1.0
         return min(1.0, math.sqrt(self.kl_clip / vg))
@@ -1164,7 +1317,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             g["damping"] = lam
         self._generator.set_state(snapshot["generator"])
 
-    def _second_pass(self, closure, before, loss, step_sizes, grads, directions, snapshot, info: StepInfo) -> None:
+    def _second_pass(self, closure, before, loss, step_sizes, grads, directions, snapshot, info: StepInfo,
+                     params: list[torch.Tensor]) -> None:
+        """The closure at the new point; the blocks consume the pairs, or the step is reverted.
+
+        One host synchronization: a fused reduction over the new parameters (``params``, the
+        new-point check; empty when recovery keeps no point), the loss and the pre-activation
+        gradient rows at the new point. With several ranks the data-parallel agreement adds its
+        all-reduce; adaptive damping (the reduction ratio) reads its scalars on the host.
+        """
         self.capture.set(h=True, g=True, preactivation_grads_only=True)
         self._internal_pass = True
         no_sync = self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
@@ -1176,10 +1337,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         after = self.capture.records
         self.capture.clear()
         self._check_loss(loss_after, "the closure (second call, at the new point)")
-        info.loss_after = _as_float(loss_after)
-        bad = not math.isfinite(info.loss_after) or not all_finite(
-            *[r.grad_rows for r in after.values() if r.grad_rows is not None]
-        )
+        info.loss_after = loss_after
+        rows = [r.grad_rows for r in after.values() if r.grad_rows is not None]
+        fused = params + rows + ([loss_after] if isinstance(loss_after, torch.Tensor) else [])
+        bad = bool(loss_after is not None and not isinstance(loss_after, torch.Tensor)
+                   and not math.isfinite(float(loss_after))) or not bool(finite_flag(*fused))
+        if bad and params and not all_finite(*params):  # the update itself left the finite region
+            self._restore(snapshot)
+            self._count_revert(_BAD_NEW_POINT, info)
+            return
+        if bad:  # confirm exactly (the fused sum may overflow on finite values)
+            bad = not (loss_after is None or math.isfinite(_as_float(loss_after))) or not all_finite(*rows)
         if not bad:
             for name, slot in self.slots.items():
                 if slot.block.needs_second_pass and (name not in after or name not in before or after[name].grad_rows is None):
@@ -1188,7 +1356,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         "closure must run the same batch through the model and call backward every time"
                     )
         # agreed over ranks; when no rank is bad the blocks consume the (global) batch means
-        bad, loss_after_all = self.data_parallel.second_pass(self.slots, before, after, bad, info.loss_after)
+        bad, loss_after_all = self.data_parallel.second_pass(self.slots, before, after, bad, loss_after)
         if bad:
             self._restore(snapshot)
             self._count_revert("non-finite loss or gradient at the new point (step reverted)", info)
@@ -1199,7 +1367,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 delta = -step_sizes[name] * directions[name]
                 model_change += float(torch.sum(grads[name] * delta))
                 model_change += 0.5 * float(slot.block.curvature_quadratic(delta) + self.damping.damping * torch.sum(delta * delta))
-            loss_before = self.data_parallel.agreed_loss(_as_float(loss))
+            loss_before = _as_float(self.data_parallel.agreed_loss(loss))
+            loss_after_all = _as_float(loss_after_all)
             rho = (loss_after_all - loss_before) / model_change if model_change < 0 else -math.inf
             info.reduction_ratio = rho
             self.damping.observe_reduction_ratio(rho)
@@ -1307,6 +1476,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "kinds": {name: slot.block.describe() for name, slot in self.slots.items()},
             "recovery": self.recovery.state_dict(),
             "inversion_recovered": self.inversion_stats.recovered,
+            "runtime_fallbacks": dict(self.runtime_fallbacks),
         }
         return state
 
@@ -1322,6 +1492,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if extra is None:
             raise ValueError("not a secondorder optimizer state_dict (missing the 'secondorder' entry)")
         self._validate_checkpoint(extra, state_dict)
+        self._apply_runtime_fallbacks(extra.get("runtime_fallbacks") or {})  # as the saved optimizer did
         super().load_state_dict(state_dict)
         self.steps = int(extra["steps"])
         self.counters = {**extra["counters"], "skip_reasons": dict(extra["counters"]["skip_reasons"])}
@@ -1336,14 +1507,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _validate_checkpoint(self, extra: Mapping[str, Any], torch_state: Mapping[str, Any]) -> None:
         saved = extra.get("blocks", {})
-        missing, unexpected = sorted(set(self.slots) - set(saved)), sorted(set(saved) - set(self.slots))
+        moved = extra.get("runtime_fallbacks") or {}  # layers the saved optimizer moved to the fallback rule
+        slots = {n: s for n, s in self.slots.items() if n not in moved}
+        missing, unexpected = sorted(set(slots) - set(saved)), sorted(set(saved) - set(slots))
         if missing or unexpected:
             raise ValueError(
                 f"the checkpoint's curvature layers do not match this optimizer's: missing {missing}, unexpected "
                 f"{unexpected}; load it into an optimizer built the same way on the same model"
             )
         kinds = extra.get("kinds") or {}
-        for name, slot in self.slots.items():
+        for name, slot in slots.items():
             if name in kinds and kinds[name] != slot.block.describe():
                 raise ValueError(
                     f"layer {name!r}: the checkpoint holds a {kinds[name]} block but this optimizer has "
@@ -1358,7 +1531,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"{[len(g['params']) for g in self.param_groups]}"
             )
         params = [p for g in self.param_groups for p in g["params"]]
-        matrix_shape = {id(s.weight): (s.adapter.g_dim, s.adapter.a_dim) for s in self.slots.values()}
+        matrix_shape = {id(s.weight): (s.adapter.g_dim, s.adapter.a_dim) for s in slots.values()}
         for index, pstate in torch_state.get("state", {}).items():
             p = params[int(index)]
             layer = self._param_layer.get(id(p), f"parameter {index}")

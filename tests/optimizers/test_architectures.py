@@ -3,6 +3,7 @@ grouped/depthwise convolutions and BatchNorm, with every ready-made optimizer an
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from benchmarks.transformer import TinyDecoder, modular_addition, next_token_loss
+from curvature.adapters import UnsupportedLayerError
 from optimizers import KBFGS, KBFGSL, KFAC, CurvatureOptimizer
 from optimizers.recipes import diagonal_block, kbfgs_block, kbfgsl_block, kfac_block
 
@@ -70,8 +72,8 @@ def test_decoder_transformer_trains_out_of_the_box(kind, tied):
     opt = MAKERS[kind](model, 0.1)
     table = _every_parameter_listed_once(opt, model)
     assert "MultiheadAttention" in table and "out_proj" in table
-    if tied:
-        assert "tied weights shared with ['head']" in table
+    if tied:  # the embedding/head tie is transposed: one Kronecker block cannot hold both
+        assert "tied weights shared between ['tok', 'head']" in table and "transposed" in table
     else:
         assert "fallback" not in table, table
     losses = _train(model, opt, lambda: next_token_loss(model, seq), 100)
@@ -125,23 +127,137 @@ def test_transformer_encoder_layer_with_a_closure_is_captured():
     assert losses[-1] < losses[0] and opt.counters["skipped_steps"] == 0
 
 
-def test_cross_attention_says_to_exclude_the_packed_projection():
-    class Cross(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+class Cross(nn.Module):
+    """One attention with distinct query and key/value (``how`` chooses how it is called)."""
 
-        def forward(self, x, memory):
+    def __init__(self, how: str = "kv") -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.how = how
+
+    def forward(self, x, memory):
+        if self.how == "kv":  # key is value, query differs (encoder-decoder attention)
             return self.attn(x, memory, memory, need_weights=False)[0]
+        if self.how == "qkv":  # three different tensors, as keywords
+            return self.attn(query=x, key=memory, value=memory * 2, need_weights=False)[0]
+        return self.attn(x, x, x, need_weights=False)[0]  # self-attention
 
-    model = Cross()
-    x, m = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+
+def _closure(opt, model, x, m):
+    def closure():
+        opt.zero_grad()
+        loss = model(x, m).pow(2).mean()
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("how", ["kv", "qkv"])
+@pytest.mark.parametrize("make", [KFAC, KBFGS], ids=["kfac", "kbfgs"])
+def test_cross_attention_in_proj_falls_back_automatically_like_exclude(make, how):
+    """The packed in_proj moves to the fallback rule at the first step that sees distinct q/k/v, before
+    the step mutates anything: every step equals that of an optimizer told to exclude the attention's
+    in_proj from the start; describe() gives the reason, counters count it, state_dict keeps it."""
+    torch.manual_seed(0)
+    model = Cross(how).double()
+    twin = copy.deepcopy(model)
+    x, m = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    opt = make(model, lr=0.1, damping=0.3)
+    ref = make(twin, lr=0.1, damping=0.3, exclude=["attn"])  # out_proj keeps its block in both
+    assert "attn" in opt.slots and "attn.out_proj" in opt.slots and "attn" not in ref.slots
+    for k in range(3):
+        opt.step(_closure(opt, model, x, m))
+        ref.step(_closure(ref, twin, x, m))
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    assert "attn" not in opt.slots and "attn.out_proj" in opt.slots
+    assert "cross-attention" in opt.fallback_reasons["attn"] and "cross-attention" in opt.describe()
+    assert opt.counters["runtime_fallbacks"] == 1 and opt.counters["skipped_steps"] == 0
+    lines = opt.describe().splitlines()[1:]
+    assert sum(int(line.split()[-1]) for line in lines) == sum(p.numel() for p in model.parameters())
+
+    # state_dict round trip: a fresh optimizer (that has not seen a call yet) switches on load
+    saved = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    opt2 = make(model2, lr=0.1, damping=0.3)
+    assert "attn" in opt2.slots
+    opt2.load_state_dict(saved)
+    assert "attn" not in opt2.slots and opt2.describe() == opt.describe()
+    assert opt2.counters["runtime_fallbacks"] == 1
+    opt.step(_closure(opt, model, x, m))
+    opt2.step(_closure(opt2, model2, x, m))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_self_attention_keeps_its_packed_block_and_error_mode_raises_before_mutating():
+    torch.manual_seed(0)
+    model = Cross("self")
+    x = torch.randn(2, 3, 4)
     opt = KFAC(model, lr=0.1)
-    model(x, m).pow(2).mean().backward()
-    with pytest.raises(RuntimeError, match="self-attention"):
-        opt.step()
-    opt = KFAC(model, lr=0.1, exclude=["attn"])
-    opt.zero_grad()
-    model(x, m).pow(2).mean().backward()
-    opt.step()
-    assert "excluded" in opt.describe()
+    for _ in range(2):
+        opt.step(_closure(opt, model, x, None))
+    assert "attn" in opt.slots and opt.counters["runtime_fallbacks"] == 0
+    assert opt.blocks["attn"].a_factor.updates == 2
+
+    cross = Cross("kv")
+    m = torch.randn(2, 5, 4)
+    opt = KFAC(cross, lr=0.1, fallback="error")
+    before = [p.detach().clone() for p in cross.parameters()]
+    with pytest.raises(UnsupportedLayerError, match="cross-attention.*exclude"):
+        opt.step(_closure(opt, cross, x, m))
+    assert all(torch.equal(p, q) for p, q in zip(cross.parameters(), before))
+    assert not opt.state and opt.blocks["attn.out_proj"].a_factor.updates == 0 and opt.steps == 0
+
+
+class EncoderDecoder(nn.Module):
+    """A small encoder-decoder: encoder self-attention over the source, decoder causal self-attention
+    and cross-attention to the encoder output, MLPs, LayerNorms, a Linear head."""
+
+    def __init__(self, vocab: int, dim: int = 16, heads: int = 2, max_len: int = 8) -> None:
+        super().__init__()
+        self.src = nn.Embedding(vocab, dim)
+        self.tgt = nn.Embedding(vocab + 1, dim)  # + a start token
+        self.pos = nn.Embedding(max_len, dim)
+        self.enc_ln, self.enc_attn = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.enc_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.dec_ln1, self.dec_self = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.dec_ln2, self.cross = nn.LayerNorm(dim), nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.dec_mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab)
+
+    def forward(self, src, tgt_in):
+        s, t = src.shape[1], tgt_in.shape[1]
+        x = self.src(src) + self.pos(torch.arange(s)).unsqueeze(0)
+        h = self.enc_ln(x)
+        x = x + self.enc_attn(h, h, h, need_weights=False)[0]
+        memory = x + self.enc_mlp(x)
+        y = self.tgt(tgt_in) + self.pos(torch.arange(t)).unsqueeze(0)
+        mask = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+        h = self.dec_ln1(y)
+        y = y + self.dec_self(h, h, h, attn_mask=mask, need_weights=False)[0]
+        y = y + self.cross(self.dec_ln2(y), memory, memory, need_weights=False)[0]
+        y = y + self.dec_mlp(y)
+        return self.head(self.ln(y))
+
+
+@pytest.mark.parametrize("kind", ["kfac", "kbfgs"])
+def test_encoder_decoder_with_cross_attention_trains(kind):
+    """Reverse a sequence: 100 steps, loss falling, no skipped steps, every parameter listed once;
+    the cross-attention's in_proj falls back (with the reason), every other layer keeps its block."""
+    torch.manual_seed(0)
+    vocab, length = 5, 4
+    src = torch.randint(0, vocab, (32, length), generator=torch.Generator().manual_seed(0))
+    tgt = src.flip(1)
+    tgt_in = torch.cat([torch.full((32, 1), vocab), tgt[:, :-1]], 1)
+    model = EncoderDecoder(vocab)
+    opt = MAKERS[kind](model, 0.1)
+    loss_fn = lambda: nn.functional.cross_entropy(model(src, tgt_in).reshape(-1, vocab), tgt.reshape(-1))  # noqa: E731
+    losses = _train(model, opt, loss_fn, 100)
+    table = _every_parameter_listed_once(opt, model)
+    assert list(opt.fallback_reasons) == ["cross"] and "cross-attention" in opt.fallback_reasons["cross"], table
+    assert {"cross.out_proj", "enc_attn", "dec_self"} <= set(opt.slots)
+    assert opt.counters["runtime_fallbacks"] == 1
+    assert all(math.isfinite(v) for v in losses)
+    assert opt.counters["skipped_steps"] == 0 and opt.counters["reverted_steps"] == 0
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, (losses[:3], losses[-3:])
