@@ -716,8 +716,14 @@ def _run_e7d(ctx: Context) -> list[CheckResult]:
     if not ctx.curvature:
         return _tag([_no_preconditioner("E7d", "EoS corollary")], max(ctx.trace.snapshots))
     _ensure_lipschitz(ctx)
-    l_hat = max(v for v in (ctx.lipschitz_hat, ctx.lipschitz_h) if v is not None and math.isfinite(v))
     p = ctx.problem
+    # the L the run's claims rest on: the problem's declared L when it has one (E8's bound and E8p's
+    # step-size gate use it), else E1's estimate max(L_hat, L_H)
+    if p.lipschitz is not None:
+        l_hat, l_source = float(p.lipschitz), "declared by the problem"
+    else:
+        l_hat = max(v for v in (ctx.lipschitz_hat, ctx.lipschitz_h) if v is not None and math.isfinite(v))
+        l_source = "E1 estimate max(L_hat, L_H)"
     k = max(ctx.trace.snapshots)
     _restore(ctx, k)
     method = "dense" if p.num_parameters <= 400 else "lanczos"
@@ -725,6 +731,10 @@ def _run_e7d(ctx: Context) -> list[CheckResult]:
     res = check_eos_corollary(p.model, p.loss_fn, p.full_batch, ctx.optimizer, ctx.trace.batches[k], l_hat,
                               make_closure=ctx.source.closure_factory(ctx.optimizer), lr=lr_k, method=method)
     _restore(ctx, k)
+    res.evidence["lipschitz"], res.evidence["lipschitz_source"] = l_hat, l_source
+    if p.lipschitz is not None and res.verdict is Verdict.FAIL and res.evidence.get("step_size_condition"):
+        res.notes.append(f"the problem's declared L = {l_hat:.4g} is below the local curvature: E8's bound and "
+                         "E8p's step-size gate, which use it, are not sound")
     return _tag(res, k)
 
 

@@ -205,3 +205,68 @@ def fixed_loader():
     prob = _least_squares()
     loader = iid_loader(prob.dataset, BATCH, torch.Generator().manual_seed(0), num_samples=BATCH * 1000)
     return {"model": prob.model, "loss_fn": prob.loss_fn, "data": loader, "make_optimizer": _kbfgsl(0.05)}
+
+
+# ------------------------------------------------------------------------------ E7d / E8 / E8p
+def _isotropic(noise: float = 1.0):
+    """f(w) = 1/2 |w - w*|^2 + c in 8 dimensions (X^T X / N = I exactly, L = 1), 256 examples with label noise 1:
+    gradient noise dominates near w*, so a constant step reaches its noise floor within a few dozen steps."""
+    return problems.quadratic([1.0] * 8, samples_per_dim=32, noise=noise, seed=0)
+
+
+def _kfac_big(lr: float = 1500.0, damping: float = 1e4):
+    """KFAC whose damping dominates the factors: P ~ 1e-4 I (kappa_lo/kappa_hi ~ 0.99), so the step-size limit
+    kappa_lo/(L kappa_hi^2) is ~ 8e3 and lr 1500 gives alpha lambda(P H) ~ 0.15 per step."""
+    return lambda model: KFAC(model, lr=lr, damping=damping, **theory_mode_kwargs())
+
+
+def noisy_quadratic():
+    """E8 / E8p honest: constant step inside the step-size condition, the exact L declared, i.i.d. batches."""
+    prob = _isotropic()
+    return {"model": prob.model, "loss_fn": prob.loss_fn, "data": prob.dataset,
+            "make_optimizer": _kfac_big(), "lipschitz": prob.lipschitz, "batch_size": BATCH}
+
+
+def noisy_quadratic_repeated():
+    """E8p: as ``noisy_quadratic``, but every batch repeats one example: the batch noise does not shrink with m."""
+    prob = _isotropic()
+
+    def make_loader(seed: int, batch_size: int, num_batches: int):
+        return _repeated_loader(prob.dataset, batch_size, seed, num_batches)
+
+    return {"model": prob.model, "loss_fn": prob.loss_fn, "data": prob.dataset,
+            "make_optimizer": _kfac_big(), "make_loader": make_loader, "lipschitz": prob.lipschitz, "batch_size": BATCH}
+
+
+def understated_lipschitz():
+    """E7d: the declared L is 0.7 of the true curvature (a few power iterations, whose Rayleigh quotients approach
+    lambda_max from below), and lr = 13000 sits inside kappa_lo/(L kappa_hi^2) for that L (about 1.6e4 here), but
+    alpha lambda_max(P H) = 1.18 > kappa_lo/kappa_hi = 0.99."""
+    prob = _isotropic()
+    return {"model": prob.model, "loss_fn": prob.loss_fn, "data": prob.dataset,
+            "make_optimizer": _kfac_big(lr=13000.0), "lipschitz": 0.7 * prob.lipschitz, "batch_size": BATCH}
+
+
+def clipped_gradients():
+    """E8: the closure clips the gradient norm to 1e-3 (``clip_grad_norm_``) before the step: the loss decreases
+    far slower than the theorem's bound demands (step size and preconditioner unchanged)."""
+    prob = _isotropic()
+    model = prob.model
+
+    def make_closure(optimizer):
+        def make(batch):
+            x, y = batch
+
+            def closure():
+                optimizer.zero_grad()
+                loss = prob.loss_fn(model(x), y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+                return loss
+
+            return closure
+
+        return make
+
+    return {"model": model, "loss_fn": prob.loss_fn, "data": prob.dataset, "make_optimizer": _kfac_big(),
+            "make_closure": make_closure, "lipschitz": prob.lipschitz, "batch_size": BATCH}

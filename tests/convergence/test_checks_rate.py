@@ -187,16 +187,36 @@ def test_violated_step_size_condition_and_constant_step_is_not_applicable():
 
 
 def test_plateau_ratio_rule():
-    """E8p on synthetic floors: ratio 4 passes, ratio 1 fails, a still-falling tail is not applicable."""
+    """E8p on synthetic floors reached after a fast transient: ratio 4 passes, ratio 1 fails, a still-falling
+    tail (at m or at 4m) is not applicable."""
     from convergence.checks.rate import check_plateau_ratio
 
     rng = np.random.default_rng(0)
     steps = np.arange(1, 61)
-    small = 4e-3 * (1 + 0.2 * rng.random((6, 60)))
-    large = 1e-3 * (1 + 0.2 * rng.random((6, 60)))
+    transient = np.exp(-steps / 4.0)  # decays below the floors long before the tail (steps >= 40)
+    small = 4e-3 * (1 + 0.2 * rng.random((6, 60))) + transient
+    large = 1e-3 * (1 + 0.2 * rng.random((6, 60))) + transient
     ok = check_plateau_ratio(small, large, steps)
     assert ok.verdict is Verdict.PASS and 3 < ok.statistic < 5
-    same = check_plateau_ratio(small, 4 * large, steps)
+    same = check_plateau_ratio(small, 4 * large - 3 * transient, steps)
     assert same.verdict is Verdict.FAIL and same.evidence["ratio_ci"][1] < 4 / 1.5
     falling = check_plateau_ratio(small * np.exp(-steps / 5.0), large, steps)
     assert falling.verdict is Verdict.NOT_APPLICABLE and "noise floor" in falling.reason
+    falling_4m = check_plateau_ratio(small, large * np.exp(-steps / 5.0), steps)
+    assert falling_4m.verdict is Verdict.NOT_APPLICABLE and "run at 4m" in falling_4m.reason
+
+
+def test_plateau_ratio_slow_transient_is_not_a_floor():
+    """A step far below the limit: both batch sizes are still on the same slowly decaying transient, which looks
+    flat over the tail (drop 1.02 < 1.25). The ratio is 1, but that is not a noise floor: NOT_APPLICABLE, never
+    FAIL (the tail-flatness rule alone gave a false FAIL here)."""
+    from convergence.checks.rate import check_plateau_ratio
+
+    rng = np.random.default_rng(1)
+    steps = np.arange(1, 61)
+    slow = np.exp(-steps / 600.0)
+    small = slow * (1 + 0.05 * rng.random((4, 60)))
+    large = slow * (1 + 0.05 * rng.random((4, 60)))
+    res = check_plateau_ratio(small, large, steps)
+    assert res.evidence["tail_drop_m"] < 1.25 and res.evidence["decrease_m"] < 2
+    assert res.verdict is Verdict.NOT_APPLICABLE and "transient" in res.reason

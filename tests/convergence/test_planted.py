@@ -146,6 +146,27 @@ def test_e7b_schedule_outside_the_theorem_fails(tmp_path, capsys):
     assert rc == 1 and checks["E7b"]["verdict"] == "FAIL"
 
 
+def test_e7d_declared_lipschitz_below_the_curvature_fails(tmp_path, capsys):
+    """The problem declares L = 0.7 (true 1) and lr sits inside kappa_lo/(L kappa_hi^2) for it: the step-size
+    condition holds, yet alpha lambda_max(P H) > kappa_lo/kappa_hi. (The old E7d used E1's L_H, the exact local
+    curvature at the same point, so the condition failed and the corollary passed vacuously.)"""
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:understated_lipschitz", "--steps", "20",
+                         "--checks", "E7")
+    e7d = next(c for k, c in checks.items() if k.startswith("E7d@"))
+    ev = e7d["evidence"]
+    assert rc == 1 and e7d["verdict"] == "FAIL"
+    assert ev["lipschitz"] == pytest.approx(0.7) and ev["lipschitz_source"] == "declared by the problem"
+    assert ev["step_size_condition"] and ev["consistency"]
+    assert ev["alpha_times_psharp"] > ev["kappa_ratio"] and ev["sharpness"] > ev["lipschitz"]
+    assert any("declared L = 0.7 is below the local curvature" in n for n in e7d["notes"])
+
+
+def test_e7d_without_a_preconditioner_is_not_applicable(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:adam", "--steps", "6", "--checks", "E7")
+    e7d = next(c for k, c in checks.items() if k.startswith("E7d@"))
+    assert e7d["verdict"] == "NOT_APPLICABLE" and "no curvature blocks" in e7d["evidence"]["not_applicable"]
+
+
 # ============================================================================================ E8
 def test_e8p_outside_the_step_size_condition_is_not_applicable(tmp_path, capsys):
     """The 1/m floor is a small-step prediction: above kappa_lo/(L kappa_hi^2) it is not claimed (an honest MLP
@@ -167,6 +188,49 @@ def test_e8p_with_a_fixed_loader_is_not_applicable(tmp_path, capsys):
     capsys.readouterr()
     checks = {c["check"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
     assert checks["E8p"]["verdict"] == "NOT_APPLICABLE" and "fixed DataLoader" in checks["E8p"]["evidence"]["not_applicable"]
+
+
+PLATEAU = ["--no-progress", "--no-plots", "--checkpoints", "1", "--rate-seeds", "4", "--steps", "60", "--checks", "E8"]
+
+
+def _run_plateau(tmp_path, capsys, problem: str) -> tuple[int, dict]:
+    out = tmp_path / "run"
+    rc = cli.main(["check", "--problem", f"planted_problems:{problem}", "--out", str(out), *PLATEAU])
+    capsys.readouterr()
+    return rc, {c["check"]: c for c in json.loads((out / "report.json").read_text())["checks"]}
+
+
+def test_e8_and_e8p_pass_on_an_honest_noisy_quadratic(tmp_path, capsys):
+    """Constant step inside kappa_lo/(L kappa_hi^2) with the exact L: E8's bound U_N is tested (it could fail) and
+    holds; the runs reach their noise floors and the floor at m is about 4x the floor at 4m."""
+    rc, checks = _run_plateau(tmp_path, capsys, "noisy_quadratic")
+    assert rc == 0
+    e8, e8p = checks["E8"], checks["E8p"]
+    assert e8["verdict"] == "PASS" and e8["evidence"]["bound"]["applies"]
+    assert e8["evidence"]["bound"]["W_N_lcb"] <= e8["evidence"]["bound"]["U_N"]
+    assert e8p["verdict"] == "PASS", e8p["notes"]
+    assert e8p["evidence"]["decrease_m"] >= 4 and 2.67 <= e8p["statistic"] <= 8
+
+
+def test_e8p_repeated_example_batches_fail(tmp_path, capsys):
+    """Every batch repeats one example: the floor at 4m is no lower than at m (ratio ~1), inside the step-size
+    condition and after both runs reached their floors."""
+    rc, checks = _run_plateau(tmp_path, capsys, "noisy_quadratic_repeated")
+    e8p = checks["E8p"]
+    assert rc == 1 and e8p["verdict"] == "FAIL", e8p["notes"]
+    assert e8p["evidence"]["ratio_ci"][1] < 4 / 1.5 and e8p["evidence"]["decrease_m"] >= 4
+
+
+def test_e8_clipped_gradients_fail_the_rate_bound(tmp_path, capsys):
+    """The closure clips |g| to 1e-3: the loss barely moves, so W_N stays far above U_N. E8p is NOT_APPLICABLE on
+    the same runs (no decrease, so the flat tail is not a noise floor; the old flatness rule read it as ratio 1,
+    a FAIL)."""
+    rc, checks = _run_plateau(tmp_path, capsys, "clipped_gradients")
+    e8 = checks["E8"]
+    assert rc == 1 and e8["verdict"] == "FAIL"
+    assert e8["evidence"]["bound"]["applies"] and e8["evidence"]["bound"]["W_N_lcb"] > e8["evidence"]["bound"]["U_N"]
+    assert any("W_N exceeds the general bound" in n for n in e8["notes"])
+    assert checks["E8p"]["verdict"] == "NOT_APPLICABLE" and "transient" in checks["E8p"]["evidence"]["not_applicable"]
 
 
 # ============================================================================================ honest
