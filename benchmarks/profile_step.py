@@ -343,7 +343,7 @@ def write_report(report: ProfileReport, out: Path) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=("mnist", "faces", "tiny"), default="mnist")
+    p.add_argument("--model", choices=("mnist", "curves", "faces", "tiny"), default="mnist")
     p.add_argument("--batch", type=int, default=1000)
     p.add_argument("--device", default="cpu")
     p.add_argument("--method", action="append", choices=OUR_METHODS, default=None,

@@ -813,7 +813,7 @@ def _positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("mnist", "faces", "tiny", "transformer"), default="mnist",
+    p.add_argument("--model", choices=("mnist", "curves", "faces", "tiny", "transformer"), default="mnist",
                    help="autoencoder (tiny = 20-12-6-12-20, for tests), or the decoder-only transformer "
                         "(--batch sequences of --seq-len tokens; AdamW, KFAC, K-BFGS, K-BFGS(L))")
     p.add_argument("--seq-len", type=_positive, default=32, help="transformer: tokens per sequence")

@@ -15,17 +15,20 @@ equation :math:`H^+ y = s`. Expanded with :math:`u = Hy`:
     H^+ = H - \rho (s u^\top + u s^\top) + (\rho^2 y^\top H y + \rho) s s^\top .
 
 This single routine serves both Kronecker factors of K-BFGS (H_a from Hessian-action pairs and H_g
-from damped pre-activation pairs). The result is symmetrized after every update (the asdl fix for
-drift from rounding), and an update is skipped, never applied half-way, when the pair is degenerate.
+from damped pre-activation pairs). The result is symmetric by construction (no symmetrization pass,
+see :func:`bfgs_inverse_update`), and an update is skipped, never applied half-way, when the pair is
+degenerate. :func:`guarded_bfgs_inverse_update` reads everything its decision needs from the device
+with one host synchronization.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from curvature.linalg import all_finite, symmetrize
+from curvature.linalg import all_finite, finite_flag, symmetrize
 
 #: Relative curvature threshold of the reference code: skip when sᵀy ≤ 1e-4·‖s‖²·‖g_ref‖.
 DEFAULT_CURVATURE_THRESHOLD = 1e-4
@@ -43,6 +46,32 @@ class PairCheck:
         return self.reason is None
 
 
+def _pair_scalars(s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None,
+                  extra: list[torch.Tensor] = ()) -> list[float]:
+    """``[finite(s, y), sᵀy, sᵀs, reference_norm, *extra]`` read from the device in one synchronization
+    (float64: the exact values of float32 tensors)."""
+    parts = [finite_flag(s, y).double(), torch.dot(s, y).double(), torch.dot(s, s).double()]
+    if isinstance(reference_norm, torch.Tensor):
+        parts.append(reference_norm.detach().reshape(()).double())
+    parts.extend(e.double() for e in extra)
+    values = torch.stack(parts).tolist()
+    if not isinstance(reference_norm, torch.Tensor):
+        values.insert(3, None if reference_norm is None else float(reference_norm))
+    return values
+
+
+def _pair_reason(s: torch.Tensor, y: torch.Tensor, values: list, threshold: float) -> str | None:
+    """The skip rule of :func:`check_pair` applied to :func:`_pair_scalars`' values."""
+    finite, sy, ss, reference = values[:4]
+    if not finite and not all_finite(s, y):  # the fused flag is conservative: confirm exactly
+        return "non-finite pair"
+    if not sy > 0.0:
+        return "s^T y <= 0"
+    if reference is not None and sy <= threshold * ss * reference:
+        return "s^T y below the relative curvature threshold"
+    return None
+
+
 def check_pair(
     s: torch.Tensor,
     y: torch.Tensor,
@@ -54,22 +83,29 @@ def check_pair(
     Skip when the pair is not finite, when :math:`s^\top y \le 0`, or when
     :math:`s^\top y \le \text{threshold}\cdot\|s\|^2\|g_\text{ref}\|` (only if ``reference_norm``
     is given; the reference code passes the mean pre-activation gradient for H_g and the mean
-    augmented activation for H_a).
+    augmented activation for H_a). One host synchronization.
     """
-    if not all_finite(s, y):
-        return PairCheck("non-finite pair", float("nan"))
-    sy = float(torch.dot(s, y))
-    if not sy > 0.0:
-        return PairCheck("s^T y <= 0", sy)
-    if reference_norm is not None:
-        ss = float(torch.dot(s, s))
-        if sy <= threshold * ss * float(reference_norm):
-            return PairCheck("s^T y below the relative curvature threshold", sy)
-    return PairCheck(None, sy)
+    values = _pair_scalars(s, y, reference_norm)
+    reason = _pair_reason(s, y, values, threshold)
+    if reason == "non-finite pair":
+        return PairCheck(reason, float("nan"))
+    return PairCheck(reason, values[1])
 
 
 def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r"""Return the inverse BFGS update :math:`H^+` of ``H`` with the pair ``(s, y)`` (symmetrized).
+    r"""Return the inverse BFGS update :math:`H^+` of ``H`` with the pair ``(s, y)``, exactly symmetric.
+
+    With :math:`u = Hy`, :math:`a = \rho^2 y^\top H y + \rho` and :math:`w = \tfrac a2 s - \rho u`,
+    :math:`H^+ = H + s w^\top + w s^\top`. Rescaled to equal norms, :math:`\hat s = \alpha s`,
+    :math:`\hat w = w/\alpha` (:math:`\alpha = \sqrt{\|w\|/\|s\|}`, so no cancellation beyond
+    a factor 2 of :math:`\|s\|\|w\|`), and with :math:`p = (\hat s + \hat w)/\sqrt2`,
+    :math:`q = (\hat s - \hat w)/\sqrt2`:
+
+    .. math:: H^+ = H + p p^\top - q q^\top .
+
+    Every kernel is one IEEE operation per element on symmetric operands (``outer(p, p)``,
+    ``outer(q, q)``, their difference, the sum with ``H``), so :math:`H^+_{ij} = H^+_{ji}` bit for
+    bit when ``H`` is symmetric: no symmetrization pass (a transposed read of the matrix) is needed.
 
     The caller is responsible for :math:`s^\top y > 0` (see :func:`check_pair`); the formula is
     applied as written otherwise, which is what the property tests use to show that
@@ -77,11 +113,16 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
     """
     rho = 1.0 / torch.dot(s, y)
     u = H @ y
-    yHy = torch.dot(y, u)
-    # rank-2 form: H⁺ = H + [s u] C [s u]ᵀ with C = [[ρ²yᵀHy + ρ, −ρ], [−ρ, 0]] (one BLAS pass)
-    U = torch.stack([s, u], dim=1)
-    C = torch.stack([torch.stack([rho * rho * yHy + rho, -rho]), torch.stack([-rho, torch.zeros_like(rho)])])
-    return symmetrize(torch.addmm(H, U, (U @ C).T))
+    a = rho * rho * torch.dot(y, u) + rho
+    w = (0.5 * a) * s - rho * u
+    ns, nw = torch.linalg.vector_norm(s), torch.linalg.vector_norm(w)
+    alpha = torch.where((ns > 0) & (nw > 0), torch.sqrt(nw / ns), torch.ones_like(ns))
+    s_hat, w_hat = alpha * s, w / alpha
+    p = (s_hat + w_hat) * math.sqrt(0.5)
+    q = (s_hat - w_hat) * math.sqrt(0.5)
+    out = torch.outer(p, p)
+    out.sub_(torch.outer(q, q))
+    return out.add_(H)
 
 
 def bfgs_direct_update(B: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -102,12 +143,15 @@ def guarded_bfgs_inverse_update(
 ) -> tuple[torch.Tensor, str | None]:
     """Apply :func:`bfgs_inverse_update` unless a skip rule fires; returns ``(H_new, skip_reason)``.
 
-    On a skip the input ``H`` is returned unchanged (the same tensor object).
+    On a skip the input ``H`` is returned unchanged (the same tensor object). The candidate update
+    is computed first and the pair's scalars and its finiteness are read together: one host
+    synchronization per call (more only to confirm a non-finite flag).
     """
-    check = check_pair(s, y, reference_norm, threshold)
-    if not check.ok:
-        return H, check.reason
     updated = bfgs_inverse_update(H, s, y)
-    if not all_finite(updated):
+    values = _pair_scalars(s, y, reference_norm, [finite_flag(updated)])
+    reason = _pair_reason(s, y, values, threshold)
+    if reason is not None:
+        return H, reason
+    if not values[4] and not all_finite(updated):
         return H, "non-finite update"
     return updated, None

@@ -241,7 +241,7 @@ class KroneckerBlock(CurvatureBlock):
             g_before = before.g_mean(self.approx)
             s = after.h_mean(self.approx) - before.h_mean(self.approx)
             y = after.g_mean(self.approx) - g_before
-            self.g_factor.observe_pair(s, y, reference_norm=float(g_before.norm()))
+            self.g_factor.observe_pair(s, y, reference_norm=g_before.norm())  # a tensor: read with the pair check
         if declares(self.a_factor, "uses_matrix_action"):
             _required(before.input_rows, "a")
             self.a_factor.hessian_action_update(before.a_mean(self.approx))

@@ -360,9 +360,9 @@ class LayerCapture:
             samples = adapter.num_samples(x) if hasattr(adapter, "num_samples") else int(x.shape[0])
             call = _Call(self._pass, groups, adapter.has_bias, samples)
             if cfg.a:
-                call.input_rows = adapter.input_rows(x.detach())
+                call.input_rows = _factor_dtype(adapter.input_rows(x.detach()), adapter)
             if cfg.h:
-                call.h_rows = adapter.output_rows(output.detach())
+                call.h_rows = _factor_dtype(adapter.output_rows(output.detach()), adapter)
             self._calls.setdefault(name, []).append(call)
             self._version += 1
             replaced = None
@@ -374,7 +374,7 @@ class LayerCapture:
                     output = replaced = output.detach().requires_grad_(True)
 
                 def grad_hook(grad: torch.Tensor, call: _Call = call) -> None:
-                    call.grad_rows = adapter.output_rows(grad.detach())
+                    call.grad_rows = _factor_dtype(adapter.output_rows(grad.detach()), adapter)
                     self._version += 1
                     self._new_pass = True  # a backward ran: the next forward call is a new pass
 
@@ -382,6 +382,16 @@ class LayerCapture:
             return replaced
 
         return hook
+
+
+def _factor_dtype(rows: torch.Tensor, adapter: LayerAdapter) -> torch.Tensor:
+    """Rows in the dtype of the layer's weight (the factors' dtype): under ``torch.autocast`` the
+    hooks see bfloat16/float16 activations and gradients, which are widened once here so that every
+    statistic, mean and secant difference is formed in the factors' precision."""
+    dtype = adapter.weight.dtype
+    if rows.is_floating_point() and rows.dtype != dtype and dtype.is_floating_point:
+        return rows.to(dtype)
+    return rows
 
 
 _original_linear = F.linear

@@ -311,7 +311,7 @@ class SecantFactor(Factor):
         self.last_pair: DampedPair | None = None
         self.last_raw_pair: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def observe_pair(self, s: torch.Tensor, y: torch.Tensor, reference_norm: float | None = None) -> DampedPair:
+    def observe_pair(self, s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None = None) -> DampedPair:
         """EMA the raw pair, damp it against the current H, and update H (or count a skip)."""
         s, y = s.to(self.s_avg), y.to(self.y_avg)
         if not all_finite(s, y):
@@ -340,7 +340,7 @@ class SecantFactor(Factor):
         self.last_pair = pair
         return pair
 
-    def _incorporate(self, s: torch.Tensor, y: torch.Tensor, reference_norm: float | None) -> str | None:
+    def _incorporate(self, s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None) -> str | None:
         raise NotImplementedError
 
     def reset_secant_memory(self) -> None:
@@ -529,7 +529,7 @@ class HessianActionFactor(Factor):
         s = self.H @ v
         y = self.matrix_action(s)
         self.last_pair = (s, y)
-        ref = None if self.curvature_threshold is None else float(v.norm())
+        ref = None if self.curvature_threshold is None else v.norm()
         self.H, reason = guarded_bfgs_inverse_update(self.H, s, y, ref, self.curvature_threshold or 0.0)
         if reason is None:
             self.updates += 1

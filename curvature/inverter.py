@@ -16,12 +16,14 @@ raises :class:`~curvature.linalg.InversionError`.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Callable
 
 import torch
 
-from curvature.linalg import InverseMethod, InversionError, InversionStats, damped_inverse_entries
+from curvature.linalg import (InverseMethod, InversionError, InversionStats, damped_inverse_entries, finish_inverses,
+                              launch_inverses)
 
 #: ``on_failure(damping) -> new damping to retry with, or None to keep the current inverse``
 FailureHandler = Callable[[float], "float | None"]
@@ -51,14 +53,33 @@ class BatchedInverter:
         self._requests[key].append((matrix, float(damping), callback, on_failure))
 
     def run(self) -> int:
-        """Invert everything requested; returns the number of inverses handed to callbacks."""
+        """Invert everything requested; returns the number of inverses handed to callbacks.
+
+        Every (size, dtype, device) group is launched first; the success masks of all groups are
+        then read with one host synchronization (per device), and only failures cost more.
+        """
         done = 0
         requests, self._requests = self._requests, defaultdict(list)
+        launched = []
         for (_, dtype, device), items in requests.items():
+            dampings = [d for _, d, _, _ in items]
+            if not all(math.isfinite(d) for d in dampings):
+                self.stats.failures += len(items)
+                self.stats.failed_shapes.append((len(items), *items[0][0].shape))
+                raise InversionError(f"the damping {dampings!r} is not finite")
             stack = torch.stack([m for m, _, _, _ in items])
-            damp = torch.tensor([d for _, d, _, _ in items], dtype=dtype, device=device)
-            inverses, ok = damped_inverse_entries(stack, damp, self.method, self.stats)
-            for (matrix, damping, callback, on_failure), inverse, good in zip(items, inverses, ok.tolist()):
+            damp = torch.tensor(dampings, dtype=dtype, device=device)
+            launched.append((items, launch_inverses(stack, damp, self.method)))
+        masks: dict[torch.device, list[bool]] = {}
+        for device in {p.ok.device for _, p in launched}:  # one read per device of every group's mask
+            masks[device] = torch.cat([p.ok for _, p in launched if p.ok.device == device]).tolist()
+        offsets: dict[torch.device, int] = defaultdict(int)
+        for items, pending in launched:
+            device = pending.ok.device
+            start = offsets[device]
+            offsets[device] = start + len(items)
+            inverses, ok = finish_inverses(pending, masks[device][start:start + len(items)], self.stats)
+            for (matrix, damping, callback, on_failure), inverse, good in zip(items, inverses, ok):
                 if good:
                     callback(inverse)
                     done += 1

@@ -21,17 +21,35 @@ def symmetrize(matrix: torch.Tensor) -> torch.Tensor:
     return (0.5 * (matrix + matrix.transpose(-1, -2))).contiguous()
 
 
+def finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
+    """A 0-dim boolean tensor, on the tensors' device, that is False when some element is not finite.
+
+    No host synchronization: one fused reduction per tensor (the sum is non-finite whenever an
+    element is NaN or inf) and one over the sums. It is conservative: a finite tensor whose sum
+    overflows also reads False, so a False must be confirmed with :func:`all_finite` (which runs
+    the exact elementwise test only then). Non-floating tensors count as finite.
+    """
+    sums = [t.detach().sum() for t in tensors if t.is_floating_point()]
+    if not sums:
+        device = tensors[0].device if tensors else None
+        return torch.ones((), dtype=torch.bool, device=device)
+    if len(sums) == 1:
+        return torch.isfinite(sums[0])
+    dtype = sums[0].dtype
+    for s in sums[1:]:
+        dtype = torch.promote_types(dtype, s.dtype)
+    return torch.isfinite(torch.stack([s.to(dtype) for s in sums]).sum())
+
+
 def all_finite(*tensors: torch.Tensor) -> bool:
     """True when every element of every tensor is finite.
 
-    One fused reduction per tensor (the sum is non-finite whenever an element is NaN or inf) and
-    a single host synchronization; only when a sum is non-finite, which a finite tensor reaches
-    only by overflow, is the exact elementwise test run.
+    One fused reduction (:func:`finite_flag`) and a single host synchronization; only when it reads
+    False, which a finite set of tensors reaches only by overflow, is the exact elementwise test run.
     """
     if not tensors:
         return True
-    sums = torch.stack([t.sum() if t.is_floating_point() else t.sum().double() for t in tensors])
-    if bool(torch.isfinite(sums).all()):
+    if bool(finite_flag(*tensors)):
         return True
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
@@ -81,13 +99,16 @@ class InversionError(RuntimeError):
 
 
 def _inverse_once(matrices: torch.Tensor, method: InverseMethod) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert SPD matrices (only their lower triangles are read); returns (inverses, ok mask per entry)."""
+    """Invert SPD matrices (only their lower triangles are read); returns (inverses, ok mask per entry).
+
+    No host synchronization: failed entries are masked on the device.
+    """
     if method == "cholesky":
         chol, info = torch.linalg.cholesky_ex(matrices)
         ok = info == 0
-        if not bool(ok.all()):  # keep cholesky_inverse away from the partial factors of failed entries
-            chol = torch.where(ok.reshape(*ok.shape, 1, 1), chol,
-                               torch.eye(matrices.shape[-1], dtype=chol.dtype, device=chol.device))
+        # keep cholesky_inverse away from the partial factors of failed entries (on the device: no sync)
+        chol = torch.where(ok.reshape(*ok.shape, 1, 1), chol,
+                           torch.eye(matrices.shape[-1], dtype=chol.dtype, device=chol.device))
         inv = torch.cholesky_inverse(chol)  # exactly symmetric (LAPACK mirrors one triangle) ...
         inv = inv.mT if inv.mT.is_contiguous() else inv.contiguous()  # ... so its transpose is a free row-major view
     else:
@@ -102,14 +123,82 @@ def _inverse_once(matrices: torch.Tensor, method: InverseMethod) -> tuple[torch.
     return inv, ok
 
 
-def _damped(batch: torch.Tensor, damping: torch.Tensor | float) -> torch.Tensor:
-    damped = batch.clone()
+def _damped(batch: torch.Tensor, damping: torch.Tensor | float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """``batch + damping·I`` as a new tensor; entries where ``keep`` is False are zeroed first."""
+    if keep is None:
+        damped = batch.clone()
+    else:
+        damped = torch.where(keep.reshape(-1, 1, 1), batch, torch.zeros((), dtype=batch.dtype, device=batch.device))
     diag = damped.diagonal(dim1=-2, dim2=-1)
     if isinstance(damping, torch.Tensor) and damping.dim() > 0:
         diag.add_(damping.to(damped).unsqueeze(-1))
     else:
         diag.add_(float(damping))
     return damped
+
+
+@dataclass
+class PendingInverses:
+    """A batched damped inversion launched on the device, not yet checked on the host.
+
+    ``finite[i]`` is False when entry ``i`` of the input was not finite (it was inverted as zero),
+    ``ok[i]`` when entry ``i`` was inverted successfully (in the input dtype). :func:`finish_inverses`
+    reads ``ok`` (the one host synchronization) and retries the failed finite entries in float64.
+    """
+
+    inverses: torch.Tensor
+    ok: torch.Tensor
+    finite: torch.Tensor
+    matrices: torch.Tensor
+    damping: torch.Tensor | float
+    method: InverseMethod
+
+
+def launch_inverses(matrices: torch.Tensor, damping: torch.Tensor | float,
+                    method: InverseMethod = "cholesky") -> PendingInverses:
+    """Start :func:`damped_inverse_entries` on ``[B, n, n]`` without any host synchronization.
+
+    The damping must already be known to be finite (the caller checks its Python numbers).
+    """
+    if method not in ("cholesky", "eigh"):
+        raise ValueError(f"method must be 'cholesky' or 'eigh', got {method!r}")
+    # the exact per-entry test (not the sum, which could overflow on a finite matrix); one pass
+    finite = torch.isfinite(matrices).flatten(1).all(dim=1)
+    inv, ok = _inverse_once(_damped(matrices, damping, finite), method)
+    return PendingInverses(inv, ok & finite, finite, matrices, damping, method)
+
+
+def finish_inverses(pending: PendingInverses, ok_host: list[bool],
+                    stats: InversionStats | None = None) -> tuple[torch.Tensor, list[bool]]:
+    """Complete a :class:`PendingInverses` given its ``ok`` mask read on the host (``ok_host``).
+
+    Entries that failed on finite input are retried in float64 (more synchronizations, only on this
+    rare path). Returns ``(inverses, ok)`` with ``ok`` a list of bools; every failure is counted.
+    """
+    inv = pending.inverses
+    ok = list(ok_host)
+    if stats is not None:
+        stats.calls += len(ok)
+    if not all(ok):
+        finite = pending.finite.tolist()
+        bad = [i for i, (good, fin) in enumerate(zip(ok, finite)) if not good and fin]
+        if bad:
+            if stats is not None:
+                stats.float64_retries += len(bad)
+            index = torch.tensor(bad, device=inv.device)
+            damping = pending.damping
+            damping_bad = damping[index].double() if isinstance(damping, torch.Tensor) and damping.dim() > 0 else damping
+            # re-add the damping in float64: in float32 it may have been rounded away
+            inv64, ok64 = _inverse_once(_damped(pending.matrices[index].double(), damping_bad), pending.method)
+            inv = inv.clone()
+            inv[index] = inv64.to(inv.dtype)
+            for i, good in zip(bad, ok64.tolist()):
+                ok[i] = bool(good)
+        n_failed = ok.count(False)
+        if n_failed and stats is not None:
+            stats.failures += n_failed
+            stats.failed_shapes.append(tuple(pending.matrices.shape))
+    return inv, ok
 
 
 def damped_inverse_entries(
@@ -123,7 +212,8 @@ def damped_inverse_entries(
     Returns ``(inverses, ok)``: ``ok[i]`` is False when entry ``i`` could not be inverted even in
     float64 (it is not finite, or :math:`F + \lambda I` is not positive definite); such an entry's
     inverse is meaningless and must not be used. Every failed entry is counted in ``stats.failures``.
-    A non-finite damping is a caller error and raises :class:`InversionError`.
+    A non-finite damping is a caller error and raises :class:`InversionError`. One host
+    synchronization when every entry succeeds (:func:`launch_inverses`, :func:`finish_inverses`).
     """
     if method not in ("cholesky", "eigh"):
         raise ValueError(f"method must be 'cholesky' or 'eigh', got {method!r}")
@@ -132,32 +222,9 @@ def damped_inverse_entries(
             stats.failures += matrices.shape[0]
             stats.failed_shapes.append(tuple(matrices.shape))
         raise InversionError(f"the damping {damping!r} is not finite")
-    if stats is not None:
-        stats.calls += matrices.shape[0]
-    finite = torch.isfinite(matrices.sum(dim=(-2, -1)))
-    if not bool(finite.all()):  # exact per-entry test only when a sum is not finite
-        finite = torch.isfinite(matrices).flatten(1).all(dim=1)
-    safe = matrices if bool(finite.all()) else torch.where(
-        finite.reshape(-1, 1, 1), matrices, torch.zeros((), dtype=matrices.dtype, device=matrices.device))
-    inv, ok = _inverse_once(_damped(safe, damping), method)
-    ok = ok & finite
-    retry = (~ok) & finite
-    if bool(retry.any()):
-        bad = retry.nonzero().flatten()
-        if stats is not None:
-            stats.float64_retries += int(bad.numel())
-        damping_bad = damping[bad].double() if isinstance(damping, torch.Tensor) and damping.dim() > 0 else damping
-        # re-add the damping in float64: in float32 it may have been rounded away
-        inv64, ok64 = _inverse_once(_damped(safe[bad].double(), damping_bad), method)
-        inv = inv.clone()
-        inv[bad] = inv64.to(inv.dtype)
-        ok = ok.clone()
-        ok[bad] = ok64
-    n_failed = int((~ok).sum())
-    if n_failed and stats is not None:
-        stats.failures += n_failed
-        stats.failed_shapes.append(tuple(matrices.shape))
-    return inv, ok
+    pending = launch_inverses(matrices, damping, method)
+    inv, ok = finish_inverses(pending, pending.ok.tolist(), stats)
+    return inv, torch.tensor(ok, dtype=torch.bool, device=matrices.device)
 
 
 def damped_inverse(

@@ -32,7 +32,7 @@ from typing import Callable, Literal
 
 import torch
 
-from curvature.linalg import all_finite
+from curvature.linalg import all_finite, finite_flag
 
 Step2Variant = Literal["interpolate", "lm"]
 
@@ -47,17 +47,25 @@ def powell_b_damping(s: torch.Tensor, y: torch.Tensor, Bs: torch.Tensor, mu: flo
     return y, 1.0, False
 
 
+def _powell_h(s: torch.Tensor, y: torch.Tensor, Hy: torch.Tensor, mu1: float, sign: int):
+    """:func:`powell_h_damping` on the device, without a host synchronization: ``(s_tilde, theta1, active)``
+    with ``theta1`` and ``active`` 0-dim tensors (``theta1`` is meaningless when not active)."""
+    yHy = torch.dot(y, Hy)
+    sy = torch.dot(s, y)
+    active = sy < mu1 * yHy
+    theta = (1.0 - mu1) * yHy / (yHy - sy)
+    return torch.where(active, theta * s + sign * (1.0 - theta) * Hy, s), theta, active
+
+
 def powell_h_damping(s: torch.Tensor, y: torch.Tensor, Hy: torch.Tensor, mu1: float = 0.2, sign: int = 1):
     """Powell's damping of ``s`` against ``H`` (H-form, DD step 1). Returns ``(s_tilde, theta1, active)``.
 
     ``sign=-1`` reproduces a known sign bug of another library (θs − (1−θ)Hy); it exists only so the
     convergence harness can show that its checks catch that bug. Never use it for training.
     """
-    yHy = torch.dot(y, Hy)
-    sy = torch.dot(s, y)
-    if sy < mu1 * yHy:
-        theta = (1.0 - mu1) * yHy / (yHy - sy)
-        return theta * s + sign * (1.0 - theta) * Hy, float(theta), True
+    s1, theta, active = _powell_h(s, y, Hy, mu1, sign)
+    if bool(active):
+        return s1, float(theta), True
     return s, 1.0, False
 
 
@@ -143,31 +151,38 @@ class DoubleDamping:
                 counters.skip(reason)
             return DampedPair(s, y, skip_reason=reason)
 
-        if not all_finite(s, y):
-            return skip("non-finite pair")
-        if float(s.norm()) <= self.min_norm and float(y.norm()) <= self.min_norm:
-            return skip("zero pair")
+        # Every candidate is computed on the device and the decisions are read in ONE host
+        # synchronization; the selected tensors are those the branches below would compute.
         Hy = apply_H(y)
-        s1, theta1, active1 = powell_h_damping(s, y, Hy, self.mu1, self.powell_sign)
+        s1, theta1_t, active1_t = _powell_h(s, y, Hy, self.mu1, self.powell_sign)
         ss = torch.dot(s1, s1)
-        if not float(ss.sqrt()) > self.min_norm:
-            return skip("damped s is (numerically) zero")
         s1y = torch.dot(s1, y)
-        active2, guarded, theta2 = False, False, 1.0
+        no = torch.zeros((), dtype=torch.bool, device=ss.device)
+        denom = ss - s1y
+        theta2_t = (1.0 - self.mu2) * ss / denom
         if self.variant == "lm":
-            y2, active2 = y + self.mu2 * s1, True
-        elif s1y < self.mu2 * ss:
-            active2 = True
-            denom = ss - s1y
-            if float(denom) > 1e-12 * float(ss):
-                theta2 = float((1.0 - self.mu2) * ss / denom)
-                y2 = theta2 * y + (1.0 - theta2) * s1
-            else:  # only reachable with mu2 >= 1: shift to meet s̃ᵀỹ = μ2‖s̃‖² exactly
-                guarded = True
-                y2 = y + ((self.mu2 * ss - s1y) / ss) * s1
+            y2, active2_t, interpolate_t = y + self.mu2 * s1, ~no, no
         else:
-            y2 = y
-        if not all_finite(s1, y2):
+            active2_t = s1y < self.mu2 * ss
+            interpolate_t = denom.double() > 1e-12 * ss.double()  # exactly float(denom) > 1e-12 * float(ss)
+            y_interp = theta2_t * y + (1.0 - theta2_t.double()).to(y.dtype) * s1  # (1 - θ2) rounded as a Python float
+            y_guard = y + ((self.mu2 * ss - s1y) / ss) * s1  # only reachable with mu2 >= 1: s̃ᵀỹ = μ2‖s̃‖² exactly
+            y2 = torch.where(active2_t, torch.where(interpolate_t, y_interp, y_guard), y)
+        (finite, norm_s, norm_y, active1, theta1, norm_s1, active2, interpolate, theta2, finite2) = torch.stack([
+            finite_flag(s, y).double(), torch.linalg.vector_norm(s).double(), torch.linalg.vector_norm(y).double(),
+            active1_t.double(), theta1_t.double(), ss.sqrt().double(), active2_t.double(), interpolate_t.double(),
+            theta2_t.double(), finite_flag(s1, y2).double()]).tolist()
+        if not finite and not all_finite(s, y):
+            return skip("non-finite pair")
+        if norm_s <= self.min_norm and norm_y <= self.min_norm:
+            return skip("zero pair")
+        if not norm_s1 > self.min_norm:
+            return skip("damped s is (numerically) zero")
+        active1, active2 = bool(active1), bool(active2)
+        theta1 = theta1 if active1 else 1.0
+        guarded = self.variant != "lm" and active2 and not interpolate
+        theta2 = theta2 if (self.variant != "lm" and active2 and interpolate) else 1.0
+        if not finite2 and not all_finite(s1, y2):
             return skip("non-finite damped pair")
         if counters is not None:
             counters.step1 += int(active1)

@@ -53,7 +53,7 @@ from curvature.blocks import CurvatureBlock, a_statistic, g_statistic
 from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_parameters
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
-from curvature.linalg import InversionStats, all_finite
+from curvature.linalg import InversionStats, all_finite, finite_flag
 from curvature.protocols import BlockProtocol
 from optimizers.communicator import Communicator, LocalCommunicator, TorchCommunicator
 from optimizers.data_parallel import DataParallel
@@ -113,6 +113,29 @@ class StepInfo:
     directions: dict[str, torch.Tensor] = field(default_factory=dict)
     records: dict[str, LayerRecord] = field(default_factory=dict)
     layer_lrs: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def _lazy_float(name: str) -> property:
+    """A ``StepInfo`` attribute that may be set to a (device) tensor and reads as a Python float:
+    the conversion, a host synchronization, happens on the first read, not in ``step()``."""
+    key = "_" + name
+
+    def get(self: Any) -> float | None:
+        value = self.__dict__.get(key)  # documented below (``get.__doc__``)
+        if isinstance(value, torch.Tensor):
+            value = self.__dict__[key] = float(value)
+        return value
+
+    def put(self: Any, value: Any) -> None:
+        self.__dict__[key] = value.detach() if isinstance(value, torch.Tensor) else (
+            None if value is None else float(value))
+
+    get.__doc__ = put.__doc__ = f"``{name}`` as a float (converted from the step's tensor on first read)"
+    return property(get, put)
+
+
+StepInfo.loss = _lazy_float("loss")  # type: ignore[assignment]
+StepInfo.loss_after = _lazy_float("loss_after")  # type: ignore[assignment]
 
 
 def _as_float(value: torch.Tensor | float | None) -> float | None:
@@ -247,6 +270,9 @@ def _check_blocks(model: nn.Module, blocks: Mapping[Any, Any]) -> None:
         except ValueError:  # no signature available (builtin): trust it, the call checks the result
             pass
 
+
+#: Why a step is reverted when its update made a parameter non-finite.
+_BAD_NEW_POINT = "non-finite parameters after the update (step reverted)"
 
 #: State tensors whose leading sizes count stored pairs (L-BFGS memory) and so may differ.
 _COUNTED = {"S": 1, "Y": 1, "SY": 2, "YY": 2}
@@ -905,9 +931,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the step
     def _nonfinite_reason(self, loss: torch.Tensor | float | None) -> str | None:
-        if loss is not None and not math.isfinite(_as_float(loss)):
-            return "non-finite loss"
+        """Why the first pass is unusable (non-finite loss or gradient), or None.
+
+        One fused on-device reduction over the loss and every gradient and one host
+        synchronization (the skip decision needs the host); the exact classification runs only
+        when that reduction is not finite.
+        """
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        tensors = grads + ([loss] if isinstance(loss, torch.Tensor) else [])
+        if loss is not None and not isinstance(loss, torch.Tensor) and not math.isfinite(float(loss)):
+            return "non-finite loss"
+        if not tensors or bool(finite_flag(*tensors)):
+            return None
+        if isinstance(loss, torch.Tensor) and not math.isfinite(_as_float(loss)):
+            return "non-finite loss"
         if not all_finite(*grads):
             return "non-finite gradient"
         return None
@@ -915,8 +952,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _skip(self, k: int, reason: str, loss) -> None:
         self.counters["skipped_steps"] += 1
         self.counters["skip_reasons"][reason] = self.counters["skip_reasons"].get(reason, 0) + 1
-        self._emit(StepInfo(step=k, lr=self.param_groups[0]["lr"], loss=_as_float(loss),
-                            skipped=True, skip_reason=reason))
+        self._emit(StepInfo(step=k, lr=self.param_groups[0]["lr"], loss=loss, skipped=True, skip_reason=reason))
 
     def _emit(self, info: StepInfo) -> None:
         for hook in list(self._hooks.values()):
@@ -994,7 +1030,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         stats_due = self._stats_due(k)
         self._check_records(records, stats_due)
         # one rank's non-finite loss or gradient makes every rank skip (one small all-reduce)
-        agreement = self.data_parallel.agree(self._nonfinite_reason(loss), _as_float(loss), records, list(self.slots))
+        agreement = self.data_parallel.agree(self._nonfinite_reason(loss), loss, records, list(self.slots))
         if agreement.reason is not None:
             self._skip(k, self._first_pass_fault(agreement.reason, batch_inputs), loss)
             self._configure_capture(k)
@@ -1069,18 +1105,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if stats_due and self.lag_factors:
             self._update_statistics(records, grads)
 
-        info = StepInfo(step=k, lr=lr, loss=_as_float(loss), step_scale=scale,
+        info = StepInfo(step=k, lr=lr, loss=loss, step_scale=scale,
                         grads=grads, inputs=pre, directions=directions, records=records,
                         layer_lrs={n: (p.lr_w, p.lr_b) for n, p in settings.items()})
-        if point is not None and not all_finite(*[p for g in self.param_groups for p in g["params"]]):
+        params = [p for g in self.param_groups for p in g["params"]]
+        if second_pass:  # the new point's check is fused with the second pass's (one synchronization)
+            step_sizes = {n: settings[n].lr_w * scale for n in self.slots}
+            self._second_pass(closure, records, loss, step_sizes, grads, directions, snapshot, info,
+                              params if point is not None else [])
+        elif point is not None and not all_finite(*params):
             if snapshot is not None:
                 self._restore(snapshot)
             else:  # only parameters and momentum changed besides this batch's (finite) statistics
                 self._restore_light(point)
-            self._count_revert("non-finite parameters after the update (step reverted)", info)
-        elif second_pass:
-            step_sizes = {n: settings[n].lr_w * scale for n in self.slots}
-            self._second_pass(closure, records, loss, step_sizes, grads, directions, snapshot, info)
+            self._count_revert(_BAD_NEW_POINT, info)
         return info
 
     def _check_loss(self, loss: Any, what: str) -> None:
@@ -1161,14 +1199,22 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         layers (and over weight and bias parts with their own learning rates)."""
         if self.kl_clip is None:
             return 1.0
-        vg = 0.0
+        sums = []  # every layer's inner products, read from the device at once
         for name, slot in self.slots.items():
             part, d, m = settings[name], directions[name], inputs[name]
             if part.lr_w == part.lr_b:
-                vg += float(torch.sum(d * m)) * part.lr_w * part.lr_w
+                sums.append(torch.sum(d * m))
             else:
                 (dw, db), (mw, mb) = slot.adapter.split_matrix(d), slot.adapter.split_matrix(m)
-                vg += float(torch.sum(dw * mw)) * part.lr_w**2 + float(torch.sum(db * mb)) * part.lr_b**2
+                sums += [torch.sum(dw * mw), torch.sum(db * mb)]
+        values = iter(torch.stack([v.double() for v in sums]).tolist() if sums else [])
+        vg = 0.0
+        for name in self.slots:  # the same Python arithmetic as one read per layer
+            part = settings[name]
+            if part.lr_w == part.lr_b:
+                vg += next(values) * part.lr_w * part.lr_w
+            else:
+                vg += next(values) * part.lr_w**2 + next(values) * part.lr_b**2
         if not vg > 0:
             return 1.0
         return min(1.0, math.sqrt(self.kl_clip / vg))
@@ -1271,7 +1317,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             g["damping"] = lam
         self._generator.set_state(snapshot["generator"])
 
-    def _second_pass(self, closure, before, loss, step_sizes, grads, directions, snapshot, info: StepInfo) -> None:
+    def _second_pass(self, closure, before, loss, step_sizes, grads, directions, snapshot, info: StepInfo,
+                     params: list[torch.Tensor]) -> None:
+        """The closure at the new point; the blocks consume the pairs, or the step is reverted.
+
+        One host synchronization: a fused reduction over the new parameters (``params``, the
+        new-point check; empty when recovery keeps no point), the loss and the pre-activation
+        gradient rows at the new point. With several ranks the data-parallel agreement adds its
+        all-reduce; adaptive damping (the reduction ratio) reads its scalars on the host.
+        """
         self.capture.set(h=True, g=True, preactivation_grads_only=True)
         self._internal_pass = True
         no_sync = self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
@@ -1283,10 +1337,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         after = self.capture.records
         self.capture.clear()
         self._check_loss(loss_after, "the closure (second call, at the new point)")
-        info.loss_after = _as_float(loss_after)
-        bad = not math.isfinite(info.loss_after) or not all_finite(
-            *[r.grad_rows for r in after.values() if r.grad_rows is not None]
-        )
+        info.loss_after = loss_after
+        rows = [r.grad_rows for r in after.values() if r.grad_rows is not None]
+        fused = params + rows + ([loss_after] if isinstance(loss_after, torch.Tensor) else [])
+        bad = bool(loss_after is not None and not isinstance(loss_after, torch.Tensor)
+                   and not math.isfinite(float(loss_after))) or not bool(finite_flag(*fused))
+        if bad and params and not all_finite(*params):  # the update itself left the finite region
+            self._restore(snapshot)
+            self._count_revert(_BAD_NEW_POINT, info)
+            return
+        if bad:  # confirm exactly (the fused sum may overflow on finite values)
+            bad = not (loss_after is None or math.isfinite(_as_float(loss_after))) or not all_finite(*rows)
         if not bad:
             for name, slot in self.slots.items():
                 if slot.block.needs_second_pass and (name not in after or name not in before or after[name].grad_rows is None):
@@ -1295,7 +1356,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                         "closure must run the same batch through the model and call backward every time"
                     )
         # agreed over ranks; when no rank is bad the blocks consume the (global) batch means
-        bad, loss_after_all = self.data_parallel.second_pass(self.slots, before, after, bad, info.loss_after)
+        bad, loss_after_all = self.data_parallel.second_pass(self.slots, before, after, bad, loss_after)
         if bad:
             self._restore(snapshot)
             self._count_revert("non-finite loss or gradient at the new point (step reverted)", info)
@@ -1306,7 +1367,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 delta = -step_sizes[name] * directions[name]
                 model_change += float(torch.sum(grads[name] * delta))
                 model_change += 0.5 * float(slot.block.curvature_quadratic(delta) + self.damping.damping * torch.sum(delta * delta))
-            loss_before = self.data_parallel.agreed_loss(_as_float(loss))
+            loss_before = _as_float(self.data_parallel.agreed_loss(loss))
+            loss_after_all = _as_float(loss_after_all)
             rho = (loss_after_all - loss_before) / model_change if model_change < 0 else -math.inf
             info.reduction_ratio = rho
             self.damping.observe_reduction_ratio(rho)

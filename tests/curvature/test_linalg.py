@@ -207,13 +207,13 @@ def test_invalid_method_raises(device):
 @pytest.mark.parametrize("method", METHODS)
 def test_batched_inverter_groups_by_size_and_serves_callbacks(device, method, monkeypatch):
     calls: list[tuple[int, ...]] = []
-    original = inverter_module.damped_inverse_entries
+    original = inverter_module.launch_inverses
 
-    def recording(matrices, damping, method="cholesky", stats=None):
+    def recording(matrices, damping, method="cholesky"):
         calls.append(tuple(matrices.shape))
-        return original(matrices, damping, method, stats)
+        return original(matrices, damping, method)
 
-    monkeypatch.setattr(inverter_module, "damped_inverse_entries", recording)
+    monkeypatch.setattr(inverter_module, "launch_inverses", recording)
     g = generator(3)
     sizes = [2, 3, 2, 5, 3, 2]
     dampings = [0.1, 1.0, 2.0, 0.5, 3.0, 0.01]
