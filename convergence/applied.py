@@ -104,8 +104,9 @@ def probe_applied_operator(block, *, probes: int = 4, generator: torch.Generator
         return vec_c(block.precondition(_unvec_c(v.to(dtype), shape).contiguous())).to(v.dtype)
 
     v0 = torch.randn(dim, generator=gen, dtype=torch.float64)
-    res = lanczos(matvec, dim, min(lanczos_steps, dim), v0=v0, dtype=torch.float64, device=device)
+    # the device is read once, at the end (no host round trip per application of the block)
+    res = lanczos(matvec, dim, min(lanczos_steps, dim), v0=v0, dtype=torch.float64, device=device, check_every=None)
     ritz = torch.linalg.eigvalsh(res.tridiagonal())
-    out.update(method="lanczos", asymmetry=math.nan, lmin=float(ritz[0]), lmax=float(ritz[-1]),
-               finite=bool(torch.isfinite(ritz).all()))
+    lo, hi, finite = torch.stack([ritz[0], ritz[-1], torch.isfinite(ritz).all().to(ritz.dtype)]).cpu().tolist()
+    out.update(method="lanczos", asymmetry=math.nan, lmin=lo, lmax=hi, finite=bool(finite))
     return out

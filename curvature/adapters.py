@@ -330,30 +330,48 @@ class AttentionInProjAdapter(_AttentionProjection):
     r"""``nn.MultiheadAttention``'s packed q/k/v projection: ``in_proj_weight`` (``3E × E``) and
     ``in_proj_bias`` as one Linear-like layer whose output is :math:`[q; k; v]`.
 
-    Captured from ``F.linear(x, in_proj_weight, in_proj_bias)``, which the attention makes when query,
-    key and value are the same tensor (self-attention). With distinct query/key/value
-    (cross-attention, or key is value but query differs) it projects *chunks* of the weight on
-    different inputs (``torch.nn.functional._in_projection_packed``), which one Kronecker block on
-    the packed projection cannot describe: :meth:`observe_call` then sets :attr:`runtime_fallback`
-    and the optimizer gives ``in_proj_weight``/``in_proj_bias`` its fallback rule from that step on
-    (before the step mutates anything; ``describe()`` says so). Inside the attention the layout is
-    ``[S, B, E]``; rows are reordered batch-major (B groups).
+    **Self-attention** (query, key and value the same tensor): captured from
+    ``F.linear(x, in_proj_weight, in_proj_bias)``, one Kronecker block on the packed projection.
+    **Cross-attention** (distinct query/key/value, or key is value but query differs): the attention
+    applies row *chunks* of the weight to different inputs (``torch.nn.functional._in_projection_packed``:
+    ``W_q`` on the query, ``W_k``/``W_v`` -- or ``W_kv`` packed -- on key/value), which one Kronecker
+    block cannot describe. The capture then records each chunk as a layer of its own
+    (:meth:`chunk_adapters`, each ``E × (E+1)``) and the optimizer gives the layer a block-diagonal
+    block over the chunks (:class:`~curvature.blocks.ChunkedBlock`: one Kronecker block per chunk,
+    with its own input A and output-gradient G). :meth:`observe_call` notes which kind of call the
+    attention gets (:attr:`modes`); a layer called both ways gets :attr:`runtime_fallback`.
+    Inside the attention the layout is ``[S, B, E]``; rows are reordered batch-major (B groups).
     """
+
+    #: The chunks of the packed projection, in row order.
+    CHUNKS = ("q", "k", "v")
 
     def __init__(self, attention: nn.MultiheadAttention) -> None:
         super().__init__(attention, attention)
         self.has_bias = attention.in_proj_bias is not None
         self.functional_weight = attention.in_proj_weight
+        self.modes: set[str] = set()
 
     def observe_call(self, args: tuple, kwargs: dict) -> None:
-        """Note a call with distinct query/key/value (called before the attention's forward)."""
+        """Note whether this call is self-attention (query is key is value) or cross-attention
+        (called before the attention's forward)."""
         names = ("query", "key", "value")
         qkv = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
-        if not (qkv[0] is qkv[1] and qkv[1] is qkv[2]) and self.runtime_fallback is None:
+        self.modes.add("self" if qkv[0] is qkv[1] and qkv[1] is qkv[2] else "cross")
+        if len(self.modes) > 1 and self.runtime_fallback is None:
             self.runtime_fallback = (
-                "cross-attention: called with distinct query/key/value, so the packed q/k/v projection is applied "
-                "in chunks to different inputs, which one Kronecker block cannot describe"
+                "called both as self-attention (query, key and value the same tensor) and as cross-attention; "
+                "the packed block and the per-chunk blocks would each see only part of the calls"
             )
+
+    def chunk_adapters(self) -> dict[str, "AttentionChunkAdapter"]:
+        """One Linear-like adapter per q/k/v chunk (what the capture records under ``name[q]`` etc.)."""
+        return {c: AttentionChunkAdapter(self.attention, i) for i, c in enumerate(self.CHUNKS)}
+
+    def chunk_rows(self) -> dict[str, slice]:
+        """The rows of the gradient matrix ``[∇W | ∇b]`` (``3E × (E+1)``) that each chunk holds."""
+        e = self.attention.embed_dim
+        return {c: slice(i * e, (i + 1) * e) for i, c in enumerate(self.CHUNKS)}
 
     @property
     def weight(self) -> nn.Parameter:
@@ -378,6 +396,29 @@ class AttentionInProjAdapter(_AttentionProjection):
         return x.transpose(0, 1).reshape(-1, x.shape[-1])
 
     output_rows = input_rows
+
+
+class AttentionChunkAdapter(AttentionInProjAdapter):
+    """One chunk (q, k or v: ``index`` 0, 1, 2) of the packed in_proj as a Linear-like layer
+    ``E × (E+1)`` on its own input (the query, key or value inside the attention, ``[S, B, E]``).
+
+    Used by the capture (rows of the ``F.linear`` calls on row views of ``in_proj_weight``) and to
+    build the chunk's block; the optimizer reads and writes the parameters through the packed adapter.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention, index: int) -> None:
+        super().__init__(attention)
+        self.index = index
+        self.functional_weight = None
+
+    @property
+    def g_dim(self) -> int:
+        return self.attention.embed_dim
+
+    def weight_rows(self) -> tuple[int, int]:
+        """The rows ``[start, stop)`` of ``in_proj_weight`` this chunk projects with."""
+        e = self.attention.embed_dim
+        return self.index * e, (self.index + 1) * e
 
 
 class AttentionOutProjAdapter(_AttentionProjection):
