@@ -266,3 +266,13 @@ def test_violations_name_the_settings_outside_the_theory():
     assert any("momentum=True" in v for v in lm) and any("uphill=True" in v for v in lm)
     sfn = whole_model_violations(SaddleFreeNewton(p.model, p.loss_fn))
     assert any("not a quasi-Newton" in v for v in sfn)
+
+
+def test_preconditioned_cg_step_form_uses_the_preconditioned_bounds():
+    """With Martens's preconditioner the step-form bounds are those of M^-1/2 A M^-1/2 scaled by M^-1 (PASS)."""
+    p = _tiny()
+    report = _check(lambda m: HessianFree(m, p.loss_fn, cg_decay=0.0, preconditioner="martens"))
+    apply = report["E4.apply"]
+    assert apply.verdict is Verdict.PASS
+    probes = report.whole_model.probes()
+    assert probes and all(pr.step_form.get("preconditioned") for _, pr in probes)
