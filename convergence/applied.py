@@ -48,6 +48,19 @@ def applied_dense(block, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def _block_dtype_device(block) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of what the block applies, read off a factor or the diagonal scale when it has
+    them (never ``block.to_dense()`` of a Kronecker block: that is a ``d_a d_g x d_a d_g`` matrix)."""
+    for name in ("a_factor", "g_factor"):
+        factor = getattr(block, name, None)
+        if factor is not None:
+            try:
+                dense = factor.to_dense()
+                return dense.dtype, dense.device
+            except Exception:  # noqa: BLE001 - fall through to the block
+                pass
+    scale = getattr(block, "scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale.dtype, scale.device
     try:
         dense = block.to_dense()
         return dense.dtype, dense.device

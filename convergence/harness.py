@@ -648,6 +648,11 @@ def _run_e6(ctx: Context, k: int) -> list[CheckResult]:
         res = check_expected_descent_steps(p.model, p.loss_fn, p.full_batch, ctx.optimizer, batches,
                                            lipschitz=lipschitz, lipschitz_is_upper=is_upper, make_closure=make,
                                            alpha=a.alpha, lr=lr_k)
+        res = [res] if isinstance(res, CheckResult) else list(res)
+        if not any(r.check == "E6.form" for r in res):
+            res.append(not_applicable("E6.form", "SQN form x+ = x - alpha H g", "the optimizer has no curvature "
+                                      "blocks (not built from the blocks): there is no captured H_k whose step "
+                                      "-alpha_k H_k g_k could be compared with the displacement"))
     _restore(ctx, k)
     return _tag(res, k)
 

@@ -154,17 +154,24 @@ class LinearAdapter(LayerAdapter):
 
 
 class ConvAdapter(LayerAdapter):
-    """``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, any stride/padding/dilation, zeros padding) via patches.
+    """``nn.Conv1d`` / ``nn.Conv2d`` (any stride/padding/dilation, zeros padding) via patches.
 
     Each image (sequence for Conv1d) is one sample whose output locations are its rows (KFC).
+
+    **Grouped and depthwise convolutions** (``groups = g > 1``) are ``g`` independent convolutions:
+    the output channels of group :math:`j` see only its ``C_in/g`` input channels. The gradient matrix
+    is the weight reshaped, ``C_out × (C_in/g·k + 1)``, whose row block :math:`j` (``C_out/g`` rows)
+    is group :math:`j`'s; the input rows are the patches of *all* ``C_in`` channels (group :math:`j`'s
+    columns are a contiguous slice). Such a layer gets a block-diagonal block over the groups
+    (:class:`~curvature.chunked.ChunkedBlock`, one block per group built on :meth:`chunk_adapters`,
+    fed by :meth:`split_record`); a plain Kronecker block on the whole matrix does not apply.
     """
 
     spatial_dims = 2
 
     def __init__(self, module: nn.Module) -> None:
         kind = type(module).__name__
-        if module.groups != 1:
-            raise UnsupportedLayerError(f"{kind} with groups={module.groups} is not supported (groups must be 1)")
+        self.groups = int(module.groups)
         if module.padding_mode != "zeros":
             raise UnsupportedLayerError(f"{kind} with padding_mode={module.padding_mode!r} is not supported")
         if isinstance(module.padding, str):
@@ -174,11 +181,27 @@ class ConvAdapter(LayerAdapter):
     @property
     def a_dim(self) -> int:
         m = self.module
-        return m.in_channels * math.prod(m.kernel_size) + int(self.has_bias)
+        return m.in_channels // self.groups * math.prod(m.kernel_size) + int(self.has_bias)
 
     @property
     def g_dim(self) -> int:
         return self.module.out_channels
+
+    # --- groups (only for groups > 1) -------------------------------------------------------------
+    def chunk_rows(self) -> dict[str, slice]:
+        """The rows of the gradient matrix (output channels) of every group, ``"g0"``, ``"g1"``, ..."""
+        n = self.module.out_channels // self.groups
+        return {f"g{j}": slice(j * n, (j + 1) * n) for j in range(self.groups)}
+
+    def chunk_adapters(self) -> dict[str, "ConvGroupAdapter"]:
+        """One adapter per group (its sizes: ``C_out/g × (C_in/g·k + 1)``), to build the group's block."""
+        return {name: ConvGroupAdapter(self, j) for j, name in enumerate(self.chunk_rows())}
+
+    def split_record(self, record):
+        """The record of each group: its input columns (patches of its channels) and output columns."""
+        width = self.a_dim - int(self.has_bias)
+        return {name: record.sliced(slice(j * width, (j + 1) * width), rows)
+                for j, (name, rows) in enumerate(self.chunk_rows().items())}
 
     def _batched(self, x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(0) if x.dim() == self.spatial_dims + 1 else x
@@ -210,6 +233,26 @@ class ConvAdapter(LayerAdapter):
     def output_rows(self, h: torch.Tensor) -> torch.Tensor:
         h = self._batched(h)
         return h.movedim(1, -1).reshape(-1, h.shape[1])  # [N*L, C_out]
+
+
+class ConvGroupAdapter(LayerAdapter):
+    """The sizes of group ``index`` of a grouped convolution (what its block is built on); the rows
+    come from :meth:`ConvAdapter.split_record` and the parameters through the whole layer's adapter."""
+
+    def __init__(self, whole: ConvAdapter, index: int) -> None:
+        super().__init__(whole.module)
+        self.whole, self.index = whole, index
+
+    @property
+    def a_dim(self) -> int:
+        return self.whole.a_dim
+
+    @property
+    def g_dim(self) -> int:
+        return self.whole.g_dim // self.whole.groups
+
+    num_samples = property(lambda self: self.whole.num_samples)
+    num_groups = property(lambda self: self.whole.num_groups)
 
 
 class Conv2dAdapter(ConvAdapter):

@@ -146,6 +146,19 @@ class LayerRecord:
         rows = self.h_rows if approx == "expand" else self.group_mean(self.h_rows)
         return rows.mean(0)
 
+    def sliced(self, in_cols: slice, out_cols: slice) -> "LayerRecord":
+        """The record of a part of the layer that sees the input columns ``in_cols`` and produces the
+        output columns ``out_cols`` (a group of a grouped convolution): the same rows, samples,
+        weight-sharing groups and scales, the selected columns (views, no copy)."""
+        part = LayerRecord(self.batch_size, self.rows_per_sample)
+        for key in ("calls", "missing_grads", "groups", "group_rows", "reduce_scale", "sample_major", "has_bias",
+                    "grad_scale"):
+            setattr(part, key, getattr(self, key))
+        part.input_rows = None if self.input_rows is None else self.input_rows[:, in_cols]
+        part.h_rows = None if self.h_rows is None else self.h_rows[:, out_cols]
+        part.grad_rows = None if self.grad_rows is None else self.grad_rows[:, out_cols]
+        return part
+
     def take_grads(self, other: "LayerRecord") -> None:
         """Use ``other``'s pre-activation gradients (e.g. from a Monte-Carlo Fisher pass)."""
         self.grad_rows, self.grad_scale, self._g_rows = other.grad_rows, other.grad_scale, None
@@ -346,7 +359,12 @@ class LayerCapture:
     def records(self) -> dict[str, LayerRecord]:
         """Layer name -> the record joining all its calls since the last clear (built lazily, cached)."""
         if self._cache is None or self._cache[0] != self._version:
-            records = {name: self._record(calls) for name, calls in self._calls.items()}
+            records = {}
+            for name, calls in self._calls.items():
+                try:
+                    records[name] = self._record(calls)
+                except RuntimeError as err:  # name the layer (tied layers share the name of their block)
+                    raise RuntimeError(f"layer {name!r}: {err}") from None
             for name, chunks in self._chunks.items():  # chunk calls: one ChunkedRecord under the layer's name
                 parts = {chunk: records.pop(sub) for chunk, sub in chunks if sub in records}
                 if parts and name not in records:

@@ -18,7 +18,7 @@ Linear layer on that input (every leading index a sample, see :mod:`curvature.ca
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -36,14 +36,23 @@ class ChunkedBlock(CurvatureBlock):
         adapter: the adapter of the whole layer (its gradient matrix is ``g_dim × a_dim``).
         parts: chunk name -> (row slice of the gradient matrix, the chunk's block); the slices
             partition the rows, and every block has the chunk's shape.
+        split: how to get the chunks' records from the layer's record when it is not a
+            :class:`~curvature.capture.ChunkedRecord` (a grouped convolution:
+            :meth:`~curvature.adapters.ConvAdapter.split_record`).
+        label: what a chunk is, for :meth:`describe` ("chunk", or "group" for a grouped convolution).
 
     ``update_statistics``/``update_after_step`` take a :class:`~curvature.capture.ChunkedRecord`
     (``record.parts[c]`` feeds chunk ``c``). ``first_inverse_due`` is True until the inverses were
     requested once (the optimizer then refreshes inverses at the next step, whatever its schedule).
+    ``warm_start`` takes the whole layer's statistics (``A`` over all input columns, the homogeneous
+    coordinate last, ``G`` over all output rows) when the chunks are column/row slices of them (a
+    grouped convolution: :attr:`in_cols`), and is skipped otherwise.
     """
 
-    def __init__(self, name: str, adapter: LayerAdapter, parts: Mapping[str, tuple[slice, CurvatureBlock]]) -> None:
+    def __init__(self, name: str, adapter: LayerAdapter, parts: Mapping[str, tuple[slice, CurvatureBlock]],
+                 split: Callable[[Any], Mapping[str, Any]] | None = None, label: str = "chunk") -> None:
         super().__init__(name, adapter)
+        self.split, self.label = split, label
         if not parts:
             raise ValueError("ChunkedBlock needs at least one chunk")
         self.parts = dict(parts)
@@ -64,10 +73,26 @@ class ChunkedBlock(CurvatureBlock):
         self.has_quadratic_form = all(b.has_quadratic_form for b in blocks)
         self.first_inverse_due = True
 
+    def _parts(self, record: Any) -> Mapping[str, Any]:
+        if getattr(record, "parts", None) is None and self.split is not None:
+            return self.split(record)
+        return _parts_of(record, self.name)
+
     def update_statistics(self, record: Any, grad: torch.Tensor) -> None:
-        parts = _parts_of(record, self.name)
+        parts = self._parts(record)
         for chunk, (rows, block) in self.parts.items():
             block.update_statistics(parts[chunk], grad[rows])
+
+    def warm_start(self, a_stat: torch.Tensor | None, g_stat: torch.Tensor | None) -> None:
+        if self.split is None or getattr(self.adapter, "groups", None) is None:
+            return  # per-chunk inputs (cross-attention): the layer has no one A to take blocks of
+        cols = self.adapter.a_dim - int(self.adapter.has_bias)
+        for j, (rows, block) in enumerate(self.parts.values()):
+            a_sub = None
+            if a_stat is not None:
+                idx = list(range(j * cols, (j + 1) * cols)) + ([a_stat.shape[0] - 1] if self.adapter.has_bias else [])
+                a_sub = a_stat[idx][:, idx]
+            block.warm_start(a_sub, None if g_stat is None else g_stat[rows, rows])
 
     def request_inverses(self, inverter: BatchedInverter, policy: DampingPolicy) -> None:
         for _, block in self.parts.values():
@@ -81,7 +106,7 @@ class ChunkedBlock(CurvatureBlock):
         return out
 
     def update_after_step(self, before: Any, after: Any) -> None:
-        b, a = _parts_of(before, self.name), _parts_of(after, self.name)
+        b, a = self._parts(before), self._parts(after)
         for chunk, (_, block) in self.parts.items():
             if block.needs_second_pass:
                 block.update_after_step(b[chunk], a[chunk])
@@ -121,7 +146,9 @@ class ChunkedBlock(CurvatureBlock):
 
     def describe(self) -> str:
         first = next(iter(self.parts.values()))[1]
-        return f"{first.describe()} per chunk ({', '.join(self.parts)})"
+        if self.label == "group":
+            return f"{first.describe()} per group ({len(self.parts)} groups)"
+        return f"{first.describe()} per {self.label} ({', '.join(self.parts)})"
 
 
 def _parts_of(record: Any, name: str) -> Mapping[str, Any]:

@@ -311,6 +311,19 @@ def _build_block(recipe: Any, name: str, adapter: LayerAdapter, ctx: RecipeConte
     return block
 
 
+def _layer_block(recipe: Any, name: str, adapter: LayerAdapter, ctx: RecipeContext, data_parallel: bool) -> CurvatureBlock:
+    """The layer's block: ``recipe``'s, or for a grouped/depthwise convolution a
+    :class:`~curvature.chunked.ChunkedBlock` with one recipe-built block per group."""
+    if getattr(adapter, "groups", 1) <= 1:
+        return _build_block(recipe, name, adapter, ctx)
+    if data_parallel:
+        raise UnsupportedLayerError("per-group blocks of a grouped convolution have no data-parallel reduction")
+    rows = adapter.chunk_rows()
+    return ChunkedBlock(name, adapter, {
+        c: (rows[c], _build_block(recipe, f"{name}[{c}]", a, ctx)) for c, a in adapter.chunk_adapters().items()
+    }, split=adapter.split_record, label="group")
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that preconditions each supported layer with its own curvature block.
 
@@ -678,7 +691,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 continue
             recipe, adapter, ctx = found[name]
             try:
-                block = _build_block(recipe, name, adapter, ctx)
+                block = _layer_block(recipe, name, adapter, ctx, self.data_parallel.active)
                 if (block.needs_a or block.needs_g or block.needs_second_pass) and not getattr(adapter, "has_rows", True):
                     raise UnsupportedLayerError(f"{block.describe()} needs captured rows, which "
                                                 f"{type(adapter).__name__} has none of (use a diagonal block)")
@@ -875,8 +888,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 others = [q for q in adapter.parameters() if id(q) not in ids]
                 if others:
                     raise ValueError(f"layer {name!r}: put its weight and bias in the same new group to give it a block")
-                new_slots.append(LayerSlot(name, module, adapter, _build_block(recipe, name, adapter,
-                                 RecipeContext(p.dtype, p.device, float(group["damping"])))))
+                new_slots.append(LayerSlot(name, module, adapter, _layer_block(
+                    recipe, name, adapter, RecipeContext(p.dtype, p.device, float(group["damping"])),
+                    self.data_parallel.active)))
                 continue
             if (recipe is not None and module is not None and p is getattr(module, "bias", None)
                     and id(getattr(module, "weight", None)) in ids and adapter_for(module) is not None):

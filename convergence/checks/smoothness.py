@@ -318,6 +318,9 @@ def check_smoothness(
             return hessian_norm_lower_bound(model, h_loss, inputs, targets, theta,
                                             num_steps=min(cfg.lower_steps, n), seed=cfg.seed)
 
+        if n <= min(cfg.lower_steps, cfg.dense_threshold):
+            lower_fn = None  # the accurate norm costs no more products than the bound: compute it once
+
     oracle = _NormOracle(hessian_norm_fn, lower_fn)
 
     def value_fn(theta: torch.Tensor) -> float:
