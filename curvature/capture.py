@@ -359,7 +359,12 @@ class LayerCapture:
     def records(self) -> dict[str, LayerRecord]:
         """Layer name -> the record joining all its calls since the last clear (built lazily, cached)."""
         if self._cache is None or self._cache[0] != self._version:
-            records = {name: self._record(calls) for name, calls in self._calls.items()}
+            records = {}
+            for name, calls in self._calls.items():
+                try:
+                    records[name] = self._record(calls)
+                except RuntimeError as err:  # name the layer (tied layers share the name of their block)
+                    raise RuntimeError(f"layer {name!r}: {err}") from None
             for name, chunks in self._chunks.items():  # chunk calls: one ChunkedRecord under the layer's name
                 parts = {chunk: records.pop(sub) for chunk, sub in chunks if sub in records}
                 if parts and name not in records:

@@ -23,6 +23,7 @@ from curvature.damping import Tikhonov
 from curvature.factors import EMACovarianceFactor
 from curvature.inverter import BatchedInverter
 from optimizers import KFAC
+from optimizers.communicator import LocalCommunicator
 
 D = torch.float64
 
@@ -120,3 +121,22 @@ def test_grouped_conv_equals_separate_convolutions_in_the_optimizer(device):
     torch.testing.assert_close(grouped.weight[3:], separate.b.weight)
     torch.testing.assert_close(grouped.bias, torch.cat([separate.a.bias, separate.b.bias]))
     assert isinstance(Conv1dAdapter(grouped).chunk_adapters()["g1"].g_dim, int)
+
+
+class _TwoRanks(LocalCommunicator):
+    """Says it is data-parallel (construction-time decisions only; no collective is called)."""
+
+    distributed = property(lambda self: True)
+    world_size = property(lambda self: 2)
+
+
+def test_per_group_and_per_chunk_blocks_fall_back_under_data_parallel_training():
+    opt = KFAC(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), lr=0.1, distributed=_TwoRanks())
+    assert "grouped convolution have no data-parallel reduction" in opt.fallback_reasons["0"]
+
+    attn = nn.MultiheadAttention(4, 2, batch_first=True)
+    opt = KFAC(attn, lr=0.1, distributed=_TwoRanks())
+    x, m = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
+    attn(x, m, m, need_weights=False)[0].sum().backward()
+    opt._apply_runtime_fallbacks()  # what step() does first
+    assert "no data-parallel reduction" in opt.fallback_reasons[""] and "" not in opt.slots
