@@ -33,7 +33,7 @@ commensurate scale (the empirical-Fisher diagonal next to :math:`G + \lambda I`)
 is what we use. It costs one vectorized per-example backward pass per step (no curvature
 product). ``preconditioner=None`` (the default) runs plain CG: on the tiny CURVES autoencoder
 (12 steps, CG capped at 20) both took 18.6 CG iterations per step and reached train loss 138.1,
-and the preconditioned steps took 3× longer (the per-example pass; README, measured with
+and the preconditioned steps took 3-5× longer (the per-example pass; README, measured with
 ``python -m benchmarks.matrix_free_options``).
 
 Cost per step: one closure (forward + backward), ``cg_iterations`` GGN products (+1 with a warm

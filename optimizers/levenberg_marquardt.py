@@ -50,8 +50,9 @@ vectorized per-example pass per step, not counted as products.
 
 Defaults: λ₀ = 1e-3 (Marquardt's customary start), ``damping_matrix="identity"`` (on the tiny
 CURVES autoencoder max-diagonal damping reached a lower loss per step -- 139.4 vs 163.5 after 12
-steps, no rejected step -- but each step cost 3.6× more; at equal wall time the two were within
-1.2%: README, ``python -m benchmarks.matrix_free_options``), down 3 / up 2, momentum off, uphill
+steps, no rejected step -- but each step cost 3.0-3.6× more, leaving it ≈ 1% ahead at equal wall
+time: README, ``python -m benchmarks.matrix_free_options``; the per-example Jacobians also need a
+model that treats examples independently, so it is not the default), down 3 / up 2, momentum off, uphill
 acceptance off (``uphill=True``, b = 2, turns it on: on our small regression tests it let the loss
 oscillate between two levels near the minimum instead of converging, because with
 :math:`\cos\beta \approx 1` the rule admits large increases), ``lr`` 1
