@@ -276,3 +276,18 @@ def test_preconditioned_cg_step_form_uses_the_preconditioned_bounds():
     assert apply.verdict is Verdict.PASS
     probes = report.whole_model.probes()
     assert probes and all(pr.step_form.get("preconditioned") for _, pr in probes)
+
+
+@pytest.mark.parametrize("optimizer", ["hf", "sfn"])
+def test_cli_rate_checks_run_for_matrix_free(tmp_path, capsys, optimizer):
+    """E8 runs as for any optimizer; E8p's gate uses E4's kappa for hf (lr 1 is outside it) and is NOT_APPLICABLE
+    with the saddle-free reason for sfn."""
+    status, rows, text = _run_cli(tmp_path, capsys, optimizer, "E8", "--steps", "6", "--rate-seeds", "2")
+    assert status == 0, text
+    assert rows["E8"]["verdict"] != "ERROR"
+    e8p = rows["E8p"]
+    assert e8p["verdict"] == "NOT_APPLICABLE"
+    if optimizer == "sfn":
+        assert e8p["notes"][0] == SFN_REASON
+    else:
+        assert "exceeds kappa_lo/(L_up kappa_hi^2)" in e8p["notes"][0]
