@@ -144,6 +144,16 @@ def test_e6_rising_loss_fails(tmp_path, capsys):
     assert e6["verdict"] == "FAIL" and e6["evidence"]["delta_mean"] > 0 > e6["evidence"]["rhs_l0"]
 
 
+def test_e6_with_a_nonnegative_right_hand_side_is_not_applicable(tmp_path, capsys):
+    """K-BFGS(L) on the MLP at the CLI's lr 0.2, near its noise floor at step 39: the L0 right-hand side is >= 0,
+    so the lemma promises no descent there (it used to print PASS)."""
+    rc, checks, _ = _run(tmp_path, capsys, "--optimizer", "kbfgsl", "--problem", "mlp", "--steps", "40",
+                         "--checks", "E6")
+    e6 = checks["E6@39"]
+    assert e6["verdict"] == "NOT_APPLICABLE" and e6["evidence"]["rhs_l0"] >= 0
+    assert "promises no descent" in e6["evidence"]["not_applicable"]
+
+
 def test_e6_form_without_a_preconditioner_is_not_applicable(tmp_path, capsys):
     rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:adam", "--steps", "6", "--checks", "E6")
     form = next(c for k, c in checks.items() if k.startswith("E6.form"))
