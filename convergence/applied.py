@@ -48,6 +48,19 @@ def applied_dense(block, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def _block_dtype_device(block) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of what the block applies, read off a factor or the diagonal scale when it has
+    them (never ``block.to_dense()`` of a Kronecker block: that is a ``d_a d_g x d_a d_g`` matrix)."""
+    for name in ("a_factor", "g_factor"):
+        factor = getattr(block, name, None)
+        if factor is not None:
+            try:
+                dense = factor.to_dense()
+                return dense.dtype, dense.device
+            except Exception:  # noqa: BLE001 - fall through to the block
+                pass
+    scale = getattr(block, "scale", None)
+    if isinstance(scale, torch.Tensor):
+        return scale.dtype, scale.device
     try:
         dense = block.to_dense()
         return dense.dtype, dense.device
@@ -104,8 +117,9 @@ def probe_applied_operator(block, *, probes: int = 4, generator: torch.Generator
         return vec_c(block.precondition(_unvec_c(v.to(dtype), shape).contiguous())).to(v.dtype)
 
     v0 = torch.randn(dim, generator=gen, dtype=torch.float64)
-    res = lanczos(matvec, dim, min(lanczos_steps, dim), v0=v0, dtype=torch.float64, device=device)
+    # the device is read once, at the end (no host round trip per application of the block)
+    res = lanczos(matvec, dim, min(lanczos_steps, dim), v0=v0, dtype=torch.float64, device=device, check_every=None)
     ritz = torch.linalg.eigvalsh(res.tridiagonal())
-    out.update(method="lanczos", asymmetry=math.nan, lmin=float(ritz[0]), lmax=float(ritz[-1]),
-               finite=bool(torch.isfinite(ritz).all()))
+    lo, hi, finite = torch.stack([ritz[0], ritz[-1], torch.isfinite(ritz).all().to(ritz.dtype)]).cpu().tolist()
+    out.update(method="lanczos", asymmetry=math.nan, lmin=lo, lmax=hi, finite=bool(finite))
     return out

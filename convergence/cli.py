@@ -154,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checks", type=_checks, default=CHECKS, help="comma-separated subset of E1..E8 (default all; "
                    "E0, run health, always runs)")
     p.add_argument("--checkpoints", type=_positive_int, default=3, help="snapshot steps for E1, E3, E5-E7 (default 3)")
+    p.add_argument("--probe-every", type=_positive_int, default=None,
+                   help="steps between E4's probes of the applied operator (default max(1, steps // 10))")
     p.add_argument("--rate-seeds", type=_positive_int, default=8, help="independent runs for E8 (default 8)")
     p.add_argument("--descent-batches", type=_positive_int, default=64, help="R of E6 and E5c (default 64)")
     p.add_argument("--alpha", type=_probability, default=0.01, help="family-wise level of Holm-Bonferroni (default 0.01)")
@@ -352,7 +354,7 @@ def run(args: argparse.Namespace, *, stdout=None) -> int:
                            checkpoints=args.checkpoints, rate_seeds=args.rate_seeds,
                            descent_batches=args.descent_batches, alpha=args.alpha,
                            max_skip_fraction=args.max_skip_fraction, plateau=args.plateau,
-                           progress=not args.no_progress)
+                           probe_every=args.probe_every or 0, progress=not args.no_progress)
     report = run_harness(source, config)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

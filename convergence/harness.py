@@ -648,6 +648,11 @@ def _run_e6(ctx: Context, k: int) -> list[CheckResult]:
         res = check_expected_descent_steps(p.model, p.loss_fn, p.full_batch, ctx.optimizer, batches,
                                            lipschitz=lipschitz, lipschitz_is_upper=is_upper, make_closure=make,
                                            alpha=a.alpha, lr=lr_k)
+        res = [res] if isinstance(res, CheckResult) else list(res)
+        if not any(r.check == "E6.form" for r in res):
+            res.append(not_applicable("E6.form", "SQN form x+ = x - alpha H g", "the optimizer has no curvature "
+                                      "blocks (not built from the blocks): there is no captured H_k whose step "
+                                      "-alpha_k H_k g_k could be compared with the displacement"))
     _restore(ctx, k)
     return _tag(res, k)
 
@@ -805,13 +810,19 @@ def _run_plateau(ctx: Context, rows: list[list[float]], initial: dict) -> CheckR
     if 4 * m > n:
         return not_applicable("E8p", assumption, f"4m = {4 * m} exceeds the {n} examples")
     # the 1/m floor is a small-step prediction (theory notes E8): only inside the theorem's step-size condition
-    if not ctx.curvature:
+    if ctx.whole_model is not None:
+        from convergence.whole_model import operator_reason
+
+        reason = operator_reason(ctx.optimizer)
+        if reason is not None:
+            return not_applicable("E8p", assumption, reason)
+    elif not ctx.curvature:
         return not_applicable("E8p", assumption, "no preconditioner: the step-size condition alpha <= "
                               "kappa_lo/(L kappa_hi^2) under which the floor scales as 1/m cannot be evaluated")
     from convergence.checks.stepsize import step_size_limit
 
     lipschitz, is_upper = _lipschitz_for_bounds(ctx)
-    k_lo, k_hi = ctx.monitor.kappa_observed()
+    k_lo, k_hi = ctx.monitor.kappa_observed() if ctx.curvature else ctx.whole_model.kappa_observed()
     l_up = (lipschitz if is_upper else 2.0 * lipschitz) if lipschitz else math.nan
     limit = step_size_limit(k_lo, k_hi, l_up) if math.isfinite(l_up) else 0.0
     if not max(ctx.trace.step_lrs) <= limit:
@@ -908,7 +919,7 @@ def run_harness(source: Source, config: HarnessConfig) -> Report:
     whole = None
     if matrix_free:  # the whole-model path: one operator, recorded through the optimizer's step hook
         every = config.probe_every or max(1, config.steps // 10)
-        probing = "E4" in config.checks or "E7" in config.checks  # E7a uses E4's kappa
+        probing = any(c in config.checks for c in ("E4", "E7", "E8"))  # E7a, E8 and E8p use E4's kappa
         whole = WholeModelMonitor(optimizer, probe_interval=every if probing else 0)
     tap = GradientTap(p.model, optimizer)
     try:

@@ -489,8 +489,14 @@ class TrainingMonitor:
                 continue
             factor = block.a_factor if side == "a" else block.g_factor
             if isinstance(factor, EMACovarianceFactor):
-                lam_a, lam_g = self.optimizer.damping.factor_damping(block.a_factor.statistic, block.g_factor.statistic)
-                self._refresh[key] = (float(lam_a if side == "a" else lam_g), _lmax_sym(factor.F), step)
+                # the damping this inverse was computed with (the factor records it, boost after a failed
+                # inversion included); the policy's value only for a factor that does not record it
+                used = getattr(factor, "inverse_damping", None)
+                if used is None:
+                    lam_a, lam_g = self.optimizer.damping.factor_damping(block.a_factor.statistic,
+                                                                         block.g_factor.statistic)
+                    used = lam_a if side == "a" else lam_g
+                self._refresh[key] = (float(used), _lmax_sym(factor.F), step)
             elif isinstance(factor, HessianActionFactor) and factor.updates == 0:
                 self._refresh[key] = (factor.damping, _lmax_sym(factor.covariance.F), step)
                 self._fresh_init.add(key)

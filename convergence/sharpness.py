@@ -21,7 +21,7 @@ eigenvalues of :math:`PH` (:math:`HP = P^{-1}(PH)P`).  Lanczos on :math:`K` in t
 application; the Ritz values of the tridiagonal matrix are the estimates (exact after :math:`n`
 steps, and the largest Ritz value increases monotonically to :math:`\lambda_{\max}` from below).
 Alternatively ``precond_is_sqrt=True`` means the callable applies a symmetric :math:`S=P^{1/2}`
-and the symmetric operator :math:`v\mapsto SHSv` is passed to ``eigsh``; ``method="dense"``
+and the symmetric operator :math:`v\mapsto SHSv` goes to the torch Lanczos of :func:`sharpness`; ``method="dense"``
 materializes :math:`H` and :math:`P` (small :math:`n` only) and takes the eigenvalues of
 :math:`L^\top H L` with :math:`P = LL^\top` (Cholesky; similar to :math:`PH`).
 """
@@ -31,11 +31,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from convergence.hessian import CurvatureOperator, MatvecOperator, as_matvec
-from convergence.spectrum import _generator, extreme_eigenvalues
+from convergence.spectrum import _generator, lanczos_extremes
 
 __all__ = [
     "sharpness",
@@ -58,20 +57,19 @@ def sharpness(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> float:
-    r""":math:`\lambda_{\max}(H)`, the largest algebraic eigenvalue (``eigsh`` with ``which='LA'``)."""
+    r""":math:`\lambda_{\max}(H)`, the largest algebraic eigenvalue: torch Lanczos on the operator's device
+    (:func:`~convergence.spectrum.lanczos_extremes`, ``which="largest"``), stopped when the Ritz residual
+    bound is below ``tol`` (``0``: ``1e-10``) times the Ritz value, or at ``min(n, 1000)`` steps."""
     op = as_matvec(matvec, n, dtype, device)
     return _largest(op, n, tol=tol, seed=seed)
 
 
 def _largest(op: CurvatureOperator, n: int, *, tol: float, seed: int | None) -> float:
-    from scipy.sparse.linalg import eigsh
-
     if n == 1:
         one = torch.ones(1, dtype=op.dtype, device=op.device)
         return float(op.matvec(one)[0])
-    rng = np.random.default_rng(0 if seed is None else seed)
-    vals = eigsh(op.to_scipy(), k=1, which="LA", tol=tol, v0=rng.standard_normal(n), return_eigenvectors=False)
-    return float(vals.max())
+    res = lanczos_extremes(op, n, which="largest", tol=tol if tol > 0 else 1e-10, max_steps=min(n, 1000), seed=seed)
+    return res.lambda_max
 
 
 def preconditioned_lanczos(
@@ -84,6 +82,7 @@ def preconditioned_lanczos(
     seed: int | None = None,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    check_every: int = 10,
 ) -> torch.Tensor:
     r"""Ritz values (ascending) of :math:`PH` from ``num_steps`` of :math:`P`-inner-product Lanczos on :math:`K = HP`.
 
@@ -92,12 +91,16 @@ def preconditioned_lanczos(
     :math:`w \leftarrow w - Q(Z^\top w)` (P-orthogonalization), :math:`\beta_j = \sqrt{w^\top Pw}`,
     :math:`q_{j+1} = w/\beta_j`.  With :math:`u_j = P^{1/2}q_j` this is Euclidean Lanczos on
     :math:`P^{1/2}HP^{1/2}`, so :math:`T = Q^\top PHP\,Q` and its eigenvalues are Ritz values of
-    :math:`PH`.  ``precond_apply`` must be symmetric positive definite.
+    :math:`PH`.  ``precond_apply`` must be symmetric positive definite. Everything stays on the
+    operator's device: the breakdown test is read once every ``check_every`` steps (steps past a
+    breakdown are discarded), and the Ritz values are returned as a device tensor.
     """
     op = as_matvec(hess_matvec, n, dtype, device)
     m_max = min(int(num_steps), n)
     if m_max < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be an integer >= 1, got {check_every!r}")
 
     def apply_p(v: torch.Tensor) -> torch.Tensor:
         out = precond_apply(v)
@@ -109,17 +112,21 @@ def preconditioned_lanczos(
         v0 = torch.randn(n, generator=_generator(None, seed), dtype=torch.float64)
     q = v0.detach().to(dtype=op.dtype, device=op.device)
     z = apply_p(q)
-    qpq = float(torch.dot(q, z))
+    qpq = float(torch.dot(q, z))  # one read: the start vector must have q^T P q > 0
     if not qpq > 0:
         raise ValueError("q^T P q <= 0 for the start vector: the preconditioner is not positive definite")
     norm = math.sqrt(qpq)
     q, z = q / norm, z / norm
     eps = torch.finfo(op.dtype).eps
+    tiny = torch.finfo(op.dtype).tiny
     Q = torch.empty(n, m_max, dtype=op.dtype, device=op.device)
     Z = torch.empty(n, m_max, dtype=op.dtype, device=op.device)
-    alphas, betas = [], []
+    alphas: list[torch.Tensor] = []
+    betas: list[torch.Tensor] = []
+    flags: list[torch.Tensor] = []  # breakdown test of each beta, read every check_every steps
     beta_prev = None
-    scale = 0.0
+    scale = torch.zeros((), dtype=op.dtype, device=op.device)
+    unchecked, stop = 0, None
     for j in range(m_max):
         Q[:, j], Z[:, j] = q, z
         w = op.matvec(z)  # H P q_j
@@ -134,18 +141,23 @@ def preconditioned_lanczos(
         if j + 1 == m_max:
             break
         pw = apply_p(w)
-        wpw = float(torch.dot(w, pw))
-        beta = math.sqrt(max(wpw, 0.0))
-        scale = max(scale, abs(float(alpha)), beta)
-        if beta <= 100.0 * math.sqrt(n) * eps * max(scale, 1e-300):
-            break  # invariant subspace: the Ritz values are exact eigenvalues
+        beta = torch.sqrt(torch.clamp_min(torch.dot(w, pw), 0.0))
+        scale = torch.maximum(scale, torch.maximum(alpha.abs(), beta))
+        flags.append(beta <= 100.0 * math.sqrt(n) * eps * torch.clamp_min(scale, 1e-300))
         betas.append(beta)
+        if (j + 1) % check_every == 0 or j + 2 == m_max:
+            hit = torch.nonzero(torch.stack(flags[unchecked:]))  # one read per check_every steps
+            if hit.numel():
+                stop = unchecked + int(hit[0, 0])  # invariant subspace: the Ritz values are exact eigenvalues
+                break
+            unchecked = j + 1
         beta_prev = beta
-        q, z = w / beta, pw / beta
-    m = len(alphas)
-    t = torch.diag(torch.stack(alphas))
+        safe = torch.clamp_min(beta, tiny)
+        q, z = w / safe, pw / safe
+    m = len(alphas) if stop is None else stop + 1
+    t = torch.diag(torch.stack(alphas[:m]))
     if m > 1:
-        off = torch.tensor(betas[: m - 1], dtype=op.dtype, device=op.device)
+        off = torch.stack(betas[: m - 1])
         t = t + torch.diag(off, 1) + torch.diag(off, -1)
     return torch.linalg.eigvalsh(t)
 
@@ -170,8 +182,8 @@ def preconditioned_sharpness(
 
     * ``"lanczos"`` (default): :func:`preconditioned_lanczos` with ``num_steps`` (default
       ``min(n, 100)``) steps; a lower bound that is exact once the Krylov space is invariant (at the
-      latest after ``n`` steps).  With ``precond_is_sqrt=True``: ``eigsh(which='LA')`` on
-      :math:`v\mapsto SHSv`.
+      latest after ``n`` steps).  With ``precond_is_sqrt=True``: the largest eigenvalue of
+      :math:`v\mapsto SHSv` (torch Lanczos, as :func:`sharpness`).
     * ``"dense"``: materialize :math:`H` and :math:`P` by ``n`` products each and return the largest
       eigenvalue of :math:`L^\top HL`, :math:`P = LL^\top` (or of :math:`SHS`), in float64.
     """
@@ -179,10 +191,10 @@ def preconditioned_sharpness(
     if method not in ("lanczos", "dense"):
         raise ValueError(f"unknown method {method!r}; use 'lanczos' or 'dense'")
     if method == "dense":
-        h = op.to_dense(max_n=max(n, 1)).detach().to(device="cpu", dtype=torch.float64)
+        h = op.to_dense(max_n=max(n, 1)).detach().to(dtype=torch.float64)
         h = 0.5 * (h + h.T)
         eye = torch.eye(n, dtype=op.dtype, device=op.device)
-        p = torch.stack([precond_apply(eye[:, j]) for j in range(n)], dim=1).to(device="cpu", dtype=torch.float64)
+        p = torch.stack([precond_apply(eye[:, j]) for j in range(n)], dim=1).to(device=h.device, dtype=torch.float64)
         p = 0.5 * (p + p.T)
         if precond_is_sqrt:
             return float(torch.linalg.eigvalsh(p @ h @ p)[-1])

@@ -17,7 +17,8 @@ from curvature.adapters import (
     unregister_adapter,
 )
 from curvature.blocks import CurvatureBlock, DiagonalBlock, KroneckerBlock, a_statistic, g_statistic, vec_c
-from curvature.capture import LayerRecord
+from curvature.capture import ChunkedRecord, LayerRecord
+from curvature.chunked import ChunkedBlock
 from curvature.damping import AdaptiveLM, DampingPolicy, FactoredPi, Tikhonov
 from curvature.factors import (
     BFGSFactor,
@@ -45,8 +46,8 @@ __all__ = [
     "LayerAdapter", "LinearAdapter", "Conv2dAdapter", "UnsupportedLayerError",
     "register_adapter", "unregister_adapter", "registered_adapters", "adapter_for",
     # blocks and factors
-    "CurvatureBlock", "KroneckerBlock", "DiagonalBlock", "vec_c", "a_statistic", "g_statistic",
+    "CurvatureBlock", "KroneckerBlock", "DiagonalBlock", "ChunkedBlock", "vec_c", "a_statistic", "g_statistic",
     "Factor", "EMACovarianceFactor", "SecantFactor", "BFGSFactor", "LBFGSFactor", "HessianActionFactor",
     # what blocks receive
-    "LayerRecord", "BatchedInverter", "DampingPolicy", "Tikhonov", "FactoredPi", "AdaptiveLM", "DoubleDamping",
+    "LayerRecord", "ChunkedRecord", "BatchedInverter", "DampingPolicy", "Tikhonov", "FactoredPi", "AdaptiveLM", "DoubleDamping",
 ]

@@ -154,17 +154,24 @@ class LinearAdapter(LayerAdapter):
 
 
 class ConvAdapter(LayerAdapter):
-    """``nn.Conv1d`` / ``nn.Conv2d`` (groups = 1, any stride/padding/dilation, zeros padding) via patches.
+    """``nn.Conv1d`` / ``nn.Conv2d`` (any stride/padding/dilation, zeros padding) via patches.
 
     Each image (sequence for Conv1d) is one sample whose output locations are its rows (KFC).
+
+    **Grouped and depthwise convolutions** (``groups = g > 1``) are ``g`` independent convolutions:
+    the output channels of group :math:`j` see only its ``C_in/g`` input channels. The gradient matrix
+    is the weight reshaped, ``C_out × (C_in/g·k + 1)``, whose row block :math:`j` (``C_out/g`` rows)
+    is group :math:`j`'s; the input rows are the patches of *all* ``C_in`` channels (group :math:`j`'s
+    columns are a contiguous slice). Such a layer gets a block-diagonal block over the groups
+    (:class:`~curvature.chunked.ChunkedBlock`, one block per group built on :meth:`chunk_adapters`,
+    fed by :meth:`split_record`); a plain Kronecker block on the whole matrix does not apply.
     """
 
     spatial_dims = 2
 
     def __init__(self, module: nn.Module) -> None:
         kind = type(module).__name__
-        if module.groups != 1:
-            raise UnsupportedLayerError(f"{kind} with groups={module.groups} is not supported (groups must be 1)")
+        self.groups = int(module.groups)
         if module.padding_mode != "zeros":
             raise UnsupportedLayerError(f"{kind} with padding_mode={module.padding_mode!r} is not supported")
         if isinstance(module.padding, str):
@@ -174,11 +181,27 @@ class ConvAdapter(LayerAdapter):
     @property
     def a_dim(self) -> int:
         m = self.module
-        return m.in_channels * math.prod(m.kernel_size) + int(self.has_bias)
+        return m.in_channels // self.groups * math.prod(m.kernel_size) + int(self.has_bias)
 
     @property
     def g_dim(self) -> int:
         return self.module.out_channels
+
+    # --- groups (only for groups > 1) -------------------------------------------------------------
+    def chunk_rows(self) -> dict[str, slice]:
+        """The rows of the gradient matrix (output channels) of every group, ``"g0"``, ``"g1"``, ..."""
+        n = self.module.out_channels // self.groups
+        return {f"g{j}": slice(j * n, (j + 1) * n) for j in range(self.groups)}
+
+    def chunk_adapters(self) -> dict[str, "ConvGroupAdapter"]:
+        """One adapter per group (its sizes: ``C_out/g × (C_in/g·k + 1)``), to build the group's block."""
+        return {name: ConvGroupAdapter(self, j) for j, name in enumerate(self.chunk_rows())}
+
+    def split_record(self, record):
+        """The record of each group: its input columns (patches of its channels) and output columns."""
+        width = self.a_dim - int(self.has_bias)
+        return {name: record.sliced(slice(j * width, (j + 1) * width), rows)
+                for j, (name, rows) in enumerate(self.chunk_rows().items())}
 
     def _batched(self, x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(0) if x.dim() == self.spatial_dims + 1 else x
@@ -210,6 +233,26 @@ class ConvAdapter(LayerAdapter):
     def output_rows(self, h: torch.Tensor) -> torch.Tensor:
         h = self._batched(h)
         return h.movedim(1, -1).reshape(-1, h.shape[1])  # [N*L, C_out]
+
+
+class ConvGroupAdapter(LayerAdapter):
+    """The sizes of group ``index`` of a grouped convolution (what its block is built on); the rows
+    come from :meth:`ConvAdapter.split_record` and the parameters through the whole layer's adapter."""
+
+    def __init__(self, whole: ConvAdapter, index: int) -> None:
+        super().__init__(whole.module)
+        self.whole, self.index = whole, index
+
+    @property
+    def a_dim(self) -> int:
+        return self.whole.a_dim
+
+    @property
+    def g_dim(self) -> int:
+        return self.whole.g_dim // self.whole.groups
+
+    num_samples = property(lambda self: self.whole.num_samples)
+    num_groups = property(lambda self: self.whole.num_groups)
 
 
 class Conv2dAdapter(ConvAdapter):
@@ -330,30 +373,48 @@ class AttentionInProjAdapter(_AttentionProjection):
     r"""``nn.MultiheadAttention``'s packed q/k/v projection: ``in_proj_weight`` (``3E × E``) and
     ``in_proj_bias`` as one Linear-like layer whose output is :math:`[q; k; v]`.
 
-    Captured from ``F.linear(x, in_proj_weight, in_proj_bias)``, which the attention makes when query,
-    key and value are the same tensor (self-attention). With distinct query/key/value
-    (cross-attention, or key is value but query differs) it projects *chunks* of the weight on
-    different inputs (``torch.nn.functional._in_projection_packed``), which one Kronecker block on
-    the packed projection cannot describe: :meth:`observe_call` then sets :attr:`runtime_fallback`
-    and the optimizer gives ``in_proj_weight``/``in_proj_bias`` its fallback rule from that step on
-    (before the step mutates anything; ``describe()`` says so). Inside the attention the layout is
-    ``[S, B, E]``; rows are reordered batch-major (B groups).
+    **Self-attention** (query, key and value the same tensor): captured from
+    ``F.linear(x, in_proj_weight, in_proj_bias)``, one Kronecker block on the packed projection.
+    **Cross-attention** (distinct query/key/value, or key is value but query differs): the attention
+    applies row *chunks* of the weight to different inputs (``torch.nn.functional._in_projection_packed``:
+    ``W_q`` on the query, ``W_k``/``W_v`` -- or ``W_kv`` packed -- on key/value), which one Kronecker
+    block cannot describe. The capture then records each chunk as a layer of its own
+    (:meth:`chunk_adapters`, each ``E × (E+1)``) and the optimizer gives the layer a block-diagonal
+    block over the chunks (:class:`~curvature.blocks.ChunkedBlock`: one Kronecker block per chunk,
+    with its own input A and output-gradient G). :meth:`observe_call` notes which kind of call the
+    attention gets (:attr:`modes`); a layer called both ways gets :attr:`runtime_fallback`.
+    Inside the attention the layout is ``[S, B, E]``; rows are reordered batch-major (B groups).
     """
+
+    #: The chunks of the packed projection, in row order.
+    CHUNKS = ("q", "k", "v")
 
     def __init__(self, attention: nn.MultiheadAttention) -> None:
         super().__init__(attention, attention)
         self.has_bias = attention.in_proj_bias is not None
         self.functional_weight = attention.in_proj_weight
+        self.modes: set[str] = set()
 
     def observe_call(self, args: tuple, kwargs: dict) -> None:
-        """Note a call with distinct query/key/value (called before the attention's forward)."""
+        """Note whether this call is self-attention (query is key is value) or cross-attention
+        (called before the attention's forward)."""
         names = ("query", "key", "value")
         qkv = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
-        if not (qkv[0] is qkv[1] and qkv[1] is qkv[2]) and self.runtime_fallback is None:
+        self.modes.add("self" if qkv[0] is qkv[1] and qkv[1] is qkv[2] else "cross")
+        if len(self.modes) > 1 and self.runtime_fallback is None:
             self.runtime_fallback = (
-                "cross-attention: called with distinct query/key/value, so the packed q/k/v projection is applied "
-                "in chunks to different inputs, which one Kronecker block cannot describe"
+                "called both as self-attention (query, key and value the same tensor) and as cross-attention; "
+                "the packed block and the per-chunk blocks would each see only part of the calls"
             )
+
+    def chunk_adapters(self) -> dict[str, "AttentionChunkAdapter"]:
+        """One Linear-like adapter per q/k/v chunk (what the capture records under ``name[q]`` etc.)."""
+        return {c: AttentionChunkAdapter(self.attention, i) for i, c in enumerate(self.CHUNKS)}
+
+    def chunk_rows(self) -> dict[str, slice]:
+        """The rows of the gradient matrix ``[∇W | ∇b]`` (``3E × (E+1)``) that each chunk holds."""
+        e = self.attention.embed_dim
+        return {c: slice(i * e, (i + 1) * e) for i, c in enumerate(self.CHUNKS)}
 
     @property
     def weight(self) -> nn.Parameter:
@@ -378,6 +439,29 @@ class AttentionInProjAdapter(_AttentionProjection):
         return x.transpose(0, 1).reshape(-1, x.shape[-1])
 
     output_rows = input_rows
+
+
+class AttentionChunkAdapter(AttentionInProjAdapter):
+    """One chunk (q, k or v: ``index`` 0, 1, 2) of the packed in_proj as a Linear-like layer
+    ``E × (E+1)`` on its own input (the query, key or value inside the attention, ``[S, B, E]``).
+
+    Used by the capture (rows of the ``F.linear`` calls on row views of ``in_proj_weight``) and to
+    build the chunk's block; the optimizer reads and writes the parameters through the packed adapter.
+    """
+
+    def __init__(self, attention: nn.MultiheadAttention, index: int) -> None:
+        super().__init__(attention)
+        self.index = index
+        self.functional_weight = None
+
+    @property
+    def g_dim(self) -> int:
+        return self.attention.embed_dim
+
+    def weight_rows(self) -> tuple[int, int]:
+        """The rows ``[start, stop)`` of ``in_proj_weight`` this chunk projects with."""
+        e = self.attention.embed_dim
+        return self.index * e, (self.index + 1) * e
 
 
 class AttentionOutProjAdapter(_AttentionProjection):

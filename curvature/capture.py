@@ -146,6 +146,19 @@ class LayerRecord:
         rows = self.h_rows if approx == "expand" else self.group_mean(self.h_rows)
         return rows.mean(0)
 
+    def sliced(self, in_cols: slice, out_cols: slice) -> "LayerRecord":
+        """The record of a part of the layer that sees the input columns ``in_cols`` and produces the
+        output columns ``out_cols`` (a group of a grouped convolution): the same rows, samples,
+        weight-sharing groups and scales, the selected columns (views, no copy)."""
+        part = LayerRecord(self.batch_size, self.rows_per_sample)
+        for key in ("calls", "missing_grads", "groups", "group_rows", "reduce_scale", "sample_major", "has_bias",
+                    "grad_scale"):
+            setattr(part, key, getattr(self, key))
+        part.input_rows = None if self.input_rows is None else self.input_rows[:, in_cols]
+        part.h_rows = None if self.h_rows is None else self.h_rows[:, out_cols]
+        part.grad_rows = None if self.grad_rows is None else self.grad_rows[:, out_cols]
+        return part
+
     def take_grads(self, other: "LayerRecord") -> None:
         """Use ``other``'s pre-activation gradients (e.g. from a Monte-Carlo Fisher pass)."""
         self.grad_rows, self.grad_scale, self._g_rows = other.grad_rows, other.grad_scale, None
@@ -157,6 +170,36 @@ class LayerRecord:
         if approx == "expand":
             return self.grad_rows.mean(0) * self.grad_scale
         return self.group_sum(self.grad_rows).mean(0) * self.reduce_scale
+
+
+class ChunkedRecord:
+    """The record of a layer whose weight was applied in row chunks to different inputs (an
+    attention's q/k/v projections in cross-attention): ``parts`` maps each chunk to its own
+    :class:`LayerRecord`. For the optimizer's checks it also carries ``batch_size`` (the first
+    chunk's), ``calls`` and ``missing_grads`` (summed) and ``grad_rows`` (every chunk's gradient rows
+    stacked; None if a chunk has none); ``input_rows``/``h_rows`` are None (there is no one input).
+    """
+
+    def __init__(self, parts: dict[str, LayerRecord]) -> None:
+        self.parts = parts
+        first = next(iter(parts.values()))
+        self.batch_size = first.batch_size
+        self.calls = sum(p.calls for p in parts.values())
+        self.missing_grads = sum(p.missing_grads for p in parts.values())
+        self.input_rows = self.h_rows = None
+        self.has_bias = first.has_bias
+        self._stack()
+
+    def _stack(self) -> None:
+        rows = [p.grad_rows for p in self.parts.values()]
+        self.grad_rows = None if any(r is None for r in rows) else torch.cat(rows, dim=0)
+        self.grad_scale = 1.0
+
+    def take_grads(self, other: "ChunkedRecord") -> None:
+        """Use ``other``'s pre-activation gradients chunk by chunk (e.g. from a Monte-Carlo Fisher pass)."""
+        for chunk, part in self.parts.items():
+            part.take_grads(other.parts[chunk])
+        self._stack()
 
 
 @dataclass
@@ -238,6 +281,7 @@ class LayerCapture:
         self._version = 0
         self._cache: tuple[int, dict[str, LayerRecord]] | None = None
         self._handles: dict[str, list] = {}
+        self._chunks: dict[str, list[tuple[str, str]]] = {}  # layer -> [(chunk, name of its calls)]
         for name, adapter in self.layers.items():
             self._hook(name, adapter)
 
@@ -247,9 +291,18 @@ class LayerCapture:
         handles = self._handles.setdefault(name, [])
         if weight is None:
             handles.append(adapter.module.register_forward_hook(InertOnCopy(hook)))
-        else:
-            handles.extend(watch_functional_linear(adapter.hook_module, weight, hook,
-                                                   getattr(adapter, "observe_call", None)))
+            return
+        handles.extend(watch_functional_linear(adapter.hook_module, weight, hook,
+                                               getattr(adapter, "observe_call", None)))
+        chunks = getattr(adapter, "chunk_adapters", None)
+        if chunks is not None:  # F.linear on row views of the weight (cross-attention): one layer per chunk
+            self._chunks[name] = []
+            for chunk, chunk_adapter in chunks().items():
+                sub = f"{name}[{chunk}]"
+                self._chunks[name].append((chunk, sub))
+                handles.extend(watch_functional_linear(
+                    adapter.hook_module, weight, self._make_forward_hook(sub, chunk_adapter, chunked=True),
+                    rows=chunk_adapter.weight_rows()))
 
     def add_layer(self, name: str, adapter: LayerAdapter) -> None:
         """Start capturing one more layer."""
@@ -275,8 +328,9 @@ class LayerCapture:
         for handle in self._handles.pop(name, []):
             handle.remove()
         self.layers.pop(name, None)
-        if self._calls.pop(name, None) is not None:
-            self._version += 1
+        for sub in [name] + [sub for _, sub in self._chunks.pop(name, [])]:
+            if self._calls.pop(sub, None) is not None:
+                self._version += 1
 
     def remove(self) -> None:
         """Remove all hooks."""
@@ -305,7 +359,17 @@ class LayerCapture:
     def records(self) -> dict[str, LayerRecord]:
         """Layer name -> the record joining all its calls since the last clear (built lazily, cached)."""
         if self._cache is None or self._cache[0] != self._version:
-            self._cache = (self._version, {name: self._record(calls) for name, calls in self._calls.items()})
+            records = {}
+            for name, calls in self._calls.items():
+                try:
+                    records[name] = self._record(calls)
+                except RuntimeError as err:  # name the layer (tied layers share the name of their block)
+                    raise RuntimeError(f"layer {name!r}: {err}") from None
+            for name, chunks in self._chunks.items():  # chunk calls: one ChunkedRecord under the layer's name
+                parts = {chunk: records.pop(sub) for chunk, sub in chunks if sub in records}
+                if parts and name not in records:
+                    records[name] = ChunkedRecord(parts)
+            self._cache = (self._version, records)
         return self._cache[1]
 
     def _record(self, calls: list[_Call]) -> LayerRecord:
@@ -347,8 +411,11 @@ class LayerCapture:
             record.rows_per_sample = r // batch if r % batch == 0 else r / batch
         return record
 
-    def _make_forward_hook(self, name: str, adapter: LayerAdapter):
-        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
+    def _make_forward_hook(self, name: str, adapter: LayerAdapter, chunked: bool = False):
+        """The hook recording one call of layer ``name``; ``chunked``: it is called as
+        ``hook(None, (x,), output, columns)`` for an ``F.linear`` on a row view of a watched weight,
+        and the layer's output (and gradient) rows are ``output[..., columns]``."""
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, columns: slice | None = None):
             cfg = self.config
             if not cfg.active or not torch.is_grad_enabled():
                 return None
@@ -362,7 +429,8 @@ class LayerCapture:
             if cfg.a:
                 call.input_rows = _factor_dtype(adapter.input_rows(x.detach()), adapter)
             if cfg.h:
-                call.h_rows = _factor_dtype(adapter.output_rows(output.detach()), adapter)
+                out = output.detach()
+                call.h_rows = _factor_dtype(adapter.output_rows(out if columns is None else out[..., columns]), adapter)
             self._calls.setdefault(name, []).append(call)
             self._version += 1
             replaced = None
@@ -374,7 +442,9 @@ class LayerCapture:
                     output = replaced = output.detach().requires_grad_(True)
 
                 def grad_hook(grad: torch.Tensor, call: _Call = call) -> None:
-                    call.grad_rows = _factor_dtype(adapter.output_rows(grad.detach()), adapter)
+                    grad = grad.detach()
+                    call.grad_rows = _factor_dtype(adapter.output_rows(grad if columns is None else grad[..., columns]),
+                                                   adapter)
                     self._version += 1
                     self._new_pass = True  # a backward ran: the next forward call is a new pass
 
@@ -399,20 +469,33 @@ _HALF = (torch.float16, torch.bfloat16)
 
 _original_linear = F.linear
 _watched: dict[int, list] = {}
+_watched_rows: dict[int, list[tuple[int, int, object]]] = {}
 
 
 def _watching_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` that also calls the capture hooks watching ``weight`` (installed only while a
-    watched module runs its forward)."""
+    """``F.linear`` that also calls the capture hooks watching ``weight``, or watching rows of the
+    tensor ``weight`` is a row view of (installed only while a watched module runs its forward)."""
     out = _original_linear(input, weight, bias)
     for hook in list(_watched.get(id(weight), ())):
         replaced = hook(None, (input,), out)
         if replaced is not None:
             out = replaced
+    base = weight._base
+    if base is not None and id(base) in _watched_rows and base.dim() == 2 and weight.dim() == 2:
+        offset = weight.storage_offset() - base.storage_offset()
+        if weight.stride() == base.stride() and offset % base.stride(0) == 0:
+            start = offset // base.stride(0)
+            stop = start + weight.shape[0]
+            for r0, r1, hook in list(_watched_rows[id(base)]):
+                if start <= r0 and r1 <= stop:
+                    replaced = hook(None, (input,), out, slice(r0 - start, r1 - start))
+                    if replaced is not None:
+                        out = replaced
     return out
 
 
-def watch_functional_linear(module: nn.Module, weight: torch.Tensor, hook, on_enter=None) -> list:
+def watch_functional_linear(module: nn.Module, weight: torch.Tensor, hook, on_enter=None,
+                            rows: tuple[int, int] | None = None) -> list:
     """Call ``hook(None, (x,), out)`` for every ``F.linear(x, weight, ...)`` made inside ``module``'s
     forward, as a module forward hook would be called.
 
@@ -420,21 +503,27 @@ def watch_functional_linear(module: nn.Module, weight: torch.Tensor, hook, on_en
     calls ``F.linear`` on ``in_proj_weight`` and on ``out_proj.weight``). While ``module`` runs forward,
     ``torch.nn.functional.linear`` is replaced by a wrapper that looks the weight up; the original is
     restored when the forward ends (also when it raises). ``on_enter(args, kwargs)`` is called with
-    the module's call arguments first. Returns the hook handles.
+    the module's call arguments first. With ``rows=(r0, r1)`` the hook watches instead the calls on
+    row *views* of ``weight`` (e.g. ``weight.chunk(3)``) that contain rows ``r0..r1-1``, and is called
+    as ``hook(None, (x,), out, columns)`` with the columns of ``out`` those rows produced.
+    Returns the hook handles.
     """
+    table = _watched if rows is None else _watched_rows
+    entry = hook if rows is None else (rows[0], rows[1], hook)
+
     def enter(mod, args, kwargs):
         if on_enter is not None:
             on_enter(args, kwargs)
-        _watched.setdefault(id(weight), []).append(hook)
+        table.setdefault(id(weight), []).append(entry)
         F.linear = _watching_linear
 
     def leave(mod, args, output):
-        hooks = _watched.get(id(weight), [])
-        if hook in hooks:
-            hooks.remove(hook)
+        hooks = table.get(id(weight), [])
+        if entry in hooks:
+            hooks.remove(entry)
         if not hooks:
-            _watched.pop(id(weight), None)
-        if not _watched:
+            table.pop(id(weight), None)
+        if not _watched and not _watched_rows:
             F.linear = _original_linear
 
     return [module.register_forward_pre_hook(InertOnCopy(enter), with_kwargs=True),

@@ -252,6 +252,8 @@ def lanczos(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     breakdown_tol: float | None = None,
+    check_every: int | None = 1,
+    stop_when: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> LanczosResult:
     r"""Lanczos tridiagonalization of the symmetric operator ``matvec`` with full reorthogonalization.
 
@@ -263,9 +265,22 @@ def lanczos(
     Stops early (breakdown) when :math:`\beta_j \le` ``breakdown_tol`` (default
     :math:`\sqrt{n}\,\varepsilon\cdot\max_i(|\alpha_i|, \beta_i)\cdot 100`): the Krylov space is then
     invariant and the Ritz values are exact eigenvalues.
+
+    Host synchronization: every quantity stays on the tensors' device; the breakdown test reads
+    the device once every ``check_every`` steps (default 1: after every step) and once at the end
+    (``None``: only at the end). Steps run past a breakdown between two reads are discarded, so the
+    result is the same for every ``check_every``; only up to ``check_every - 1`` extra products are
+    spent. (:math:`q_{j+1} = w/\max(\beta_j, \text{tiny})`, so an exact breakdown :math:`w = 0`
+    produces zeros, never NaN, in the discarded steps.)
+
+    ``stop_when(alphas, betas, residual)`` (optional) is evaluated at the same reads on the
+    tridiagonal built so far (diagonal, off-diagonal, :math:`\beta_j`) and returns a 0-dim bool
+    tensor on the device; True ends the run there (e.g. converged Ritz values), in the same read.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if check_every is not None and (isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1):
+        raise ValueError(f"check_every must be an integer >= 1 or None, got {check_every!r}")
     op = as_matvec(matvec, n, dtype, device)
     m_max = min(int(num_steps), n)
     if v0 is None:
@@ -279,13 +294,15 @@ def lanczos(
         raise ValueError("the start vector is zero")
     q = q / norm
     eps = torch.finfo(op.dtype).eps
+    tiny = torch.finfo(op.dtype).tiny
     basis = torch.empty(n, m_max, dtype=op.dtype, device=op.device)
     alphas: list[torch.Tensor] = []
-    betas: list[torch.Tensor] = []
-    scale = 0.0
+    all_betas: list[torch.Tensor] = []  # beta_j for every step run (the last one is the residual)
+    tols: list[torch.Tensor] = []
+    scale = torch.zeros((), dtype=op.dtype, device=op.device)
     beta_prev = None
-    residual = 0.0
-    breakdown = False
+    unchecked = 0  # index of the first step whose breakdown test has not been read
+    stop = None  # index of the breakdown step, once read
     for j in range(m_max):
         basis[:, j] = q
         w = op.matvec(q)
@@ -298,20 +315,35 @@ def lanczos(
             w = w - qj @ (qj.T @ w)
         beta = torch.linalg.vector_norm(w)
         alphas.append(alpha)
-        scale = max(scale, abs(float(alpha)), float(beta))
-        tol = breakdown_tol if breakdown_tol is not None else 100.0 * math.sqrt(n) * eps * max(scale, 1e-300)
-        residual = float(beta)
-        if float(beta) <= tol:
-            breakdown = j + 1 < n
-            basis = basis[:, : j + 1]
-            break
-        if j + 1 < m_max:
-            betas.append(beta)
-            q = w / beta
+        all_betas.append(beta)
+        scale = torch.maximum(scale, torch.maximum(alpha.abs(), beta))
+        if breakdown_tol is not None:
+            tols.append(torch.as_tensor(breakdown_tol, dtype=op.dtype, device=op.device))
+        else:
+            tols.append(100.0 * math.sqrt(n) * eps * torch.clamp_min(scale, 1e-300))
+        last = j + 1 == m_max
+        if last or (check_every is not None and (j + 1) % check_every == 0):
+            flags = torch.stack(all_betas[unchecked:]) <= torch.stack(tols[unchecked:])
+            if stop_when is not None and not last:
+                done = stop_when(torch.stack(alphas), torch.stack(all_betas[:-1]) if j else alphas[0].new_zeros(0),
+                                 beta).reshape(1).to(torch.bool)
+                flags = torch.cat([flags, done])
+            hit = torch.nonzero(flags)  # one read of the device for the whole block
+            if hit.numel():
+                first = int(hit[0, 0])
+                if first < flags.numel() - (stop_when is not None and not last):
+                    stop = unchecked + first  # a breakdown
+                break  # (else: stop_when said done; all steps so far are kept)
+            unchecked = j + 1
+        if not last:
+            q = w / torch.clamp_min(beta, tiny)
             beta_prev = beta
-    alphas_t = torch.stack(alphas)
-    betas_t = torch.stack(betas) if betas else torch.zeros(0, dtype=op.dtype, device=op.device)
-    basis = basis[:, : alphas_t.shape[0]]
+    m = len(alphas) if stop is None else stop + 1
+    breakdown = stop is not None and m < n
+    alphas_t = torch.stack(alphas[:m])
+    betas_t = torch.stack(all_betas[: m - 1]) if m > 1 else torch.zeros(0, dtype=op.dtype, device=op.device)
+    residual = float(all_betas[m - 1])
+    basis = basis[:, :m]
     return LanczosResult(alphas=alphas_t, betas=betas_t, basis=basis, residual_norm=residual, breakdown=breakdown)
 
 

@@ -51,6 +51,7 @@ from torch.utils.hooks import RemovableHandle
 from curvature.adapters import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for, contextual_adapters
 from curvature.blocks import CurvatureBlock, a_statistic, g_statistic
 from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_parameters
+from curvature.chunked import ChunkedBlock
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
 from curvature.linalg import InversionStats, all_finite, finite_flag
@@ -75,6 +76,9 @@ class LayerSlot:
     #: Tied weights: the other layers (name, adapter) holding the same weight and bias, whose calls
     #: are captured into this slot's statistics (see ``CurvatureOptimizer._assign_blocks``).
     shared: tuple[tuple[str, LayerAdapter], ...] = ()
+    #: The recipe and context the block was built with (to rebuild it per chunk, see ``_apply_runtime_changes``).
+    recipe: Any = None
+    ctx: RecipeContext | None = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -307,6 +311,19 @@ def _build_block(recipe: Any, name: str, adapter: LayerAdapter, ctx: RecipeConte
     return block
 
 
+def _layer_block(recipe: Any, name: str, adapter: LayerAdapter, ctx: RecipeContext, data_parallel: bool) -> CurvatureBlock:
+    """The layer's block: ``recipe``'s, or for a grouped/depthwise convolution a
+    :class:`~curvature.chunked.ChunkedBlock` with one recipe-built block per group."""
+    if getattr(adapter, "groups", 1) <= 1:
+        return _build_block(recipe, name, adapter, ctx)
+    if data_parallel:
+        raise UnsupportedLayerError("per-group blocks of a grouped convolution have no data-parallel reduction")
+    rows = adapter.chunk_rows()
+    return ChunkedBlock(name, adapter, {
+        c: (rows[c], _build_block(recipe, f"{name}[{c}]", a, ctx)) for c, a in adapter.chunk_adapters().items()
+    }, split=adapter.split_record, label="group")
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that preconditions each supported layer with its own curvature block.
 
@@ -482,8 +499,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                                          "rollbacks": 0, "recoveries": 0, "secant_resets": 0,
                                          "inversion_recoveries": 0, "step_scale": 1.0,
                                          "bad_point_streak": 0,  # first passes failing on finite inputs in a row
-                                         "runtime_fallbacks": 0}  # layers moved to the fallback rule at a step
+                                         "runtime_fallbacks": 0,  # layers moved to the fallback rule at a step
+                                         "chunked_layers": 0}  # layers given per-chunk blocks at a step
         self.runtime_fallbacks: dict[str, str] = {}
+        self.runtime_chunked: list[str] = []
         self.recovery, self.strict = make_recovery(recovery), bool(strict)
         self._rollback_point: dict[str, Any] | None = None
         self._batch_inputs: list[tuple[tuple, dict]] = []
@@ -672,7 +691,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 continue
             recipe, adapter, ctx = found[name]
             try:
-                block = _build_block(recipe, name, adapter, ctx)
+                block = _layer_block(recipe, name, adapter, ctx, self.data_parallel.active)
                 if (block.needs_a or block.needs_g or block.needs_second_pass) and not getattr(adapter, "has_rows", True):
                     raise UnsupportedLayerError(f"{block.describe()} needs captured rows, which "
                                                 f"{type(adapter).__name__} has none of (use a diagonal block)")
@@ -682,7 +701,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                               f"falls back ({err})")
                 continue
             slots[name] = LayerSlot(name, module, adapter, block,
-                                    shared=tuple((n, found[n][1]) for n in members[1:]))
+                                    shared=tuple((n, found[n][1]) for n in members[1:]), recipe=recipe, ctx=ctx)
         return slots, fallback
 
     @staticmethod
@@ -715,18 +734,51 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return f"tied weights shared between {members}, which blocks maps to different recipes"
         return None
 
-    def _apply_runtime_fallbacks(self, names: Mapping[str, str] | None = None) -> None:
-        """Move layers whose adapter found, from how the model called it, that its rows cannot be
-        captured (``adapter.runtime_fallback``, e.g. ``nn.MultiheadAttention`` used for
-        cross-attention) to the fallback rule, or the layers ``names`` (name -> reason, from a
-        checkpoint). Deterministic and permanent: the block, its capture hooks and its momentum
-        matrix are dropped, ``describe()`` lists the layer with the reason, ``counters["runtime_fallbacks"]``
-        counts the layers moved, and ``state_dict()`` keeps the list so a reloaded optimizer does the same.
-        Called by :meth:`step` before the step mutates anything (validate, then mutate).
+    def _chunked_block(self, slot: LayerSlot) -> CurvatureBlock:
+        """The block-diagonal block over the adapter's chunks, each built by the slot's recipe
+        (raises UnsupportedLayerError when the recipe rejects a chunk or under data-parallel training)."""
+        if self.data_parallel.active:
+            raise UnsupportedLayerError("per-chunk blocks have no data-parallel reduction")
+        chunks, rows = slot.adapter.chunk_adapters(), slot.adapter.chunk_rows()
+        return ChunkedBlock(slot.name, slot.adapter, {
+            c: (rows[c], _build_block(slot.recipe, f"{slot.name}[{c}]", a, slot.ctx)) for c, a in chunks.items()})
+
+    def _apply_runtime_fallbacks(self, names: Mapping[str, str] | None = None,
+                                 chunked: Iterable[str] | None = None) -> None:
+        """Adapt layers to how the model calls them, before a step mutates anything (validate, then mutate).
+
+        * A layer whose adapter found that its weight is applied in row chunks to different inputs
+          (``adapter.modes == {"cross"}``: ``nn.MultiheadAttention`` used for cross-attention) gets a
+          :class:`~curvature.chunked.ChunkedBlock`: one block per q/k/v chunk built by the layer's recipe
+          (``counters["chunked_layers"]``, ``describe()`` says "per chunk").
+        * A layer whose adapter found that its rows cannot be captured (``adapter.runtime_fallback``,
+          e.g. an attention called both as self- and cross-attention), or whose recipe rejects the
+          chunks, moves to the fallback rule: its block, capture hooks and momentum matrix are dropped,
+          ``describe()`` lists it with the reason, ``counters["runtime_fallbacks"]`` counts it.
+
+        Deterministic and permanent; ``state_dict()`` keeps both lists (``names``: name -> reason and
+        ``chunked``, from a checkpoint) so that a reloaded optimizer does the same.
         """
-        if names is None:
-            names = {n: s.adapter.runtime_fallback for n, s in self.slots.items()
-                     if getattr(s.adapter, "runtime_fallback", None) and _captured(s.block)}
+        if chunked is None:
+            chunked = [n for n, s in self.slots.items() if getattr(s.adapter, "modes", None) == {"cross"}
+                       and _captured(s.block) and not isinstance(s.block, ChunkedBlock)]
+        names = dict(names) if names is not None else {}
+        for name in chunked:
+            slot = self.slots.get(name)
+            if slot is None or isinstance(slot.block, ChunkedBlock):
+                continue
+            try:
+                slot.block = self._chunked_block(slot)
+            except UnsupportedLayerError as err:
+                names.setdefault(name, f"cross-attention: the packed q/k/v projection is applied in chunks to "
+                                       f"different inputs, and the per-chunk blocks are not available ({err})")
+                continue
+            self.runtime_chunked.append(name)
+            self.counters["chunked_layers"] = self.counters.get("chunked_layers", 0) + 1
+        for n, s in self.slots.items():
+            reason = getattr(s.adapter, "runtime_fallback", None)
+            if reason and _captured(s.block):
+                names.setdefault(n, reason)
         moved = [n for n in names if n in self.slots]
         if not moved:
             return
@@ -745,6 +797,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if self._rollback_point is not None:
                 self._rollback_point["state"].get(slot.weight, {}).pop("momentum_matrix", None)
             self.runtime_fallbacks[name] = names[name]
+            if name in self.runtime_chunked:
+                self.runtime_chunked.remove(name)
         self.counters["runtime_fallbacks"] = self.counters.get("runtime_fallbacks", 0) + len(moved)
         self.data_parallel.assign(self.slots)
 
@@ -834,8 +888,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 others = [q for q in adapter.parameters() if id(q) not in ids]
                 if others:
                     raise ValueError(f"layer {name!r}: put its weight and bias in the same new group to give it a block")
-                new_slots.append(LayerSlot(name, module, adapter, _build_block(recipe, name, adapter,
-                                 RecipeContext(p.dtype, p.device, float(group["damping"])))))
+                new_slots.append(LayerSlot(name, module, adapter, _layer_block(
+                    recipe, name, adapter, RecipeContext(p.dtype, p.device, float(group["damping"])),
+                    self.data_parallel.active)))
                 continue
             if (recipe is not None and module is not None and p is getattr(module, "bias", None)
                     and id(getattr(module, "weight", None)) in ids and adapter_for(module) is not None):
@@ -915,7 +970,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return k % self.curvature_update_freq == 0
 
     def _inverse_due(self, k: int) -> bool:
-        return k % self.inverse_update_freq == 0 or k <= self.inverse_warmup_steps
+        return (k % self.inverse_update_freq == 0 or k <= self.inverse_warmup_steps
+                or any(getattr(s.block, "first_inverse_due", False) for s in self.slots.values()))
 
     def _configure_capture(self, k: int) -> None:
         blocks = [s.block for s in self.slots.values()]
@@ -1477,6 +1533,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "recovery": self.recovery.state_dict(),
             "inversion_recovered": self.inversion_stats.recovered,
             "runtime_fallbacks": dict(self.runtime_fallbacks),
+            "runtime_chunked": list(self.runtime_chunked),
         }
         return state
 
@@ -1491,8 +1548,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         extra = state_dict.pop("secondorder", None)
         if extra is None:
             raise ValueError("not a secondorder optimizer state_dict (missing the 'secondorder' entry)")
-        self._validate_checkpoint(extra, state_dict)
-        self._apply_runtime_fallbacks(extra.get("runtime_fallbacks") or {})  # as the saved optimizer did
+        pending: dict[str, CurvatureBlock] = {}  # per-chunk blocks the saved optimizer had switched to
+        for name in extra.get("runtime_chunked") or []:
+            slot = self.slots.get(name)
+            if slot is not None and not isinstance(slot.block, ChunkedBlock):
+                try:
+                    pending[name] = self._chunked_block(slot)
+                except UnsupportedLayerError as err:
+                    raise ValueError(f"layer {name!r}: the checkpoint holds per-chunk blocks, which this optimizer "
+                                     f"cannot build ({err})") from None
+        self._validate_checkpoint(extra, state_dict, pending)
+        for name, block in pending.items():  # as the saved optimizer did
+            self.slots[name].block = block
+            self.runtime_chunked.append(name)
+        self._apply_runtime_fallbacks(extra.get("runtime_fallbacks") or {}, chunked=())
         super().load_state_dict(state_dict)
         self.steps = int(extra["steps"])
         self.counters = {**extra["counters"], "skip_reasons": dict(extra["counters"]["skip_reasons"])}
@@ -1505,7 +1574,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.inversion_stats.recovered = int(extra.get("inversion_recovered", 0))
         self._configure_capture(self.steps)
 
-    def _validate_checkpoint(self, extra: Mapping[str, Any], torch_state: Mapping[str, Any]) -> None:
+    def _validate_checkpoint(self, extra: Mapping[str, Any], torch_state: Mapping[str, Any],
+                             pending: Mapping[str, CurvatureBlock] = {}) -> None:
         saved = extra.get("blocks", {})
         moved = extra.get("runtime_fallbacks") or {}  # layers the saved optimizer moved to the fallback rule
         slots = {n: s for n, s in self.slots.items() if n not in moved}
@@ -1517,12 +1587,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         kinds = extra.get("kinds") or {}
         for name, slot in slots.items():
-            if name in kinds and kinds[name] != slot.block.describe():
+            block = pending.get(name, slot.block)
+            if name in kinds and kinds[name] != block.describe():
                 raise ValueError(
                     f"layer {name!r}: the checkpoint holds a {kinds[name]} block but this optimizer has "
-                    f"{slot.block.describe()}; load it into the same kind of optimizer"
+                    f"{block.describe()}; load it into the same kind of optimizer"
                 )
-            _compare_state(saved[name], slot.block.state_dict(), f"layer {name!r}: block state")
+            _compare_state(saved[name], block.state_dict(), f"layer {name!r}: block state")
         groups = torch_state.get("param_groups", [])
         if len(groups) != len(self.param_groups) or any(
                 len(g["params"]) != len(h["params"]) for g, h in zip(groups, self.param_groups)):

@@ -113,6 +113,10 @@ def reset_secant_memory(blocks: Iterable[Any]) -> int:
 
     n = 0
     for block in blocks:
+        parts = getattr(block, "parts", None)  # a ChunkedBlock: its chunks' blocks
+        if isinstance(parts, dict):
+            n += reset_secant_memory(b for _, b in parts.values())
+            continue
         for side in ("a_factor", "g_factor"):
             factor = getattr(block, side, None)
             if isinstance(factor, SecantFactor):

@@ -15,11 +15,14 @@ adam        ε = 1e-4, β1 = momentum = 0.9, β2 = 0.9, second moment of the bia
 rmsprop     ε = 1e-4, β2 = 0.9, momentum 0.9 in the numerator, second moment warm-started
 sgdm        momentum 0.9 (EMA form)
 hf          Hessian-free (Martens 2010): lr 1 with Armijo line search, λ0 = 1 adapted by the 2/3-3/2 rule,
-            at most ``max_cg_iters`` = 20 CG iterations (the paper: 250; capped for CPU cost), ζ = 0.95
+            at most ``max_cg_iters`` = 20 CG iterations (the paper: 250; capped for CPU cost), ζ = 0.95,
+            ``preconditioner`` = null (plain CG; "martens": Martens's diagonal preconditioner)
 sfn         saddle-free Newton (Dauphin et al. 2014): lr 1, ``k`` = 10 Lanczos vectors, λ0 = 1e-2
             searched over λ·(0.1, 1, 10) by the batch loss, relative eigenvalue floor 1e-3
 lm          Levenberg–Marquardt with the GGN: lr 1, λ0 = 1e-3 (÷3 on success, ×2 on failure),
-            ``max_cg_iters`` = 20, adaptive momentum off, uphill acceptance off
+            ``max_cg_iters`` = 20, adaptive momentum off, uphill acceptance off, ``damping_matrix`` =
+            "identity" ("max_diagonal": λ·max_k diag(JᵀJ) with ``diagonal_samples`` = 1 Monte-Carlo
+            vector per example, the 784 outputs make the exact diagonal too costly)
 ==========  ===========================================================================================
 
 The three matrix-free methods use no EMA momentum (``momentum`` must stay 0); their L2 τ = 1e-5 is
@@ -335,16 +338,19 @@ class HessianFreeSettings(_MatrixFreeSettings):
     damping: float = 1.0
     max_cg_iters: int = 20
     cg_decay: float = 0.95
+    preconditioner: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.damping > 0, "damping", "> 0", self.damping)
         _check(self.max_cg_iters >= 1, "max_cg_iters", ">= 1", self.max_cg_iters)
         _check(0 <= self.cg_decay <= 1, "cg_decay", "in [0, 1]", self.cg_decay)
+        _check(self.preconditioner in (None, "martens"), "preconditioner", "null or 'martens'", self.preconditioner)
 
     def build(self, model: nn.Module, ctx: BuildContext) -> torch.optim.Optimizer:
         return HessianFree(model, ctx.loss_fn, lr=self.lr, damping=self.damping, max_cg_iters=self.max_cg_iters,
-                           cg_decay=self.cg_decay, weight_decay=self.weight_decay, targets_are_inputs=True)
+                           cg_decay=self.cg_decay, weight_decay=self.weight_decay, targets_are_inputs=True,
+                           preconditioner=self.preconditioner)
 
 
 @dataclass(frozen=True)
@@ -381,16 +387,23 @@ class LevenbergMarquardtSettings(_MatrixFreeSettings):
     max_cg_iters: int = 20
     adaptive_momentum: bool = False
     uphill: bool = False
+    damping_matrix: str = "identity"
+    diagonal_samples: int | None = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.damping > 0, "damping", "> 0", self.damping)
         _check(self.max_cg_iters >= 1, "max_cg_iters", ">= 1", self.max_cg_iters)
+        _check(self.damping_matrix in ("identity", "max_diagonal"), "damping_matrix", "'identity' or 'max_diagonal'",
+               self.damping_matrix)
+        _check(self.diagonal_samples is None or self.diagonal_samples >= 1, "diagonal_samples", "null or >= 1",
+               self.diagonal_samples)
 
     def build(self, model: nn.Module, ctx: BuildContext) -> torch.optim.Optimizer:
         return LevenbergMarquardt(model, ctx.loss_fn, lr=self.lr, damping=self.damping,
                                   max_cg_iters=self.max_cg_iters, momentum=self.adaptive_momentum,
-                                  uphill=self.uphill, weight_decay=self.weight_decay, targets_are_inputs=True)
+                                  uphill=self.uphill, weight_decay=self.weight_decay, targets_are_inputs=True,
+                                  damping_matrix=self.damping_matrix, diagonal_samples=self.diagonal_samples)
 
 
 #: name -> settings class, in the paper's order.

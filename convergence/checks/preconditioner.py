@@ -207,7 +207,7 @@ def check_applied_operator(records: Any) -> CheckResult:
                               "blocks have no to_dense)")
     bad = [(s, n, a) for s, n, a in rows if not a["mismatch"] <= a["tolerance"]]
     worst = max(a["mismatch"] for _, _, a in rows)
-    evidence = {"probed": len(rows), "mismatched": len(bad), "worst": worst,
+    evidence = {"probed": len(rows), "probed_steps": sorted({s for s, _, _ in rows}), "mismatched": len(bad), "worst": worst,
                 "tolerance": max(a["tolerance"] for _, _, a in rows),
                 "mismatches": [{"step": s, "layer": n, "mismatch": a["mismatch"], "tolerance": a["tolerance"]}
                                for s, n, a in bad[:50]],

@@ -472,3 +472,20 @@ def test_matrix_free_optimizers_train_on_the_device(tmp_path, micro_data, device
     assert build_config().optimizers == ALL  # the matrix-free methods are opt-in
     with pytest.raises(ValueError, match="momentum"):
         make_settings("hf", {"momentum": 0.9})
+
+
+def test_matrix_free_options_are_settings(device):
+    """hf.preconditioner and lm.damping_matrix / lm.diagonal_samples reach the optimizers; bad values are rejected."""
+    cfg = build_config(config_file={**MICRO, "optimizers": ["hf", "lm"], "device": device.type},
+                       sets=["hf.preconditioner=martens", "lm.damping_matrix=max_diagonal", "lm.diagonal_samples=null"])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4)).to(device)
+    ctx = BuildContext(likelihood="bernoulli", loss_fn=summed_bce_with_logits, seed=0)
+    hf = cfg.settings["hf"].build(model, ctx)
+    lm = cfg.settings["lm"].build(model, ctx)
+    assert hf.preconditioner == "martens"
+    assert lm.damping_matrix == "max_diagonal" and lm.diagonal_samples is None
+    with pytest.raises(ValueError, match="preconditioner"):
+        make_settings("hf", {"preconditioner": "jacobi"})
+    with pytest.raises(ValueError, match="damping_matrix"):
+        make_settings("lm", {"damping_matrix": "diag"})

@@ -9,7 +9,7 @@ Every planted violation changes one thing a real pipeline could get wrong; the t
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, Sampler, TensorDataset
 
 from convergence import problems
 from convergence.monitor import iid_loader, theory_mode_kwargs
@@ -270,3 +270,41 @@ def clipped_gradients():
 
     return {"model": model, "loss_fn": prob.loss_fn, "data": prob.dataset, "make_optimizer": _kfac_big(),
             "make_closure": make_closure, "lipschitz": prob.lipschitz, "batch_size": BATCH}
+
+
+# ------------------------------------------------------------------------------ E6.form / E7c
+def momentum_step():
+    """E6.form: K-BFGS(L) with heavy-ball momentum 0.9 left on (the library default outside theory mode): the
+    displacement is no longer -alpha H_k g_k."""
+    prob = _least_squares()
+    return {"model": prob.model, "loss_fn": prob.loss_fn, "data": prob.dataset,
+            "make_optimizer": lambda model: KBFGSL(model, lr=0.01, damping=0.3, momentum=0.9, weight_decay=0.0,
+                                                   lag_factors=True),
+            "lipschitz": prob.lipschitz, "batch_size": BATCH}
+
+
+def ragged_batches():
+    """E7c: the loader keeps the last, smaller batch of each pass (``drop_last=False`` over 40 draws with batch 16):
+    batch sizes 16, 16, 8, 16, 16, 8, ..."""
+    prob = _least_squares()
+
+    def make_loader(seed: int, batch_size: int, num_batches: int):
+        gen = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(prob.dataset, replacement=True, num_samples=40, generator=gen)
+        return DataLoader(prob.dataset, batch_size=batch_size, sampler=sampler, drop_last=False)
+
+    return {"model": prob.model, "loss_fn": prob.loss_fn, "data": prob.dataset, "make_optimizer": _kbfgsl(0.01),
+            "make_loader": make_loader, "lipschitz": prob.lipschitz, "batch_size": BATCH}
+
+
+def current_batch_only_preconditioner():
+    """E5c: KFAC whose factors are the current batch alone (factor_decay 0, no lag, small damping): H(xi) and g(xi)
+    are strongly correlated, so E[H g] - E[H] grad f is large enough to detect with R batches."""
+    prob = _least_squares()
+
+    def make(model):
+        return KFAC(model, lr=0.02, damping=0.01, momentum=0.0, weight_decay=0.0, lag_factors=False,
+                    factor_decay=0.0, inverse_update_freq=1, inverse_warmup_steps=0)
+
+    return {"model": prob.model, "loss_fn": prob.loss_fn, "data": prob.dataset, "make_optimizer": make,
+            "batch_size": 8}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -82,6 +83,17 @@ def test_hessian_norm_lanczos_matches_dense_oracle(device):
     x, y = prob.full_batch
     exact = float(torch.linalg.eigvalsh(prob.hessian()).abs().max())
     assert hessian_norm(prob.model, prob.loss_fn, x, y, tol=1e-10) == pytest.approx(exact, rel=1e-7)
+    # ARPACK (scipy, CPU), the previous implementation, as a second oracle of the device Lanczos
+    from scipy.sparse.linalg import eigsh
+
+    from convergence.hessian import HessianOperator
+
+    lin = HessianOperator(prob.model, prob.loss_fn, x, y).to_scipy()
+    arpack = float(np.abs(eigsh(lin, k=1, which="LM", tol=1e-10, v0=np.ones(lin.shape[0]),
+                                return_eigenvectors=False)).max())
+    assert hessian_norm(prob.model, prob.loss_fn, x, y) == pytest.approx(arpack, rel=1e-6)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        hessian_norm(prob.model, prob.loss_fn, x, y, tol=0.0, max_steps=3)
     lower = hessian_norm_lower_bound(prob.model, prob.loss_fn, x, y, num_steps=8)
     assert lower <= exact * (1 + 1e-10)
     assert lower >= 0.5 * exact

@@ -165,18 +165,22 @@ def test_missing_mnist_is_a_clear_error(tmp_path, capsys):
 
 def test_mnist_test_split_run(mnist_path, tmp_path, capsys):
     out = tmp_path / "mnist"
+    # 12 steps (E2 needs >= 10), E4's probes of the 7850-dim applied operator at steps 0, 4, 8
     rc = cli.main(["check", "--optimizer", "kbfgsl", "--problem", "mnist", "--data-dir", str(mnist_path),
-                   "--mnist-examples", "500", "--steps", "24", "--batch-size", "32", "--checks", "E1,E2,E4,E7",
-                   "--out", str(out), *SMALL])
+                   "--mnist-examples", "500", "--steps", "12", "--batch-size", "32", "--checks", "E1,E2,E4,E7",
+                   "--probe-every", "4", "--out", str(out), *SMALL])
     capsys.readouterr()
     data = _load(out / "report.json")
     assert rc == data["meta"]["exit_status"] and rc in (0, 1)
     assert data["meta"]["num_examples"] == 500 and data["meta"]["num_parameters"] == 785 * 10
     ids = [c["check"] for c in data["checks"]]
-    assert ids[:3] == ["E0", "E1", "E2"] and "E4" in ids and "E7d@23" in ids
+    assert ids[:3] == ["E0", "E1", "E2"] and "E4" in ids and "E7d@11" in ids
     e1 = next(c for c in data["checks"] if c["check"] == "E1")
     assert e1["verdict"] == "PASS"  # softmax regression is smooth
     assert e1["evidence"]["L_H"] <= data["meta"]["lipschitz_declared"] * (1 + 1e-9)
     e4 = next(c for c in data["checks"] if c["check"] == "E4")
     assert e4["verdict"] == "PASS"
+    apply = next(c for c in data["checks"] if c["check"] == "E4.apply")
+    assert apply["verdict"] == "PASS"
+    assert apply["evidence"]["probed_steps"] == [0, 4, 8], apply["evidence"].keys()
     _assert_pngs(out)

@@ -160,6 +160,32 @@ def test_kfac_refreshes_record_the_damping_they_used(device):
         assert a.lmax <= 1 / 0.3 * (1 + (1e-9 if prob.inputs.dtype == torch.float64 else 1e-4))
 
 
+def test_kfac_refresh_after_an_inversion_failure_records_the_boosted_damping(device):
+    """After a failed inversion the factor inverts with damping x10 (then relaxes by 1/2 per refresh): the monitor
+    records the damping of the inverse actually applied (factor.inverse_damping), so E4's damped-inverse interval
+    [1/(lambda_max(F) + lambda), 1/lambda] is the right one. With the policy's 0.3 it was a false FAIL."""
+    from convergence.checks.preconditioner import check_preconditioner
+
+    prob = problems.least_squares(n=64, d=3, outputs=2, dtype=_dtype(device), device=device)
+    opt = KFAC(prob.model, lr=0.1, damping=0.09, inverse_update_freq=3, inverse_warmup_steps=0, **theory_mode_kwargs())
+    a_factor = opt.blocks[""].a_factor
+    a_factor.damping_boost = a_factor.BOOST  # the state a failed inversion leaves behind
+    mon = TrainingMonitor(opt)
+    make = prob.make_closure(opt)
+    for b in _batches(prob, 7):
+        opt.step(make(b))
+    used = {0: 0.3 * 10, 3: 0.3 * 5, 6: 0.3 * 2.5}  # boost 10, relaxed by RELAX = 1/2 after each refresh
+    tol = 1e-9 if prob.inputs.dtype == torch.float64 else 1e-4
+    for rec in mon.records:
+        a = rec.layers[""].a
+        assert a.inverse_damping == pytest.approx(used[a.inverse_step])
+        # independent oracle: the inverse's spectrum lies in [1/(lambda_max(F) + used), 1/used]
+        assert a.lmax <= 1 / used[a.inverse_step] * (1 + tol)
+        assert a.lmin >= 1 / (a.inverse_stat_lmax + used[a.inverse_step]) * (1 - tol)
+        assert rec.layers[""].g.inverse_damping == pytest.approx(0.3)
+    assert check_preconditioner(mon).verdict.value == "PASS"
+
+
 def test_operator_snapshot_applies_what_the_block_applies(device):
     dtype = _dtype(device)
     prob = problems.tanh_mlp(n=64, dtype=dtype, device=device)

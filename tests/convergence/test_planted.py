@@ -104,7 +104,8 @@ def test_e4_without_a_preconditioner_is_not_applicable(tmp_path, capsys):
     rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:adam", "--steps", "6", "--checks", "E4,E5,E7")
     for check in ("E4", "E4.apply", "E7a"):
         assert checks[check]["verdict"] == "NOT_APPLICABLE", check
-    assert set(_verdicts(checks, "E5a")) == {"NOT_APPLICABLE"}
+    for prefix in ("E5a", "E5b", "E5c"):
+        assert set(_verdicts(checks, prefix)) == {"NOT_APPLICABLE"}, prefix
     assert "no curvature blocks" in checks["E4"]["evidence"]["not_applicable"]
 
 
@@ -116,6 +117,17 @@ def test_e5_current_batch_preconditioner_fails_and_its_bias_is_sized(tmp_path, c
     assert _verdicts(checks, "E5a") == ["FAIL"] and _verdicts(checks, "E5b") == ["FAIL"]
     e5c = next(c for k, c in checks.items() if k.startswith("E5c"))
     assert e5c["verdict"] in ("PASS", "FAIL") and e5c["evidence"]["relative_bias"] >= 0
+
+
+def test_e5c_sizes_a_detectable_bias_of_a_current_batch_only_preconditioner(tmp_path, capsys):
+    """Factors from the current batch alone (factor_decay 0, small damping): E[H g] - E[H] grad f is ~0.7 of
+    |E[H] grad f|, and its bootstrap lower bound is above 0 with R = 24 batches (FAST's --descent-batches)."""
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:current_batch_only_preconditioner",
+                         "--steps", "3", "--checks", "E5")
+    e5c = next(c for k, c in checks.items() if k.startswith("E5c"))
+    assert rc == 1 and e5c["verdict"] == "FAIL", e5c["notes"]
+    assert e5c["evidence"]["R"] == 24
+    assert e5c["evidence"]["bias_norm_sq_ci"][0] > 0 and e5c["evidence"]["relative_bias"] > 0.3
 
 
 def test_e5c_is_not_applicable_when_e5a_passes(tmp_path, capsys):
@@ -132,12 +144,45 @@ def test_e6_rising_loss_fails(tmp_path, capsys):
     assert e6["verdict"] == "FAIL" and e6["evidence"]["delta_mean"] > 0 > e6["evidence"]["rhs_l0"]
 
 
+def test_e6_with_a_nonnegative_right_hand_side_is_not_applicable(tmp_path, capsys):
+    """K-BFGS(L) on the MLP at the CLI's lr 0.2, near its noise floor at step 39: the L0 right-hand side is >= 0,
+    so the lemma promises no descent there (it used to print PASS)."""
+    rc, checks, _ = _run(tmp_path, capsys, "--optimizer", "kbfgsl", "--problem", "mlp", "--steps", "40",
+                         "--checks", "E6")
+    e6 = checks["E6@39"]
+    assert e6["verdict"] == "NOT_APPLICABLE" and e6["evidence"]["rhs_l0"] >= 0
+    assert "promises no descent" in e6["evidence"]["not_applicable"]
+
+
+def test_e6_form_without_a_preconditioner_is_not_applicable(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:adam", "--steps", "6", "--checks", "E6")
+    form = next(c for k, c in checks.items() if k.startswith("E6.form"))
+    assert form["verdict"] == "NOT_APPLICABLE" and "no curvature blocks" in form["evidence"]["not_applicable"]
+
+
+def test_e6_form_momentum_fails(tmp_path, capsys):
+    """Heavy-ball momentum left on: the displacement read off the parameters is not -alpha H_k g_k."""
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:momentum_step", "--steps", "6",
+                         "--checks", "E6")
+    form = next(c for k, c in checks.items() if k.startswith("E6.form"))
+    assert rc == 1 and form["verdict"] == "FAIL", form["notes"]
+    assert any("momentum" in n for n in form["notes"])
+
+
 # ============================================================================================ E7
 def test_e7_too_large_step_fails_and_constant_step_schedule_is_not_applicable(tmp_path, capsys):
     rc, checks, _ = _run(tmp_path, capsys, "--optimizer", "kbfgsl", "--problem", "least-squares", "--lr", "0.5",
                          "--steps", "6", "--checks", "E7")
     assert rc == 1 and checks["E7a"]["verdict"] == "FAIL" and checks["E7a"]["statistic"] > 1
     assert checks["E7b"]["verdict"] == "NOT_APPLICABLE" and "constant step" in checks["E7b"]["evidence"]["not_applicable"]
+
+
+def test_e7c_ragged_batches_fail_and_one_step_is_not_applicable(tmp_path, capsys):
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:ragged_batches", "--steps", "6",
+                         "--checks", "E7")
+    assert rc == 1 and checks["E7c"]["verdict"] == "FAIL" and checks["E7c"]["evidence"]["batch_sizes"] == [8, 16]
+    rc, checks, _ = _run(tmp_path, capsys, "--problem", "planted_problems:honest", "--steps", "1", "--checks", "E7")
+    assert checks["E7c"]["verdict"] == "NOT_APPLICABLE" and "fewer than 2 steps" in checks["E7c"]["evidence"]["not_applicable"]
 
 
 def test_e7b_schedule_outside_the_theorem_fails(tmp_path, capsys):

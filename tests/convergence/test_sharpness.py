@@ -177,6 +177,34 @@ def test_p25_preconditioned_gd_threshold(device, factor, stable):
     assert abs(sharpness(lambda v: a @ v, n, device=device) - lam_pa) > 0.1 * lam_pa
 
 
+def test_preconditioned_lanczos_reads_the_device_rarely_with_the_same_ritz_values(device):
+    """check_every only changes how often the device is read: the same Ritz values, also across a breakdown
+    (H with 3 distinct eigenvalues and P = 2I: the P-Krylov space is invariant after 3 steps)."""
+    n = 24
+    h = prescribed(torch.linspace(0.1, 5.0, n), seed=10).to(device)
+    p = spd(n, 2.0, seed=11).to(device)
+    ref = preconditioned_lanczos(lambda v: h @ v, lambda v: p @ v, n, 15, device=device, check_every=1)
+    for k in (4, 15):
+        got = preconditioned_lanczos(lambda v: h @ v, lambda v: p @ v, n, 15, device=device, check_every=k)
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    h3 = prescribed(torch.tensor([1.0] * 8 + [2.0] * 8 + [3.0] * 8), seed=12).to(device)
+    two = lambda v: 2.0 * v  # noqa: E731
+    for k in (1, 10):
+        ritz = preconditioned_lanczos(lambda v: h3 @ v, two, n, 12, device=device, check_every=k)
+        assert ritz.shape == (3,), k
+        torch.testing.assert_close(ritz.cpu(), torch.tensor([2.0, 4.0, 6.0], dtype=ritz.dtype), rtol=0, atol=1e-10)
+
+
+def test_sharpness_against_arpack(device):
+    """The device Lanczos of sharpness against ARPACK (scipy eigsh 'LA' on the CPU), the previous implementation."""
+    from scipy.sparse.linalg import eigsh
+
+    n = 200
+    h = prescribed(torch.cat([torch.tensor([4.0, 3.9]), torch.linspace(-3.0, 1.0, n - 2)]), seed=13).to(device)
+    oracle = float(eigsh(h.cpu().numpy(), k=1, which="LA", tol=1e-12, return_eigenvectors=False)[0])
+    assert sharpness(lambda v: h @ v, n, seed=0, device=device) == pytest.approx(oracle, rel=1e-9)
+
+
 def test_stability_helpers_validate():
     assert edge_of_stability_ratio(0.1, 20.0) == pytest.approx(1.0)
     assert not gd_is_stable(0.1, 20.0)  # equality is not stable (|1 - lr λ| = 1)

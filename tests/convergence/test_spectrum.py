@@ -11,7 +11,7 @@ from scipy import stats
 from torch import nn
 
 from convergence.hessian import GGNOperator, HessianOperator
-from convergence.spectrum import extreme_eigenvalues, hutchinson_trace, lanczos, slq_density
+from convergence.spectrum import extreme_eigenvalues, hutchinson_trace, lanczos, lanczos_extremes, slq_density
 
 F64 = torch.float64
 
@@ -144,6 +144,98 @@ def test_lanczos_breakdown_gives_exact_eigenvalues(device):
     assert res.breakdown and res.num_steps == 3
     ritz, _ = res.ritz()
     torch.testing.assert_close(ritz.cpu(), torch.tensor([-1.5, 0.5, 4.0], dtype=F64), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("check_every", [1, 3, 7, None])
+def test_lanczos_reads_the_device_rarely_with_the_same_result(device, check_every):
+    """Reading the breakdown test every k steps (or only at the end) gives the result of reading it after every
+    step: the same tridiagonal, basis and residual; steps run past a breakdown are discarded."""
+    n = 30
+    for lam, steps in ((torch.tensor([-1.5] * 10 + [0.5] * 12 + [4.0] * 8, dtype=F64), 20),  # breakdown at 3
+                       (torch.linspace(-2.0, 3.0, n, dtype=F64), 12)):  # no breakdown
+        a = prescribed(lam, device, seed=6)
+        calls = []
+
+        def counted(v):
+            calls.append(1)
+            return a @ v
+
+        ref = lanczos(mv(a), n, steps, seed=1, device=device, check_every=1)
+        res = lanczos(counted, n, steps, seed=1, device=device, check_every=check_every)
+        assert res.num_steps == ref.num_steps and res.breakdown == ref.breakdown
+        torch.testing.assert_close(res.alphas, ref.alphas, rtol=0, atol=0)
+        torch.testing.assert_close(res.betas, ref.betas, rtol=0, atol=0)
+        torch.testing.assert_close(res.basis, ref.basis, rtol=0, atol=0)
+        assert res.residual_norm == ref.residual_norm
+        assert torch.isfinite(res.basis).all()
+        k = steps if check_every is None else check_every
+        assert ref.num_steps <= len(calls) <= max(ref.num_steps, min(steps, -(-ref.num_steps // k) * k))
+    with pytest.raises(ValueError, match="check_every"):
+        lanczos(mv(a), n, 5, check_every=0)
+
+
+def test_lanczos_zero_operator_breaks_down_without_nan(device):
+    """A w = 0 at the first step (A = 0): q_2 = w / max(beta, tiny) = 0, never NaN, and the step is discarded."""
+    n = 6
+    res = lanczos(lambda v: torch.zeros_like(v), n, 5, seed=0, device=device, check_every=None)
+    assert res.breakdown and res.num_steps == 1 and float(res.alphas[0]) == 0.0 and res.residual_norm == 0.0
+
+
+@pytest.mark.parametrize("which", ["both", "largest", "magnitude"])
+def test_lanczos_extremes_against_arpack_and_dense(device, which):
+    """The device Lanczos against two independent oracles: ARPACK (scipy eigsh, CPU) and eigvalsh of the matrix."""
+    from scipy.sparse.linalg import eigsh
+
+    n = 300
+    lam = torch.cat([torch.tensor([-7.0, 9.0, 8.5], dtype=F64), torch.linspace(-1.0, 1.0, n - 3, dtype=F64)])
+    a = prescribed(lam, device, seed=3)
+    res = lanczos_extremes(mv(a), n, which=which, tol=1e-8, seed=0)
+    dense = torch.linalg.eigvalsh(a.cpu())
+    a_np = a.cpu().numpy()
+    v0 = np.random.default_rng(0).standard_normal(n)
+    arpack = {w: float(eigsh(a_np, k=1, which=w, v0=v0, tol=1e-12, return_eigenvectors=False)[0])
+              for w in ("LA", "SA", "LM")}
+    assert res.converged and res.steps < n  # stopped by the residual bound, long before n
+    if which in ("both", "largest"):
+        assert res.lambda_max == pytest.approx(float(dense[-1]), rel=1e-10)
+        assert res.lambda_max == pytest.approx(arpack["LA"], rel=1e-10)
+        assert res.residual_max <= 1e-8 * abs(res.lambda_max)
+    if which == "both":
+        assert res.lambda_min == pytest.approx(float(dense[0]), rel=1e-10)
+        assert res.lambda_min == pytest.approx(arpack["SA"], rel=1e-10)
+    if which == "magnitude":
+        assert res.norm == pytest.approx(float(dense.abs().max()), rel=1e-10)
+        assert res.norm == pytest.approx(abs(arpack["LM"]), rel=1e-10)
+    # Ritz values are inner bounds even before convergence
+    early = lanczos_extremes(mv(a), n, which=which, tol=0.0, max_steps=4, seed=0)
+    assert not early.converged and early.steps == 4
+    assert float(dense[0]) - 1e-12 <= early.lambda_min <= early.lambda_max <= float(dense[-1]) + 1e-12
+    with pytest.raises(ValueError, match="which"):
+        lanczos_extremes(mv(a), n, which="LA")
+
+
+def test_lanczos_extremes_syncs_do_not_grow_with_the_steps(device):
+    """No host round trip per product: on CUDA the number of synchronizations (sync debug mode) is the same for
+    30 and 120 steps when the device is read only at the end (check_every >= steps)."""
+    if device.type != "cuda":
+        pytest.skip("synchronizations are only observable on CUDA")
+    import warnings
+
+    n = 400
+    a = prescribed(torch.linspace(-1.0, 2.0, n, dtype=F64), device, seed=4)
+    counts = []
+    for steps in (30, 120):
+        lanczos_extremes(mv(a), n, tol=0.0, max_steps=steps, check_every=steps, seed=0)  # warm-up
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                lanczos_extremes(mv(a), n, tol=0.0, max_steps=steps, check_every=steps, seed=0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+    assert counts[0] == counts[1] and counts[0] <= 8, counts
 
 
 def test_saddle_negative_curvature_found(device):

@@ -266,3 +266,28 @@ def test_violations_name_the_settings_outside_the_theory():
     assert any("momentum=True" in v for v in lm) and any("uphill=True" in v for v in lm)
     sfn = whole_model_violations(SaddleFreeNewton(p.model, p.loss_fn))
     assert any("not a quasi-Newton" in v for v in sfn)
+
+
+def test_preconditioned_cg_step_form_uses_the_preconditioned_bounds():
+    """With Martens's preconditioner the step-form bounds are those of M^-1/2 A M^-1/2 scaled by M^-1 (PASS)."""
+    p = _tiny()
+    report = _check(lambda m: HessianFree(m, p.loss_fn, cg_decay=0.0, preconditioner="martens"))
+    apply = report["E4.apply"]
+    assert apply.verdict is Verdict.PASS
+    probes = report.whole_model.probes()
+    assert probes and all(pr.step_form.get("preconditioned") for _, pr in probes)
+
+
+@pytest.mark.parametrize("optimizer", ["hf", "sfn"])
+def test_cli_rate_checks_run_for_matrix_free(tmp_path, capsys, optimizer):
+    """E8 runs as for any optimizer; E8p's gate uses E4's kappa for hf (lr 1 is outside it) and is NOT_APPLICABLE
+    with the saddle-free reason for sfn."""
+    status, rows, text = _run_cli(tmp_path, capsys, optimizer, "E8", "--steps", "6", "--rate-seeds", "2")
+    assert status == 0, text
+    assert rows["E8"]["verdict"] != "ERROR"
+    e8p = rows["E8p"]
+    assert e8p["verdict"] == "NOT_APPLICABLE"
+    if optimizer == "sfn":
+        assert e8p["notes"][0] == SFN_REASON
+    else:
+        assert "exceeds kappa_lo/(L_up kappa_hi^2)" in e8p["notes"][0]

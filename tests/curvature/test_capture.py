@@ -127,8 +127,8 @@ def test_conv2d_factors_match_explicit_patch_computation(device, stride, padding
 
 
 def test_conv2d_unsupported_configurations_raise():
-    with pytest.raises(UnsupportedLayerError, match="groups"):
-        Conv2dAdapter(nn.Conv2d(4, 4, 3, groups=2))
+    grouped = Conv2dAdapter(nn.Conv2d(4, 6, 3, groups=2))  # grouped: per-group blocks (test_grouped_conv.py)
+    assert (grouped.a_dim, grouped.g_dim, list(grouped.chunk_rows())) == (2 * 9 + 1, 6, ["g0", "g1"])
     with pytest.raises(UnsupportedLayerError, match="padding_mode"):
         Conv2dAdapter(nn.Conv2d(1, 1, 3, padding=1, padding_mode="reflect"))
     assert adapter_for(nn.PReLU()) is None

@@ -12,6 +12,7 @@ from torch import nn
 
 from benchmarks.transformer import TinyDecoder, modular_addition, next_token_loss
 from curvature.adapters import UnsupportedLayerError
+from curvature.chunked import ChunkedBlock
 from optimizers import KBFGS, KBFGSL, KFAC, CurvatureOptimizer
 from optimizers.recipes import diagonal_block, kbfgs_block, kbfgsl_block, kfac_block
 
@@ -154,60 +155,101 @@ def _closure(opt, model, x, m):
 
 @pytest.mark.parametrize("how", ["kv", "qkv"])
 @pytest.mark.parametrize("make", [KFAC, KBFGS], ids=["kfac", "kbfgs"])
-def test_cross_attention_in_proj_falls_back_automatically_like_exclude(make, how):
-    """The packed in_proj moves to the fallback rule at the first step that sees distinct q/k/v, before
-    the step mutates anything: every step equals that of an optimizer told to exclude the attention's
-    in_proj from the start; describe() gives the reason, counters count it, state_dict keeps it."""
+def test_cross_attention_in_proj_gets_per_chunk_blocks(make, how):
+    """At the first step that sees distinct q/k/v (before the step mutates anything) the packed in_proj
+    gets one block per q/k/v chunk (built by its recipe); describe() and counters say so, and a
+    reloaded optimizer continues bit-identically (it rebuilds the per-chunk blocks on load)."""
     torch.manual_seed(0)
     model = Cross(how).double()
+    x, m = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
+    opt = make(model, lr=0.1, damping=0.3, fallback="error")
+    assert "per chunk" not in opt.describe()
+    for _ in range(3):
+        opt.step(_closure(opt, model, x, m))
+    block = opt.blocks["attn"]
+    assert isinstance(block, ChunkedBlock) and set(block.parts) == {"q", "k", "v"}
+    assert all(b.kind == make.__name__.lower() for _, b in block.parts.values())
+    assert "per chunk (q, k, v)" in opt.describe() and not opt.fallback_modules
+    assert opt.counters["chunked_layers"] == 1 and opt.counters["runtime_fallbacks"] == 0
+    assert opt.counters["skipped_steps"] == 0 and opt.counters["reverted_steps"] == 0
+    if make is KFAC:
+        assert all(b.a_factor.updates == 3 for _, b in block.parts.values())
+
+    saved = copy.deepcopy(opt.state_dict())
+    model2 = copy.deepcopy(model)
+    opt2 = make(model2, lr=0.1, damping=0.3)
+    opt2.load_state_dict(saved)
+    assert opt2.describe() == opt.describe()
+    for _ in range(2):
+        opt.step(_closure(opt, model, x, m))
+        opt2.step(_closure(opt2, model2, x, m))
+    for p, q in zip(model.parameters(), model2.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+class SelfAndCross(nn.Module):
+    """One attention called both as self-attention and as cross-attention in one forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x, memory):
+        h = self.attn(x, x, x, need_weights=False)[0]
+        return self.attn(h, memory, memory, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("make", [KFAC, KBFGS], ids=["kfac", "kbfgs"])
+def test_attention_called_both_ways_falls_back_automatically_like_exclude(make):
+    """Such a layer's in_proj moves to the fallback rule at the first step, before the step mutates
+    anything: every step equals that of an optimizer told to exclude it from the start; describe()
+    gives the reason, counters count it, state_dict keeps it; fallback='error' raises before mutating."""
+    torch.manual_seed(0)
+    model = SelfAndCross().double()
     twin = copy.deepcopy(model)
     x, m = torch.randn(2, 3, 4, dtype=torch.float64), torch.randn(2, 5, 4, dtype=torch.float64)
     opt = make(model, lr=0.1, damping=0.3)
     ref = make(twin, lr=0.1, damping=0.3, exclude=["attn"])  # out_proj keeps its block in both
-    assert "attn" in opt.slots and "attn.out_proj" in opt.slots and "attn" not in ref.slots
-    for k in range(3):
+    assert "attn" in opt.slots and "attn" not in ref.slots
+    for _ in range(3):
         opt.step(_closure(opt, model, x, m))
         ref.step(_closure(ref, twin, x, m))
         for p, q in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert "attn" not in opt.slots and "attn.out_proj" in opt.slots
-    assert "cross-attention" in opt.fallback_reasons["attn"] and "cross-attention" in opt.describe()
+    assert "both as self-attention" in opt.fallback_reasons["attn"]
     assert opt.counters["runtime_fallbacks"] == 1 and opt.counters["skipped_steps"] == 0
     lines = opt.describe().splitlines()[1:]
     assert sum(int(line.split()[-1]) for line in lines) == sum(p.numel() for p in model.parameters())
 
-    # state_dict round trip: a fresh optimizer (that has not seen a call yet) switches on load
     saved = copy.deepcopy(opt.state_dict())
     model2 = copy.deepcopy(model)
     opt2 = make(model2, lr=0.1, damping=0.3)
-    assert "attn" in opt2.slots
     opt2.load_state_dict(saved)
     assert "attn" not in opt2.slots and opt2.describe() == opt.describe()
-    assert opt2.counters["runtime_fallbacks"] == 1
     opt.step(_closure(opt, model, x, m))
     opt2.step(_closure(opt2, model2, x, m))
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
+    model3 = SelfAndCross()
+    opt3 = make(model3, lr=0.1, fallback="error")
+    before = [p.detach().clone() for p in model3.parameters()]
+    with pytest.raises(UnsupportedLayerError, match="both as self-attention.*exclude"):
+        opt3.step(_closure(opt3, model3, x.float(), m.float()))
+    assert all(torch.equal(p, q) for p, q in zip(model3.parameters(), before))
+    assert not opt3.state and opt3.steps == 0
 
-def test_self_attention_keeps_its_packed_block_and_error_mode_raises_before_mutating():
+
+def test_self_attention_keeps_its_packed_block():
     torch.manual_seed(0)
     model = Cross("self")
     x = torch.randn(2, 3, 4)
     opt = KFAC(model, lr=0.1)
     for _ in range(2):
         opt.step(_closure(opt, model, x, None))
-    assert "attn" in opt.slots and opt.counters["runtime_fallbacks"] == 0
+    assert not isinstance(opt.blocks["attn"], ChunkedBlock) and opt.counters["chunked_layers"] == 0
     assert opt.blocks["attn"].a_factor.updates == 2
-
-    cross = Cross("kv")
-    m = torch.randn(2, 5, 4)
-    opt = KFAC(cross, lr=0.1, fallback="error")
-    before = [p.detach().clone() for p in cross.parameters()]
-    with pytest.raises(UnsupportedLayerError, match="cross-attention.*exclude"):
-        opt.step(_closure(opt, cross, x, m))
-    assert all(torch.equal(p, q) for p, q in zip(cross.parameters(), before))
-    assert not opt.state and opt.blocks["attn.out_proj"].a_factor.updates == 0 and opt.steps == 0
 
 
 class EncoderDecoder(nn.Module):
@@ -241,10 +283,10 @@ class EncoderDecoder(nn.Module):
         return self.head(self.ln(y))
 
 
-@pytest.mark.parametrize("kind", ["kfac", "kbfgs"])
+@pytest.mark.parametrize("kind", ["kfac", "kbfgs", "mixed"])
 def test_encoder_decoder_with_cross_attention_trains(kind):
     """Reverse a sequence: 100 steps, loss falling, no skipped steps, every parameter listed once;
-    the cross-attention's in_proj falls back (with the reason), every other layer keeps its block."""
+    the cross-attention's in_proj gets per-chunk blocks, every other layer its usual block."""
     torch.manual_seed(0)
     vocab, length = 5, 4
     src = torch.randint(0, vocab, (32, length), generator=torch.Generator().manual_seed(0))
@@ -255,9 +297,9 @@ def test_encoder_decoder_with_cross_attention_trains(kind):
     loss_fn = lambda: nn.functional.cross_entropy(model(src, tgt_in).reshape(-1, vocab), tgt.reshape(-1))  # noqa: E731
     losses = _train(model, opt, loss_fn, 100)
     table = _every_parameter_listed_once(opt, model)
-    assert list(opt.fallback_reasons) == ["cross"] and "cross-attention" in opt.fallback_reasons["cross"], table
-    assert {"cross.out_proj", "enc_attn", "dec_self"} <= set(opt.slots)
-    assert opt.counters["runtime_fallbacks"] == 1
+    assert not opt.fallback_modules and "per chunk (q, k, v)" in table, table
+    assert isinstance(opt.blocks["cross"], ChunkedBlock) and not isinstance(opt.blocks["dec_self"], ChunkedBlock)
+    assert opt.counters["chunked_layers"] == 1 and opt.counters["runtime_fallbacks"] == 0
     assert all(math.isfinite(v) for v in losses)
     assert opt.counters["skipped_steps"] == 0 and opt.counters["reverted_steps"] == 0
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10, (losses[:3], losses[-3:])

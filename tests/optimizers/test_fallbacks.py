@@ -70,11 +70,11 @@ def test_unusual_layers_fall_back_with_reasons_and_train(device, make):
         assert not torch.equal(p, before[n]), f"parameter {n} was not updated"
 
 
-def test_grouped_and_circular_convolutions_fall_back_and_error_mode_raises():
+def test_grouped_convolution_gets_per_group_blocks_and_circular_falls_back():
     model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2), nn.Conv1d(1, 1, 3, padding=1, padding_mode="circular"))
     rows = _rows(KFAC(model))
-    assert "groups=2" in rows["0"] and "circular" in rows["1"]
-    with pytest.raises(UnsupportedLayerError, match="groups"):
+    assert "per group (2 groups)" in rows["0"] and "circular" in rows["1"]
+    with pytest.raises(UnsupportedLayerError, match="circular"):
         KFAC(model, fallback="error")
 
 

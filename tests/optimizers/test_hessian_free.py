@@ -130,3 +130,48 @@ def test_backtracking_and_line_search_never_increase_the_batch_objective(device)
             assert info.loss_after < info.loss  # Armijo with a descent direction implies a decrease
             assert info.details["backtracked_to"] <= info.details["cg_iterations"]
     assert opt.counters["steps"] == 6
+
+
+# ------------------------------------------------------------------ Martens's diagonal preconditioner
+def _per_example_oracle(model, loss_fn, x, y):
+    """(1/N) sum_i g_i * g_i, one autograd backward per example."""
+    rows = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
+        rows.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()]))
+    model.zero_grad()
+    return torch.stack(rows).pow(2).mean(0)
+
+
+def test_martens_preconditioner_is_the_powered_damped_squared_gradient_diagonal(device):
+    model, loss_fn, x, y = _problem(device)
+    opt = HessianFree(model, loss_fn, damping=0.3, preconditioner="martens")
+    m = opt.martens_preconditioner(make_functional(model, loss_fn, x, y), 0.3)
+    torch.testing.assert_close(m, (_per_example_oracle(model, loss_fn, x, y) + 0.3) ** 0.75, rtol=1e-12, atol=1e-15)
+
+
+def test_preconditioned_cg_still_solves_the_damped_system_exactly(device):
+    model, loss_fn, x, y = _problem(device)
+    lam = 0.1
+    ggn, g = dense_ggn(model, loss_fn, x, y)
+    expected = -torch.linalg.solve(ggn + lam * torch.eye(ggn.shape[0], dtype=F64, device=device), g)
+    m_inv = ((_per_example_oracle(model, loss_fn, x, y) + lam) ** 0.75).reciprocal()
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    opt = HessianFree(model, loss_fn, lr=1.0, damping=Tikhonov(lam), max_cg_iters=200, progress_eps=None,
+                      cg_tol=1e-13, backtrack=False, line_search=False, preconditioner="martens")
+    seen = []
+    opt.register_step_hook(lambda info: seen.append(info.cg_preconditioner.clone()))
+    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(after - before, expected, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(seen[0], m_inv, rtol=1e-12, atol=0.0)
+    assert opt.last_step.details["per_example_gradients"] == x.shape[0]
+
+
+def test_preconditioner_settings_are_validated():
+    model = nn.Linear(2, 2).double()
+    with pytest.raises(ValueError, match="preconditioner must be"):
+        HessianFree(model, F.mse_loss, preconditioner="jacobi")
+    with pytest.raises(ValueError, match="preconditioner_exponent"):
+        HessianFree(model, F.mse_loss, preconditioner="martens", preconditioner_exponent=0.0)

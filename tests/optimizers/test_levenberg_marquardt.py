@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -205,3 +206,111 @@ def test_uphill_steps_are_recorded_and_obey_the_rule(device):
             assert info.details.get("uphill") is True
         if info.accepted:
             assert info.loss_after < info.loss or info.details.get("uphill") is True
+
+
+# ------------------------------------------------------------------ maximum-diagonal damping
+def _jtj_diagonal(model, x):
+    """Oracle: diag(J^T J)/N from the dense Jacobian of the flattened outputs (N*O x n)."""
+    names = [n for n, _ in model.named_parameters()]
+    params = tuple(p.detach() for p in model.parameters())
+
+    def out(*ps):
+        return functional_call(model, dict(zip(names, ps)), (x,)).reshape(-1)
+
+    jac = torch.func.jacrev(out, argnums=tuple(range(len(params))))(*params)
+    j = torch.cat([t.reshape(t.shape[0], -1) for t in jac], dim=1)
+    return torch.diagonal(j.T @ j) / x.shape[0], j
+
+
+def _mse_mean(out, y):
+    return 0.5 * ((out - y) ** 2).sum(1).mean()
+
+
+def _step(opt, model, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = _mse_mean(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure, targets=y)
+
+
+def test_max_diagonal_damping_is_the_running_max_of_the_dense_jtj_diagonal(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).to(device=device, dtype=F64)
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(10, 2, generator=gen, dtype=F64).to(device),
+                torch.randn(10, 2, generator=gen, dtype=F64).to(device)) for _ in range(3)]
+    opt = LevenbergMarquardt(model, _mse_mean, damping=0.5, damping_matrix="max_diagonal", diagonal_floor=0.0)
+    running = None
+    for x, y in batches:
+        diag, _ = _jtj_diagonal(model, x)
+        running = diag if running is None else torch.maximum(running, diag)
+        _step(opt, model, x, y)
+        torch.testing.assert_close(opt._get_vector("max_diagonal"), running, rtol=1e-12, atol=1e-15)
+    # the max genuinely moved between steps for some coordinates (the test can tell a max from a last value)
+    assert not torch.allclose(running, diag)
+
+
+def test_max_diagonal_step_solves_with_lambda_d(device):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).to(device=device, dtype=F64)
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(10, 2, generator=gen, dtype=F64).to(device), torch.randn(10, 2, generator=gen, dtype=F64).to(device)
+    lam = 0.7
+    diag, j = _jtj_diagonal(model, x)
+    ggn = j.T @ j / x.shape[0]  # half squared error summed over outputs, mean over the batch
+    names = [n for n, _ in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    g = torch.cat([t.reshape(-1) for t in torch.func.grad(
+        lambda ps: _mse_mean(functional_call(model, ps, (x,)), y))(
+        {n: p.detach() for n, p in zip(names, model.parameters())}).values()])
+    d = torch.clamp(diag, min=1e-6 * float(diag.max()))
+    expected = -torch.linalg.solve(ggn + lam * torch.diag(d), g)
+    opt = LevenbergMarquardt(model, _mse_mean, damping=DelayedGratification(lam), damping_matrix="max_diagonal",
+                             max_line_search=0, cg_tol=1e-14)
+    _step(opt, model, x, y)
+    assert opt.last_step.accepted
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(after - theta, expected, rtol=1e-8, atol=1e-11)
+    # the identity damping solves another system (the option changes the step)
+    other = -torch.linalg.solve(ggn + lam * torch.eye(ggn.shape[0], dtype=F64, device=device), g)
+    assert not torch.allclose(other, expected, rtol=1e-3)
+
+
+def test_max_diagonal_monte_carlo_resumes_bit_exactly(device):
+    def build(model):
+        return LevenbergMarquardt(model, _mse_mean, damping=0.5, damping_matrix="max_diagonal", diagonal_samples=2,
+                                  seed=3)
+
+    def fresh():
+        torch.manual_seed(2)
+        return nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)).to(device=device, dtype=F64)
+
+    gen = torch.Generator().manual_seed(7)
+    batches = [(torch.randn(10, 2, generator=gen, dtype=F64).to(device),
+                torch.randn(10, 2, generator=gen, dtype=F64).to(device)) for _ in range(4)]
+    model = fresh()
+    opt = build(model)
+    for x, y in batches[:2]:
+        _step(opt, model, x, y)
+    ckpt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    for x, y in batches[2:]:
+        _step(opt, model, x, y)
+    model2 = fresh()
+    model2.load_state_dict(ckpt[0])
+    opt2 = build(model2)
+    opt2.load_state_dict(ckpt[1])
+    for x, y in batches[2:]:
+        _step(opt2, model2, x, y)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    assert torch.equal(opt._get_vector("max_diagonal"), opt2._get_vector("max_diagonal"))
+
+
+def test_damping_matrix_settings_are_validated():
+    model = nn.Linear(2, 2).double()
+    with pytest.raises(ValueError, match="damping_matrix"):
+        LevenbergMarquardt(model, _mse_mean, damping_matrix="diag")
+    with pytest.raises(ValueError, match="diagonal_samples"):
+        LevenbergMarquardt(model, _mse_mean, damping_matrix="max_diagonal", diagonal_samples=0)

@@ -226,3 +226,15 @@ def test_ties_that_cannot_be_one_block_fall_back_with_the_reason():
     # every parameter counted once in describe()
     lines = opt.describe().splitlines()[1:]
     assert sum(int(line.split()[-1]) for line in lines) == sum(p.numel() for p in pair.parameters())
+
+
+def test_tied_calls_on_different_batch_sizes_raise_before_mutating():
+    """As for one module called several times: every call in one forward must see the same samples."""
+    pair = TiedPair()
+    opt = KFAC(pair, lr=0.1)
+    before = [p.detach().clone() for p in pair.parameters()]
+    h1, h2 = pair(torch.randn(4, DIM), torch.randn(8, DIM))
+    (h1.sum() + h2.sum()).backward()
+    with pytest.raises(RuntimeError, match="layer 'a': a layer was called with different batch sizes"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(pair.parameters(), before)) and opt.steps == 0 and not opt.state
