@@ -69,7 +69,7 @@ DEFAULT_MNIST_DIR = REPO_ROOT.parent / "shared" / "data" / "mnist"
 
 
 class CLIError(RuntimeError):
-    """An error the CLI reports as ``error: ...`` with exit status 1."""
+    """An error the CLI reports as ``error: ...`` with exit status 2 (the run could not be made)."""
 
 
 # ========================================================================================= arguments
@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="train with the monitor on, run the checks E1-E8 and write the report",
         description="Train with the monitor on, run the checks, print the verdict table and write report.json "
-                    "and PNG plots into --out. Exit status 0 whenever the run completes (FAIL verdicts "
-                    "included), 1 on runtime errors, 2 on invalid arguments.",
+                    "and PNG plots into --out. Exit status 0 when every selected check ran and none FAILed, "
+                    "1 when a check (E0 run health included) FAILed, 2 when the run could not be made "
+                    "(invalid arguments, missing data, a bad entry point) or a check raised (ERROR row).",
     )
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="the optimizer (required unless a --problem entry point returns make_optimizer)")

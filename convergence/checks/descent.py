@@ -342,7 +342,8 @@ def check_expected_descent_steps(
     evidence = {"R": R, "alpha_k": step_lr, "L_up": l_up, "f": f0, "delta_mean": mean, "delta_sd": sd, "lcb": lcb,
                 "rhs_step_form": rhs, "p_value": p_value, "deltas": deltas, "form": "step",
                 "verdict_if_not_rejected": (Verdict.NOT_APPLICABLE if rhs >= 0 else Verdict.PASS).value}
-    notes = ["step form (no preconditioner): tests L-smoothness along the optimizer's own steps"]
+    notes = ["step form (reads only the optimizer's own steps, whatever its preconditioner): tests "
+             "L-smoothness along them"]
     if lcb > rhs:
         notes.append("the loss rose more than L-smoothness with L_up allows along these steps")
         return [CheckResult("E6", assumption, lcb, rhs, 1.0 - alpha, Verdict.FAIL, evidence, notes)]
