@@ -46,21 +46,32 @@ class PairCheck:
         return self.reason is None
 
 
-def _pair_scalars(s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None,
-                  extra: list[torch.Tensor] = ()) -> list[float]:
-    """``[finite(s, y), sᵀy, sᵀs, reference_norm, *extra]`` read from the device in one synchronization
-    (float64: the exact values of float32 tensors)."""
+def pair_scalar_tensors(s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None,
+                        extra: list[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """The 0-dim float64 tensors a pair decision reads: ``[finite(s, y), sᵀy, sᵀs, (reference_norm), *extra]``
+    (the reference norm only when it is a tensor; float64 holds float32 values exactly). No synchronization."""
     parts = [finite_flag(s, y).double(), torch.dot(s, y).double(), torch.dot(s, s).double()]
     if isinstance(reference_norm, torch.Tensor):
         parts.append(reference_norm.detach().reshape(()).double())
     parts.extend(e.double() for e in extra)
-    values = torch.stack(parts).tolist()
+    return parts
+
+
+def pair_values(values: list[float], reference_norm: torch.Tensor | float | None) -> list:
+    """:func:`pair_scalar_tensors` read on the host, with a Python (or absent) reference norm put in place."""
+    values = list(values)
     if not isinstance(reference_norm, torch.Tensor):
         values.insert(3, None if reference_norm is None else float(reference_norm))
     return values
 
 
-def _pair_reason(s: torch.Tensor, y: torch.Tensor, values: list, threshold: float) -> str | None:
+def _pair_scalars(s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None,
+                  extra: list[torch.Tensor] = ()) -> list:
+    """``[finite(s, y), sᵀy, sᵀs, reference_norm, *extra]`` read from the device in one synchronization."""
+    return pair_values(torch.stack(pair_scalar_tensors(s, y, reference_norm, extra)).tolist(), reference_norm)
+
+
+def pair_reason(s: torch.Tensor, y: torch.Tensor, values: list, threshold: float) -> str | None:
     """The skip rule of :func:`check_pair` applied to :func:`_pair_scalars`' values."""
     finite, sy, ss, reference = values[:4]
     if not finite and not all_finite(s, y):  # the fused flag is conservative: confirm exactly
@@ -86,7 +97,7 @@ def check_pair(
     augmented activation for H_a). One host synchronization.
     """
     values = _pair_scalars(s, y, reference_norm)
-    reason = _pair_reason(s, y, values, threshold)
+    reason = pair_reason(s, y, values, threshold)
     if reason == "non-finite pair":
         return PairCheck(reason, float("nan"))
     return PairCheck(reason, values[1])
@@ -134,6 +145,26 @@ def bfgs_direct_update(B: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> tor
     return symmetrize(B - torch.outer(Bs, Bs) / torch.dot(s, Bs) + torch.outer(y, y) / torch.dot(s, y))
 
 
+def prepare_guarded_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
+                           reference_norm: torch.Tensor | float | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The candidate :func:`bfgs_inverse_update` and the scalars its guard reads, without a synchronization."""
+    updated = bfgs_inverse_update(H, s, y)
+    return updated, pair_scalar_tensors(s, y, reference_norm, [finite_flag(updated)])
+
+
+def finish_guarded_update(H: torch.Tensor, updated: torch.Tensor, s: torch.Tensor, y: torch.Tensor, values: list[float],
+                          reference_norm: torch.Tensor | float | None = None,
+                          threshold: float = DEFAULT_CURVATURE_THRESHOLD) -> tuple[torch.Tensor, str | None]:
+    """The guard's decision from :func:`prepare_guarded_update`'s scalars read on the host (``values``)."""
+    values = pair_values(values, reference_norm)
+    reason = pair_reason(s, y, values, threshold)
+    if reason is not None:
+        return H, reason
+    if not values[4] and not all_finite(updated):
+        return H, "non-finite update"
+    return updated, None
+
+
 def guarded_bfgs_inverse_update(
     H: torch.Tensor,
     s: torch.Tensor,
@@ -147,11 +178,5 @@ def guarded_bfgs_inverse_update(
     is computed first and the pair's scalars and its finiteness are read together: one host
     synchronization per call (more only to confirm a non-finite flag).
     """
-    updated = bfgs_inverse_update(H, s, y)
-    values = _pair_scalars(s, y, reference_norm, [finite_flag(updated)])
-    reason = _pair_reason(s, y, values, threshold)
-    if reason is not None:
-        return H, reason
-    if not values[4] and not all_finite(updated):
-        return H, "non-finite update"
-    return updated, None
+    updated, scalars = prepare_guarded_update(H, s, y, reference_norm)
+    return finish_guarded_update(H, updated, s, y, torch.stack(scalars).tolist(), reference_norm, threshold)

@@ -22,10 +22,11 @@ from typing import Any, Callable
 
 import torch
 
-from curvature.bfgs import DEFAULT_CURVATURE_THRESHOLD, check_pair, guarded_bfgs_inverse_update
+from curvature.bfgs import (DEFAULT_CURVATURE_THRESHOLD, check_pair, finish_guarded_update, guarded_bfgs_inverse_update,
+                            pair_reason, pair_scalar_tensors, pair_values, prepare_guarded_update)
 from curvature.inverter import BatchedInverter
 from curvature.lbfgs import CompactLBFGS
-from curvature.linalg import accumulate_gram, add_to_diagonal, all_finite, symmetric_eigenvalue_bounds, symmetrize
+from curvature.linalg import accumulate_gram, add_to_diagonal, all_finite, finite_flag, symmetric_eigenvalue_bounds, symmetrize
 from curvature.pair_damping import DampedPair, DampingCounters, DoubleDamping
 
 
@@ -86,6 +87,15 @@ class Factor:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+def _splits(cls: type) -> bool:
+    """Whether ``cls``'s :meth:`SecantFactor._prepare_incorporate` is the split of *its*
+    ``_incorporate`` (a subclass that overrides only ``_incorporate`` keeps the sequential path)."""
+    def owner(name: str) -> type:
+        return next(k for k in cls.__mro__ if name in k.__dict__)
+
+    return owner("_prepare_incorporate") is owner("_incorporate")
 
 
 def _tensor_state(obj: object, names: tuple[str, ...]) -> dict[str, Any]:
@@ -312,25 +322,48 @@ class SecantFactor(Factor):
         self.last_raw_pair: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def observe_pair(self, s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None = None) -> DampedPair:
-        """EMA the raw pair, damp it against the current H, and update H (or count a skip)."""
+        """EMA the raw pair, damp it against the current H, and update H (or count a skip).
+
+        With :class:`~curvature.pair_damping.DoubleDamping` (or no damping) and a strategy that
+        splits its update (:meth:`_prepare_incorporate`), every candidate (pair EMA, damped pair,
+        updated H) is computed on the device first and all decisions are read with ONE host
+        synchronization; the committed results are those of the sequential rules.
+        """
         s, y = s.to(self.s_avg), y.to(self.y_avg)
-        if not all_finite(s, y):
+        if self.pair_decay > 0:  # candidates; committed only when the raw pair is finite
+            s_ema = (self.s_avg * self.pair_decay).add_(s, alpha=1.0 - self.pair_decay)
+            y_ema = (self.y_avg * self.pair_decay).add_(y, alpha=1.0 - self.pair_decay)
+        else:
+            s_ema, y_ema = s, y
+        draft = self.damping.prepare(s_ema, y_ema, self.apply) if isinstance(self.damping, DoubleDamping) else None
+        splittable = draft is not None or self.damping is None
+        candidate = (draft.s1, draft.y2) if draft is not None else (s_ema, y_ema)
+        inc = self._prepare_incorporate(*candidate, reference_norm) if splittable and _splits(type(self)) else None
+        scalars = [finite_flag(s, y).double()] + (draft.scalars if draft is not None else []) + (inc[0] if inc else [])
+        values = torch.stack(scalars).tolist()
+        if not values[0] and not all_finite(s, y):
             self.counters.pairs += 1
             self.counters.skip("non-finite pair")
             self.last_pair = DampedPair(s, y, skip_reason="non-finite pair")
             return self.last_pair
         if self.pair_decay > 0:
-            self.s_avg.mul_(self.pair_decay).add_(s, alpha=1.0 - self.pair_decay)
-            self.y_avg.mul_(self.pair_decay).add_(y, alpha=1.0 - self.pair_decay)
-            s, y = self.s_avg.clone(), self.y_avg.clone()
-        self.last_raw_pair = (s, y)
-        if self.damping is not None:
-            pair = self.damping(s, y, self.apply, self.counters)
+            self.s_avg.copy_(s_ema)
+            self.y_avg.copy_(y_ema)
+        self.last_raw_pair = (s_ema, y_ema)
+        offset = 1
+        if draft is not None:
+            pair = self.damping.finish(draft, values[1:1 + len(draft.scalars)], self.counters)
+            offset += len(draft.scalars)
+        elif self.damping is not None:
+            pair = self.damping(s_ema, y_ema, self.apply, self.counters)
         else:
             self.counters.pairs += 1
-            pair = DampedPair(s, y)
+            pair = DampedPair(s_ema, y_ema)
         if not pair.skipped:
-            reason = self._incorporate(pair.s, pair.y, reference_norm)
+            if inc is not None and pair.s is candidate[0] and pair.y is candidate[1]:
+                reason = inc[1](values[offset:])
+            else:
+                reason = self._incorporate(pair.s, pair.y, reference_norm)
             if reason is not None:
                 self.counters.skip(reason)
                 pair = DampedPair(pair.s, pair.y, pair.theta1, pair.theta2, pair.step1_active,
@@ -339,6 +372,13 @@ class SecantFactor(Factor):
                 self.updates += 1
         self.last_pair = pair
         return pair
+
+    def _prepare_incorporate(self, s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None
+                             ) -> tuple[list[torch.Tensor], Callable[[list[float]], str | None]] | None:
+        """Optionally split :meth:`_incorporate`: ``(scalars, finish)`` where ``scalars`` are 0-dim
+        tensors computed without a synchronization and ``finish(values)`` (their values on the host)
+        applies the update and returns the skip reason. Default None: :meth:`_incorporate` is called."""
+        return None
 
     def _incorporate(self, s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None) -> str | None:
         raise NotImplementedError
@@ -382,6 +422,16 @@ class BFGSFactor(SecantFactor):
         self.H, reason = guarded_bfgs_inverse_update(self.H, s, y, reference_norm, self.curvature_threshold)
         return reason
 
+    def _prepare_incorporate(self, s, y, reference_norm):
+        updated, scalars = prepare_guarded_update(self.H, s, y, reference_norm)
+
+        def finish(values: list[float]) -> str | None:
+            self.H, reason = finish_guarded_update(self.H, updated, s, y, values, reference_norm,
+                                                   self.curvature_threshold)
+            return reason
+
+        return scalars, finish
+
     def _reset_h(self) -> None:
         self.H = self.init_scale * torch.eye(self.dim, dtype=self.H.dtype, device=self.H.device)
 
@@ -414,6 +464,15 @@ class LBFGSFactor(SecantFactor):
             return check.reason
         self.lbfgs.append(s, y)
         return None
+
+    def _prepare_incorporate(self, s, y, reference_norm):
+        def finish(values: list[float]) -> str | None:
+            reason = pair_reason(s, y, pair_values(values, reference_norm), self.curvature_threshold)
+            if reason is None:
+                self.lbfgs.append(s, y)
+            return reason
+
+        return pair_scalar_tensors(s, y, reference_norm), finish
 
     def _reset_h(self) -> None:
         old = self.lbfgs

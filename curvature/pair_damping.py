@@ -142,17 +142,19 @@ class DoubleDamping:
         apply_H: Callable[[torch.Tensor], torch.Tensor],
         counters: DampingCounters | None = None,
     ) -> DampedPair:
-        """Damp the pair ``(s, y)`` against the current inverse approximation ``H`` (given by its action)."""
-        if counters is not None:
-            counters.pairs += 1
+        """Damp the pair ``(s, y)`` against the current inverse approximation ``H`` (given by its action).
 
-        def skip(reason: str) -> DampedPair:
-            if counters is not None:
-                counters.skip(reason)
-            return DampedPair(s, y, skip_reason=reason)
+        One host synchronization: :meth:`prepare` on the device, one read, :meth:`finish`.
+        """
+        draft = self.prepare(s, y, apply_H)
+        return self.finish(draft, torch.stack(draft.scalars).tolist(), counters)
 
-        # Every candidate is computed on the device and the decisions are read in ONE host
-        # synchronization; the selected tensors are those the branches below would compute.
+    def prepare(self, s: torch.Tensor, y: torch.Tensor, apply_H: Callable[[torch.Tensor], torch.Tensor]) -> "DampingDraft":
+        """Every candidate of the damping on the device, without a host synchronization.
+
+        ``draft.s1, draft.y2`` are the damped pair the branches select (valid when :meth:`finish`
+        accepts it); ``draft.scalars`` (float64 0-dim tensors) are what :meth:`finish` decides from.
+        """
         Hy = apply_H(y)
         s1, theta1_t, active1_t = _powell_h(s, y, Hy, self.mu1, self.powell_sign)
         ss = torch.dot(s1, s1)
@@ -168,10 +170,23 @@ class DoubleDamping:
             y_interp = theta2_t * y + (1.0 - theta2_t.double()).to(y.dtype) * s1  # (1 - θ2) rounded as a Python float
             y_guard = y + ((self.mu2 * ss - s1y) / ss) * s1  # only reachable with mu2 >= 1: s̃ᵀỹ = μ2‖s̃‖² exactly
             y2 = torch.where(active2_t, torch.where(interpolate_t, y_interp, y_guard), y)
-        (finite, norm_s, norm_y, active1, theta1, norm_s1, active2, interpolate, theta2, finite2) = torch.stack([
-            finite_flag(s, y).double(), torch.linalg.vector_norm(s).double(), torch.linalg.vector_norm(y).double(),
-            active1_t.double(), theta1_t.double(), ss.sqrt().double(), active2_t.double(), interpolate_t.double(),
-            theta2_t.double(), finite_flag(s1, y2).double()]).tolist()
+        scalars = [finite_flag(s, y).double(), torch.linalg.vector_norm(s).double(), torch.linalg.vector_norm(y).double(),
+                   active1_t.double(), theta1_t.double(), ss.sqrt().double(), active2_t.double(), interpolate_t.double(),
+                   theta2_t.double(), finite_flag(s1, y2).double()]
+        return DampingDraft(s, y, s1, y2, scalars)
+
+    def finish(self, draft: "DampingDraft", values: list[float], counters: DampingCounters | None = None) -> DampedPair:
+        """The decisions of the damping from ``values`` (``draft.scalars`` read on the host), counted."""
+        s, y, s1, y2 = draft.s, draft.y, draft.s1, draft.y2
+        if counters is not None:
+            counters.pairs += 1
+
+        def skip(reason: str) -> DampedPair:
+            if counters is not None:
+                counters.skip(reason)
+            return DampedPair(s, y, skip_reason=reason)
+
+        (finite, norm_s, norm_y, active1, theta1, norm_s1, active2, interpolate, theta2, finite2) = values
         if not finite and not all_finite(s, y):
             return skip("non-finite pair")
         if norm_s <= self.min_norm and norm_y <= self.min_norm:
@@ -189,3 +204,15 @@ class DoubleDamping:
             counters.step2 += int(active2)
             counters.step2_guard += int(guarded)
         return DampedPair(s1, y2, theta1, theta2, active1, active2)
+
+
+@dataclass
+class DampingDraft:
+    """:meth:`DoubleDamping.prepare`'s device-side result: the raw pair, the candidate damped pair,
+    and the scalars (0-dim float64 tensors) its decisions need."""
+
+    s: torch.Tensor
+    y: torch.Tensor
+    s1: torch.Tensor
+    y2: torch.Tensor
+    scalars: list[torch.Tensor]
