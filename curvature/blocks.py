@@ -15,7 +15,7 @@ convention): :math:`A_k = \frac cR\sum\bar a\bar a^\top` and :math:`G_k = \frac1
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,7 +24,7 @@ from curvature.capture import LayerRecord
 from curvature.damping import DampingPolicy
 from curvature.protocols import FactorProtocol, declares
 from curvature.inverter import BatchedInverter
-from curvature.linalg import accumulate_gram, symmetric_eigenvalue_bounds
+from curvature.linalg import accumulate_gram, read_scalars, symmetric_eigenvalue_bounds
 
 
 APPROXIMATIONS = ("expand", "reduce")
@@ -235,16 +235,46 @@ class KroneckerBlock(CurvatureBlock):
         return self.g_factor.apply(right)  # H_g M H_a
 
     def update_after_step(self, before: LayerRecord, after: LayerRecord) -> None:
+        scalars, finish = self.prepare_after_step(before, after)
+        finish(read_scalars(scalars))
+
+    def prepare_after_step(self, before: LayerRecord, after: LayerRecord
+                           ) -> tuple[list[torch.Tensor], Callable[[list[float]], None]]:
+        """:meth:`update_after_step` split at its one host read: the factors' candidates are computed
+        on the device and ``(scalars, finish)`` returned; ``finish(values)`` (the scalars' values)
+        commits H_g's pair and H_a's Hessian-action update, in that order. Factors without a split
+        (``prepare_pair`` / ``prepare_action_update``) update inside ``finish`` with their own reads."""
+        parts: list[tuple[int, Callable[[list[float]], Any]]] = []
+        scalars: list[torch.Tensor] = []
         if declares(self.g_factor, "uses_secant_pairs"):
             _required(before.grad_rows, "g"), _required(after.grad_rows, "g")
             _required(after.h_rows, "h"), _required(before.h_rows, "h")
             g_before = before.g_mean(self.approx)
             s = after.h_mean(self.approx) - before.h_mean(self.approx)
             y = after.g_mean(self.approx) - g_before
-            self.g_factor.observe_pair(s, y, reference_norm=g_before.norm())  # a tensor: read with the pair check
+            if hasattr(self.g_factor, "prepare_pair"):  # reference norm a tensor: read with the pair check
+                part, fin = self.g_factor.prepare_pair(s, y, reference_norm=g_before.norm())
+            else:
+                part, fin = [], lambda _, s=s, y=y, r=g_before.norm(): self.g_factor.observe_pair(s, y, reference_norm=r)
+            parts.append((len(part), fin))
+            scalars += part
         if declares(self.a_factor, "uses_matrix_action"):
             _required(before.input_rows, "a")
-            self.a_factor.hessian_action_update(before.a_mean(self.approx))
+            mean = before.a_mean(self.approx)
+            if hasattr(self.a_factor, "prepare_action_update"):
+                part, fin = self.a_factor.prepare_action_update(mean)
+            else:
+                part, fin = [], lambda _, m=mean: self.a_factor.hessian_action_update(m)
+            parts.append((len(part), fin))
+            scalars += part
+
+        def finish(values: list[float]) -> None:
+            start = 0
+            for n, fin in parts:
+                fin(values[start:start + n])
+                start += n
+
+        return scalars, finish
 
     def curvature_quadratic(self, delta: torch.Tensor) -> torch.Tensor:
         if not self.has_quadratic_form:

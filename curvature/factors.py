@@ -329,6 +329,13 @@ class SecantFactor(Factor):
         updated H) is computed on the device first and all decisions are read with ONE host
         synchronization; the committed results are those of the sequential rules.
         """
+        scalars, finish = self.prepare_pair(s, y, reference_norm)
+        return finish(torch.stack(scalars).tolist())
+
+    def prepare_pair(self, s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None = None
+                     ) -> tuple[list[torch.Tensor], Callable[[list[float]], DampedPair]]:
+        """:meth:`observe_pair` split at its one host read: ``(scalars, finish)``, nothing committed
+        until ``finish(values)`` is called with the scalars' values (then it returns the pair)."""
         s, y = s.to(self.s_avg), y.to(self.y_avg)
         if self.pair_decay > 0:  # candidates; committed only when the raw pair is finite
             s_ema = (self.s_avg * self.pair_decay).add_(s, alpha=1.0 - self.pair_decay)
@@ -340,7 +347,14 @@ class SecantFactor(Factor):
         candidate = (draft.s1, draft.y2) if draft is not None else (s_ema, y_ema)
         inc = self._prepare_incorporate(*candidate, reference_norm) if splittable and _splits(type(self)) else None
         scalars = [finite_flag(s, y).double()] + (draft.scalars if draft is not None else []) + (inc[0] if inc else [])
-        values = torch.stack(scalars).tolist()
+
+        def finish(values: list[float]) -> DampedPair:
+            return self._finish_pair(s, y, s_ema, y_ema, draft, candidate, inc, values, reference_norm)
+
+        return scalars, finish
+
+    def _finish_pair(self, s, y, s_ema, y_ema, draft, candidate, inc, values, reference_norm) -> DampedPair:
+        """The decisions of :meth:`prepare_pair` from the values read on the host, committed and counted."""
         if not values[0] and not all_finite(s, y):
             self.counters.pairs += 1
             self.counters.skip("non-finite pair")
@@ -582,6 +596,12 @@ class HessianActionFactor(Factor):
 
     def hessian_action_update(self, mean_activation: torch.Tensor) -> str | None:
         r"""One Hessian-action BFGS update with :math:`s = H\bar{\bar a}`, :math:`y = Ms`; returns a skip reason or None."""
+        scalars, finish = self.prepare_action_update(mean_activation)
+        return finish(torch.stack(scalars).tolist())
+
+    def prepare_action_update(self, mean_activation: torch.Tensor) -> tuple[list[torch.Tensor], Callable[[list[float]], str | None]]:
+        """:meth:`hessian_action_update` split at its one host read: ``(scalars, finish)``; ``finish(values)``
+        with the scalars' values applies (or skips) the update and returns the skip reason."""
         if self.H is None:
             raise RuntimeError("HessianActionFactor.hessian_action_update called before H was initialized")
         v = mean_activation.to(self.H)
@@ -589,12 +609,17 @@ class HessianActionFactor(Factor):
         y = self.matrix_action(s)
         self.last_pair = (s, y)
         ref = None if self.curvature_threshold is None else v.norm()
-        self.H, reason = guarded_bfgs_inverse_update(self.H, s, y, ref, self.curvature_threshold or 0.0)
-        if reason is None:
-            self.updates += 1
-        else:
-            self.skips[reason] = self.skips.get(reason, 0) + 1
-        return reason
+        updated, scalars = prepare_guarded_update(self.H, s, y, ref)
+
+        def finish(values: list[float]) -> str | None:
+            self.H, reason = finish_guarded_update(self.H, updated, s, y, values, ref, self.curvature_threshold or 0.0)
+            if reason is None:
+                self.updates += 1
+            else:
+                self.skips[reason] = self.skips.get(reason, 0) + 1
+            return reason
+
+        return scalars, finish
 
     def diagnostics(self) -> dict[str, Any]:
         return {"hessian_action_updates": self.updates, "hessian_action_skips": dict(self.skips)}

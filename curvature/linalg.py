@@ -41,6 +41,21 @@ def finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(torch.stack([s.to(dtype) for s in sums]).sum())
 
 
+def read_scalars(scalars: list[torch.Tensor]) -> list[float]:
+    """The values of 0-dim tensors on the host: one read (``tolist``) per device among them."""
+    if not scalars:
+        return []
+    devices = {t.device for t in scalars}
+    if len(devices) == 1:
+        return torch.stack([t.double() for t in scalars]).tolist()
+    out: list[float] = [0.0] * len(scalars)
+    for device in devices:
+        index = [i for i, t in enumerate(scalars) if t.device == device]
+        for i, v in zip(index, torch.stack([scalars[i].double() for i in index]).tolist()):
+            out[i] = v
+    return out
+
+
 def all_finite(*tensors: torch.Tensor) -> bool:
     """True when every element of every tensor is finite.
 

@@ -48,7 +48,7 @@ from curvature.blocks import DiagonalBlock, KroneckerBlock, a_statistic, g_stati
 from curvature.capture import LayerRecord
 from curvature.factors import Factor
 from curvature.inverter import BatchedInverter
-from curvature.linalg import InversionError, all_finite
+from curvature.linalg import InversionError, all_finite, read_scalars
 from optimizers.assignment import balanced_assignment, layer_cost
 from optimizers.communicator import Communicator, LocalCommunicator
 
@@ -288,9 +288,21 @@ class DataParallel:
         users = [n for n, s in slots.items() if s.block.needs_second_pass]
         if bad and not self.active:
             return True, loss_after
-        if not self.active:
+        if not self.active:  # every block's candidates first, then one host read for all their decisions
+            prepared, scalars = [], []
             for name in users:
-                slots[name].block.update_after_step(before[name], after[name])
+                block = slots[name].block
+                if hasattr(block, "prepare_after_step"):
+                    part, finish = block.prepare_after_step(before[name], after[name])
+                    prepared.append((len(part), finish))
+                    scalars += part
+                else:
+                    block.update_after_step(before[name], after[name])
+            values = read_scalars(scalars)
+            start = 0
+            for n, finish in prepared:
+                finish(values[start:start + n])
+                start += n
             return False, loss_after
         self.set_grad_scales(after)
         sums: list[torch.Tensor] = []

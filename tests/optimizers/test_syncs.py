@@ -14,9 +14,10 @@ clipping adds one read per step for all layers):
   a rollback point by default); +1 on a step that refreshes inverses (every success mask of every
   factor size read at once). With ``recovery=False``: 1, and 3 on a refresh step (such a step keeps
   a snapshot, so the new point is checked).
-* K-BFGS, K-BFGS(L): 1 (first pass) + 1 (new point and second pass, fused) + 2 per layer (H_a's
-  guarded update; H_g's raw-pair check, double damping and guarded update / L-BFGS pair check,
-  all candidates computed on the device first and read together).
+* K-BFGS, K-BFGS(L): 3, whatever the number of layers: 1 (first pass) + 1 (new point and second
+  pass, fused) + 1 for every pair decision of every layer (H_a's guarded update; H_g's raw-pair
+  check, double damping and guarded update / L-BFGS pair check): all candidates are computed on
+  the device first and every decision is read at once.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ CASES = {
     "kfac-kl-clip": (lambda m: KFAC(m, inverse_update_freq=4, inverse_warmup_steps=0, kl_clip=1e-3),
                      lambda L, refresh: 3 + refresh),
     "diagonal": (lambda m: Diagonal(m), lambda L, refresh: 2),
-    "kbfgs": (lambda m: KBFGS(m), lambda L, refresh: 2 + 2 * L),
-    "kbfgsl": (lambda m: KBFGSL(m, memory=3), lambda L, refresh: 2 + 2 * L),
+    "kbfgs": (lambda m: KBFGS(m), lambda L, refresh: 3),
+    "kbfgsl": (lambda m: KBFGSL(m, memory=3), lambda L, refresh: 3),
 }
 
 
