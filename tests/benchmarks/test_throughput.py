@@ -292,7 +292,7 @@ def test_profile_breakdown_partitions_the_step(method, device):
         assert any("no record_function labels" in n for n in ph.notes)
     if method == "kbfgs":
         names = {row[0] for row in phases["steady"].tables[0].rows}
-        assert {"driver.CurvatureOptimizer._second_pass", "blocks.KroneckerBlock.update_after_step"} <= names
+        assert {"driver.CurvatureOptimizer._second_pass", "blocks.KroneckerBlock.prepare_after_step"} <= names
     else:
         assert "inverter.BatchedInverter.run" in {r[0] for r in phases["inverse+stats"].tables[0].rows}
         # outside the inverse phase the inverter is constructed but inverts nothing
