@@ -86,7 +86,8 @@ def test_one_step_lr_spike_returns_to_the_pre_spike_loss(device, name):
     for _ in range(spike_at):
         losses.append(float(opt.step(_closure(opt, model, x, y)).detach()))
         sched.step()
-    pre = float(0.5 * ((model(x) - y) ** 2).sum(1).mean())
+    with torch.no_grad():
+        pre = float(0.5 * ((model(x) - y) ** 2).sum(1).mean())
     after = []
     for _ in range(12):
         after.append(float(opt.step(_closure(opt, model, x, y)).detach()))
