@@ -143,19 +143,29 @@ _PLOTS = (
 
 def write_plots(out_dir: Path, records: Mapping[str, RunRecord], *, title: str,
                 target: float | None = None) -> list[Path]:
-    """Loss curves (log y), one line per optimizer; returns the PNG paths."""
+    """Loss curves (log y), one line per optimizer; returns the PNG paths.
+
+    A diverged run is labelled "(diverged)" and the y axis stops at twice the largest initial loss, so
+    one blown-up run does not flatten every other curve (its last points leave the plot upwards).
+    """
     paths = []
     for filename, xkey, ykey, xlabel, ylabel in _PLOTS:
         fig = Figure(figsize=(6.4, 4.4), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
+        starts = []
         for name, rec in records.items():
             xs = getattr(rec, xkey)
             ys = [y if math.isfinite(y) and y > 0 else math.nan for y in getattr(rec, ykey)]
-            ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=f"{label(name)}")
+            if ys and math.isfinite(ys[0]):
+                starts.append(ys[0])
+            tag = " (diverged)" if rec.diverged else ""
+            ax.plot(xs, ys, marker="." if len(xs) < 40 else None, label=f"{label(name)}{tag}")
         if target is not None and ykey == "train_loss" and target > 0:
             ax.axhline(target, color="grey", linestyle=":", linewidth=1, label=f"target {target:.4g}")
         ax.set_yscale("log")
+        if starts and any(r.diverged for r in records.values()):
+            ax.set_ylim(top=2 * max(starts))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
