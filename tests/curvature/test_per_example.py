@@ -10,6 +10,7 @@ from torch.func import functional_call, jacrev
 
 from curvature.per_example import gauss_newton_diagonal, per_example_gradients, squared_gradient_diagonal
 from curvature.products import make_functional
+from tests.curvature.oracles import loop_gradients
 
 F64 = torch.float64
 
@@ -17,17 +18,6 @@ F64 = torch.float64
 def _mlp(device, outputs=3):
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, outputs)).to(device=device, dtype=F64)
-
-
-def _loop_gradients(model, loss_fn, x, y):
-    """Oracle: one autograd backward per example on the batch of one."""
-    rows = []
-    for i in range(x.shape[0]):
-        model.zero_grad()
-        loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
-        rows.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()]))
-    model.zero_grad()
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
@@ -39,7 +29,7 @@ def test_per_example_gradients_and_squared_diagonal_match_the_loop(device, loss)
         loss_fn, y = F.cross_entropy, torch.randint(0, 3, (11,), generator=gen).to(device)
     else:
         loss_fn, y = F.mse_loss, torch.randn(11, 3, generator=gen, dtype=F64).to(device)
-    oracle = _loop_gradients(model, loss_fn, x, y)
+    oracle = loop_gradients(model, loss_fn, x, y)
     fl = make_functional(model, loss_fn, x, y)
     torch.testing.assert_close(per_example_gradients(fl, chunk=4), oracle, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(squared_gradient_diagonal(fl, chunk=4), oracle.pow(2).sum(0) / 11, rtol=1e-12,

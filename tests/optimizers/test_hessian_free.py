@@ -14,6 +14,7 @@ from curvature.damping import AdaptiveLM, Tikhonov
 from curvature.krylov import truncated_cg
 from curvature.products import make_functional
 from optimizers.hessian_free import HessianFree
+from tests.curvature.oracles import loop_gradients
 
 F64 = torch.float64
 
@@ -135,13 +136,7 @@ def test_backtracking_and_line_search_never_increase_the_batch_objective(device)
 # ------------------------------------------------------------------ Martens's diagonal preconditioner
 def _per_example_oracle(model, loss_fn, x, y):
     """(1/N) sum_i g_i * g_i, one autograd backward per example."""
-    rows = []
-    for i in range(x.shape[0]):
-        model.zero_grad()
-        loss_fn(model(x[i:i + 1]), y[i:i + 1]).backward()
-        rows.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()]))
-    model.zero_grad()
-    return torch.stack(rows).pow(2).mean(0)
+    return loop_gradients(model, loss_fn, x, y).pow(2).mean(0)
 
 
 def test_martens_preconditioner_is_the_powered_damped_squared_gradient_diagonal(device):
