@@ -214,6 +214,26 @@ def test_check_pair_reports_sy_and_skips_at_the_threshold(device):
     assert above.ok and above.sy == pytest.approx(0.5)
 
 
+def test_a_device_tensor_reference_norm_acts_like_the_float(device):
+    """The blocks pass ‖g_ref‖ as a 0-dim device tensor (no host read of its own): check_pair and the
+    guarded update apply the same relative rule with it as with the Python float, on both sides of
+    the threshold; a non-finite pair reports sᵀy as NaN even when sᵀy itself is +inf."""
+    s = to_work(torch.tensor([1.0, 0.0]), device)
+    y = to_work(torch.tensor([0.5, 3.0]), device)                  # sᵀy = 0.5, ‖s‖² = 1
+    H = to_work(torch.eye(2), device)
+    for ref, skipped in ((1.0, True), (0.25, False)):             # 0.5 <= 0.5·1·1 ; 0.5 > 0.5·1·0.25
+        tensor_ref = to_work(torch.tensor(ref), device)
+        want = "s^T y below the relative curvature threshold" if skipped else None
+        assert check_pair(s, y, reference_norm=tensor_ref, threshold=0.5).reason == want
+        assert check_pair(s, y, reference_norm=ref, threshold=0.5).reason == want
+        out, reason = guarded_bfgs_inverse_update(H, s, y, reference_norm=tensor_ref, threshold=0.5)
+        assert reason == want and (out is H) == skipped
+        if not skipped:
+            torch.testing.assert_close(out, bfgs_inverse_update(H, s, y), rtol=0, atol=0)
+    inf_pair = check_pair(s, to_work(torch.tensor([float("inf"), 0.0]), device))  # sᵀy = +inf
+    assert inf_pair.reason == "non-finite pair" and math.isnan(inf_pair.sy)
+
+
 @given(data=st.data())
 @hyp(max_examples=100)
 def test_guarded_update_relative_threshold(device, data):
