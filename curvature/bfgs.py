@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curvature.linalg import all_finite, finite_flag, symmetrize
+from curvature.linalg import all_finite, finite_flag, read_scalars, symmetrize
 
 #: Relative curvature threshold of the reference code: skip when sᵀy ≤ 1e-4·‖s‖²·‖g_ref‖.
 DEFAULT_CURVATURE_THRESHOLD = 1e-4
@@ -68,7 +68,7 @@ def pair_values(values: list[float], reference_norm: torch.Tensor | float | None
 def _pair_scalars(s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None,
                   extra: list[torch.Tensor] = ()) -> list:
     """``[finite(s, y), sᵀy, sᵀs, reference_norm, *extra]`` read from the device in one synchronization."""
-    return pair_values(torch.stack(pair_scalar_tensors(s, y, reference_norm, extra)).tolist(), reference_norm)
+    return pair_values(read_scalars(pair_scalar_tensors(s, y, reference_norm, extra)), reference_norm)
 
 
 def pair_reason(s: torch.Tensor, y: torch.Tensor, values: list, threshold: float) -> str | None:
@@ -179,4 +179,4 @@ def guarded_bfgs_inverse_update(
     synchronization per call (more only to confirm a non-finite flag).
     """
     updated, scalars = prepare_guarded_update(H, s, y, reference_norm)
-    return finish_guarded_update(H, updated, s, y, torch.stack(scalars).tolist(), reference_norm, threshold)
+    return finish_guarded_update(H, updated, s, y, read_scalars(scalars), reference_norm, threshold)

@@ -26,7 +26,8 @@ from curvature.bfgs import (DEFAULT_CURVATURE_THRESHOLD, check_pair, finish_guar
                             pair_reason, pair_scalar_tensors, pair_values, prepare_guarded_update)
 from curvature.inverter import BatchedInverter
 from curvature.lbfgs import CompactLBFGS
-from curvature.linalg import accumulate_gram, add_to_diagonal, all_finite, finite_flag, symmetric_eigenvalue_bounds, symmetrize
+from curvature.linalg import (accumulate_gram, add_to_diagonal, all_finite, finite_flag, read_scalars,
+                              symmetric_eigenvalue_bounds, symmetrize)
 from curvature.pair_damping import DampedPair, DampingCounters, DoubleDamping
 
 
@@ -330,7 +331,7 @@ class SecantFactor(Factor):
         synchronization; the committed results are those of the sequential rules.
         """
         scalars, finish = self.prepare_pair(s, y, reference_norm)
-        return finish(torch.stack(scalars).tolist())
+        return finish(read_scalars(scalars))
 
     def prepare_pair(self, s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None = None
                      ) -> tuple[list[torch.Tensor], Callable[[list[float]], DampedPair]]:
@@ -597,7 +598,7 @@ class HessianActionFactor(Factor):
     def hessian_action_update(self, mean_activation: torch.Tensor) -> str | None:
         r"""One Hessian-action BFGS update with :math:`s = H\bar{\bar a}`, :math:`y = Ms`; returns a skip reason or None."""
         scalars, finish = self.prepare_action_update(mean_activation)
-        return finish(torch.stack(scalars).tolist())
+        return finish(read_scalars(scalars))
 
     def prepare_action_update(self, mean_activation: torch.Tensor) -> tuple[list[torch.Tensor], Callable[[list[float]], str | None]]:
         """:meth:`hessian_action_update` split at its one host read: ``(scalars, finish)``; ``finish(values)``

@@ -32,7 +32,7 @@ from typing import Callable, Literal
 
 import torch
 
-from curvature.linalg import all_finite, finite_flag
+from curvature.linalg import all_finite, finite_flag, read_scalars
 
 Step2Variant = Literal["interpolate", "lm"]
 
@@ -147,7 +147,7 @@ class DoubleDamping:
         One host synchronization: :meth:`prepare` on the device, one read, :meth:`finish`.
         """
         draft = self.prepare(s, y, apply_H)
-        return self.finish(draft, torch.stack(draft.scalars).tolist(), counters)
+        return self.finish(draft, read_scalars(draft.scalars), counters)
 
     def prepare(self, s: torch.Tensor, y: torch.Tensor, apply_H: Callable[[torch.Tensor], torch.Tensor]) -> "DampingDraft":
         """Every candidate of the damping on the device, without a host synchronization.

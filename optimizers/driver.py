@@ -54,7 +54,7 @@ from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_par
 from curvature.chunked import ChunkedBlock
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
-from curvature.linalg import InversionStats, all_finite, finite_flag
+from curvature.linalg import InversionStats, all_finite, finite_flag, read_scalars
 from curvature.protocols import BlockProtocol
 from optimizers.communicator import Communicator, LocalCommunicator, TorchCommunicator
 from optimizers.data_parallel import DataParallel
@@ -1263,7 +1263,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             else:
                 (dw, db), (mw, mb) = slot.adapter.split_matrix(d), slot.adapter.split_matrix(m)
                 sums += [torch.sum(dw * mw), torch.sum(db * mb)]
-        values = iter(torch.stack([v.double() for v in sums]).tolist() if sums else [])
+        values = iter(read_scalars(sums))
         vg = 0.0
         for name in self.slots:  # the same Python arithmetic as one read per layer
             part = settings[name]
