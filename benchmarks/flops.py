@@ -245,8 +245,9 @@ def lbfgs_append_flops(dim: int, pairs: int) -> float:
 #: * ``linear`` ``(B, d_in, d_out, bias)``: ``[B, d_in] @ [d_in, d_out]`` (+ bias) — forward;
 #: * ``weight_grad`` ``(B, d_in, d_out, bias)``: ``[d_out, B] @ [B, d_in]`` (+ the bias column sum);
 #: * ``input_grad`` ``(B, d_in, d_out)``: ``[B, d_out] @ [d_out, d_in]``;
-#: * ``gram_ema`` ``(B, d)``: :math:`F \leftarrow \beta F + \alpha X^\top X` for ``X`` of shape ``[B, d]``
-#:   (the statistic folded into its EMA; counted as a symmetric rank-B update plus the EMA);
+#: * ``gram_ema`` ``(B, d, ones)``: :math:`F \leftarrow \beta F + \alpha [X\ 1]^\top [X\ 1]` (``ones``) or
+#:   :math:`\beta F + \alpha X^\top X` for ``X`` of shape ``[B, d]`` (the statistic folded into its EMA; counted
+#:   as a symmetric rank-B update of the ``d_a × d_a`` (or ``d × d``) matrix plus the EMA);
 #: * ``kron`` ``(d_out, d_a)``: :math:`H_g M H_a`;
 #: * ``right`` ``(d_out, d_a)``: :math:`M H_a` (K-BFGS(L), whose H_g side is an ``lbfgs_apply``);
 #: * ``inverse`` ``(d, method)``: the damped inverse (Cholesky + inverse from the factor, or eigh);
@@ -315,8 +316,9 @@ def layer_ops(spec: MethodSpec, layer: LinearShape, batch: int,
                       Op("precondition", "diag_apply", (d_o, d_a), float(layer.params)),
                       update("sgdm")]
     if spec.kind == "kfac":
-        ops += [Op("statistics", "gram_ema", (B, d_a), covariance_flops(d_a, B) + ema_flops(d_a * d_a), "stats", t_cov),
-                Op("statistics", "gram_ema", (B, d_o), covariance_flops(d_o, B) + ema_flops(d_o * d_o), "stats", t_cov)]
+        ops += [Op("statistics", "gram_ema", (B, d_in, layer.bias), covariance_flops(d_a, B) + ema_flops(d_a * d_a),
+                   "stats", t_cov),
+                Op("statistics", "gram_ema", (B, d_o, False), covariance_flops(d_o, B) + ema_flops(d_o * d_o), "stats", t_cov)]
         if spec.fisher == "mc":
             ops.append(Op("mc_pass", "linear", gemm, forward_flops(layer, B), "stats", t_cov))
             if layer.needs_input_grad:
@@ -328,7 +330,7 @@ def layer_ops(spec: MethodSpec, layer: LinearShape, batch: int,
                 update("sgdm")]
         return ops
     # K-BFGS and K-BFGS(L): A statistics every step, the second pass, H_a by Hessian action.
-    ops.append(Op("statistics", "gram_ema", (B, d_a), covariance_flops(d_a, B) + ema_flops(d_a * d_a)))
+    ops.append(Op("statistics", "gram_ema", (B, d_in, layer.bias), covariance_flops(d_a, B) + ema_flops(d_a * d_a)))
     p = int(spec.memory or 0)
     if spec.kind == "kbfgs":
         ops.append(Op("precondition", "kron", (d_o, d_a), kron_precondition_flops(d_o, d_a)))
