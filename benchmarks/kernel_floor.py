@@ -13,8 +13,8 @@ Three numbers per method and what separates them:
   counts: forward and backward GEMMs, factor statistics, inverses, Kronecker products, BFGS / L-BFGS
   updates, the second pass, the elementwise updates), each executed as the plain torch kernel(s) that
   compute it on preallocated tensors of the right shapes (:class:`KernelPlan`), plus the model's
-  :math:`O(Bd)` elementwise work the analytic count omits (ReLU and its backward, the loss gradient,
-  K-BFGS's pair means). No library code runs, nothing is allocated that the kernel does not return,
+  :math:`O(Bd)` elementwise work the analytic count omits (ReLU and its backward, the loss value and its
+  gradient, K-BFGS's pair means). No library code runs, nothing is allocated that the kernel does not return,
   no host read, no check, no copy, no Python bookkeeping beyond one loop over closures;
 * **FLOP floor**: the analytic count (:func:`benchmarks.flops.step_floor`) divided by this machine's
   measured GEMM rate (the best of square ``mm`` of sizes 256, 512, 1024, :func:`gemm_rate`).
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.flops import LinearShape, MethodSpec, Op, step_floor, step_ops
@@ -101,7 +102,8 @@ class KernelPlan:
     ``ops`` is :func:`benchmarks.flops.step_ops` (the analytic floor's list) arranged in execution
     order (:data:`STAGES`); each op is one closure of plain torch calls. ``activations[i]``: a ReLU
     follows layer ``i``; the loss is a summed binary cross-entropy with logits on the last layer's
-    output (its gradient :math:`(\sigma(z) - x)/B`). :meth:`run` executes the ops of one phase
+    output (its value, and its gradient :math:`(\sigma(z) - x)/B`), in every pass. :meth:`run` executes the
+    ops of one phase
     (``"steady"``: every op; otherwise the every-step ops plus those whose ``when`` is in the phase).
     """
 
@@ -161,7 +163,11 @@ class KernelPlan:
                 h = self.layers[i].H
                 self._model(stage, when, lambda h=h: torch.relu_(h))
         z, target, dz, scale = self.layers[-1].H, self.target, self.dz, 1.0 / self.batch
-        self._model(stage, when, lambda: torch.sigmoid(z, out=dz).sub_(target).mul_(scale))
+
+        def loss():  # the loss value (the step returns and checks it) and its gradient (σ(z) − x)/B
+            F.binary_cross_entropy_with_logits(z, target, reduction="sum")
+            torch.sigmoid(z, out=dz).sub_(target).mul_(scale)
+        self._model(stage, when, loss)
         back = "backward_inputs" if component == "forward" else component
         back_stage = "backward" if component == "forward" else stage
         for i in reversed(range(n)):
