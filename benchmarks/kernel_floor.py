@@ -91,7 +91,7 @@ class _Layer:
         self.gb = torch.empty(d_o, **kw) if shape.bias else None
         self.grad = torch.empty(d_o, d_a, **kw)  # [∇W | ∇b] as the curvature blocks see it
         self.P = torch.empty(d_o, d_a, **kw)  # the preconditioned direction
-        self.T = torch.empty(d_o, d_a, **kw)
+        self.Tt = torch.empty(d_a, d_o, **kw)  # (M H_a)ᵀ = H_a Mᵀ
         self.rows_a = torch.rand(batch, d_a, generator=gen).to(**kw)  # [a 1] rows (the diagonal statistic)
         self.gen = gen
 
@@ -238,18 +238,19 @@ class KernelPlan:
                 if ones:
                     torch.sum(rows, 0, out=col)
             return gram
-        if k == "kron":
-            d_o, d_a = op.dims
-            Hg, Ha = self._factor(i, "g", d_o), self._factor(i, "a", d_a)
-
-            def kron():
-                torch.mm(Hg, L.grad, out=L.T)
-                torch.mm(L.T, Ha, out=L.P)
-            return kron
-        if k == "right":
+        if k in ("kron", "right"):
+            # M H_a as (H_a Mᵀ)ᵀ, then H_g times that transposed view: the fastest of the three orders on this
+            # CPU at the autoencoders' shapes (10-20% faster than (H_g M) H_a at 400x785 and 1000x785)
             d_o, d_a = op.dims
             Ha = self._factor(i, "a", d_a)
-            return lambda: torch.mm(L.grad, Ha, out=L.T)
+            if k == "right":
+                return lambda: torch.mm(Ha, L.grad.T, out=L.Tt)
+            Hg = self._factor(i, "g", d_o)
+
+            def kron():
+                torch.mm(Ha, L.grad.T, out=L.Tt)
+                torch.mm(Hg, L.Tt.T, out=L.P)
+            return kron
         if k == "inverse":
             d, method = op.dims
             M = _spd(d, gen, **kw)
@@ -271,7 +272,7 @@ class KernelPlan:
         if k == "lbfgs_apply":
             d, n, p = op.dims
             mem = self._memory(i, d, p)
-            V = L.T if n > 1 else torch.randn(d, 1, generator=gen).to(**kw)
+            V = L.Tt.T if n > 1 else torch.randn(d, 1, generator=gen).to(**kw)
             out = L.P if n > 1 else torch.empty(d, 1, **kw)
             if p == 0:
                 return lambda: None
