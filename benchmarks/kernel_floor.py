@@ -75,7 +75,8 @@ def _spd(d: int, gen: torch.Generator, dtype, device) -> torch.Tensor:
 
 
 class _Layer:
-    """The tensors of one layer of the plan (weights, activations, gradients, factors)."""
+    """The tensors of one layer of the plan (weights, activations, gradients, factors). Every buffer holds finite
+    values from the start (zeros or random): uninitialized memory could hold NaNs or denormals and time them."""
 
     def __init__(self, shape: LinearShape, batch: int, gen: torch.Generator, dtype, device) -> None:
         kw = {"dtype": dtype, "device": device}
@@ -84,14 +85,14 @@ class _Layer:
         self.W = (torch.randn(d_o, d_in, generator=gen) / math.sqrt(d_in)).to(**kw)
         self.b = (torch.randn(d_o, generator=gen) * 0.01).to(**kw) if shape.bias else None
         self.X: torch.Tensor | None = None  # the input rows: set by the plan (previous layer's output)
-        self.H = torch.empty(batch, d_o, **kw)  # pre-activation (ReLU applied in place when there is one)
+        self.H = torch.zeros(batch, d_o, **kw)  # pre-activation (ReLU applied in place when there is one)
         self.G: torch.Tensor | None = None  # gradient w.r.t. the pre-activation: set by the plan
-        self.GX = torch.empty(batch, d_in, **kw) if shape.needs_input_grad else None
-        self.gW = torch.empty(d_o, d_in, **kw)
-        self.gb = torch.empty(d_o, **kw) if shape.bias else None
-        self.grad = torch.empty(d_o, d_a, **kw)  # [∇W | ∇b] as the curvature blocks see it
-        self.P = torch.empty(d_o, d_a, **kw)  # the preconditioned direction
-        self.Tt = torch.empty(d_a, d_o, **kw)  # (M H_a)ᵀ = H_a Mᵀ
+        self.GX = torch.zeros(batch, d_in, **kw) if shape.needs_input_grad else None
+        self.gW = torch.zeros(d_o, d_in, **kw)
+        self.gb = torch.zeros(d_o, **kw) if shape.bias else None
+        self.grad = (torch.randn(d_o, d_a, generator=gen) * 1e-2).to(**kw)  # [∇W | ∇b] as the blocks see it
+        self.P = torch.zeros(d_o, d_a, **kw)  # the preconditioned direction
+        self.Tt = torch.zeros(d_a, d_o, **kw)  # (M H_a)ᵀ = H_a Mᵀ
         self.rows_a = torch.rand(batch, d_a, generator=gen).to(**kw)  # [a 1] rows (the diagonal statistic)
         self.gen = gen
 
@@ -122,13 +123,13 @@ class KernelPlan:
         self.target = torch.rand(batch, self.shapes[-1].d_out, generator=gen).to(**kw)
         for i, layer in enumerate(self.layers):  # chain the buffers: layer i reads layer i-1's output
             layer.X = self.x if i == 0 else self.layers[i - 1].H
-        self.dz = torch.empty(batch, self.shapes[-1].d_out, **kw)
+        self.dz = torch.zeros(batch, self.shapes[-1].d_out, **kw)
         for i in reversed(range(len(self.layers))):  # layer i's pre-activation gradient
             layer = self.layers[i]
             if i == len(self.layers) - 1:
                 layer.G = self.dz
             elif self.activations[i]:
-                layer.G = torch.empty(batch, layer.shape.d_out, **kw)
+                layer.G = torch.zeros(batch, layer.shape.d_out, **kw)
             else:
                 layer.G = self.layers[i + 1].GX
         self.t_cov, self.t_inv = spec.curvature_update_freq, spec.inverse_update_freq
@@ -145,6 +146,7 @@ class KernelPlan:
     def _add(self, stage: str, i: int, op: Op) -> None:
         self.steps.append((stage, op.when, self._kernel(i, op)))
         self._scheduled.append((i, op))
+        self.stage_flops[stage] = self.stage_flops.get(stage, 0.0) + op.amortized_flops
 
     def _model(self, stage: str, when: str, fn: Callable[[], Any]) -> None:
         self.steps.append((stage, when, fn))
@@ -184,6 +186,7 @@ class KernelPlan:
 
     def _build(self) -> None:
         self._scheduled: list[tuple[int, Op]] = []
+        self.stage_flops: dict[str, float] = {}  # analytic amortized FLOPs per stage
         self._pass("forward", "forward", weight_grads=True)
         for comp in ("statistics",):
             for i, op in self._by(comp):
@@ -530,6 +533,7 @@ def run_floor(model: str, methods: Sequence[str], *, batch: int = 1000, device: 
             "step_x_adam": _weighted_ratio(samples, name, BASELINE, lib.schedule),
             "kernel_x_adam": _weighted_ratio(samples, f"{name}:kernels", f"{BASELINE}:kernels", plans[name].schedule),
             "components_ms": component_ms(plans[name]),
+            "stage_gflop": {k: v / 1e9 for k, v in plans[name].stage_flops.items()},  # counted, per step
         })
     return FloorResult(rows, rate, f"{model} batch {batch} {device}")
 
@@ -553,8 +557,10 @@ def format_rows(result: FloorResult) -> str:
     text.append("  overhead = step - kernels (library: Python, small ops, checks, copies); BLAS gap = kernels - "
                 "FLOP floor at the GEMM rate; x Adam: medians of per-round ratios")
     for r in result.rows:
-        comps = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["components_ms"].items(), key=lambda kv: -kv[1]))
-        text.append(f"  {r['label']} kernels by stage (ms): {comps}")
+        flops = r["stage_gflop"]
+        comps = ", ".join(f"{k} {v:.1f}" + (f" ({1000.0 * flops[k] / v:.0f})" if flops.get(k) and v > 0 else "")
+                          for k, v in sorted(r["components_ms"].items(), key=lambda kv: -kv[1]))
+        text.append(f"  {r['label']} kernels by stage, ms (counted GFLOP/s): {comps}")
     return "\n".join(text)
 
 
