@@ -24,6 +24,9 @@ host reads); *BLAS efficiency* = kernel floor − FLOP floor (these shapes run b
 rate, non-GEMM kernels such as Cholesky and triangular solves, the factor statistic computed as a
 full GEMM ``XᵀX`` where the count assumes a symmetric ``syrk``, memory-bound elementwise passes).
 
+``--stages`` also times the library's step by stage (:func:`library_stages`: the passes, statistics,
+preconditioning, pair updates, snapshot, checks, the rest), to set beside the plan's stages.
+
 Both the library step and the kernel plan are timed interleaved, one step each in turn, with the
 clock of :mod:`benchmarks.timing` (``--clock thread``: the step thread's CPU time), phases weighted
 as in :mod:`benchmarks.throughput` (KFAC's inverse and statistics steps). Every kernel plan is also
@@ -477,6 +480,82 @@ def component_ms(plan: KernelPlan, repeats: int = 3) -> dict[str, float]:
     return out
 
 
+#: library functions timed by :func:`library_stages` (owner import path, attribute, stage)
+LIBRARY_STAGES = (
+    ("curvature.blocks:KroneckerBlock", "update_statistics", "statistics"),
+    ("curvature.blocks:KroneckerBlock", "precondition", "precondition"),
+    ("optimizers.data_parallel:DataParallel", "second_pass", "pair updates"),
+    ("optimizers.driver:CurvatureOptimizer", "_snapshot", "snapshot"),
+    ("optimizers.driver:CurvatureOptimizer", "_refresh_inverses", "inverses"),
+    ("optimizers.driver:CurvatureOptimizer", "_monte_carlo_fisher_pass", "mc_pass"),
+    ("optimizers.driver:CurvatureOptimizer", "_nonfinite_reason", "checks"),
+    ("optimizers.driver", "finite_flag", "checks"),
+    ("optimizers.driver", "all_finite", "checks"),
+)
+
+
+def library_stages(candidate: Any, steps: int = 3) -> dict[str, float]:
+    """Thread CPU ms per step of the library's step by stage, measured by wrapping the functions of
+    :data:`LIBRARY_STAGES` and the candidate's closure (first call of a step: ``first pass``, second:
+    ``second pass``) with ``time.thread_time`` accumulators, each exclusive of the wrapped calls nested in
+    it; ``rest`` is the remainder of the step (update, copies, hooks, Python). No profiler tracing: the
+    wrappers add about a microsecond per call. Everything is restored on return."""
+    import importlib
+
+    acc: dict[str, float] = {}
+    stack: list[float] = []
+
+    def timed(fn: Callable[..., Any], label: Callable[[], str] | str) -> Callable[..., Any]:
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.thread_time()
+            stack.append(0.0)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.thread_time() - t0
+                nested = stack.pop()
+                name = label() if callable(label) else label
+                acc[name] = acc.get(name, 0.0) + elapsed - nested
+                if stack:
+                    stack[-1] += elapsed
+        return inner
+
+    patched: list[tuple[Any, str, Any]] = []
+    for target, attr, label in LIBRARY_STAGES:
+        module, _, cls = target.partition(":")
+        owner = importlib.import_module(module)
+        owner = getattr(owner, cls) if cls else owner
+        if attr in vars(owner):
+            patched.append((owner, attr, vars(owner)[attr]))
+            setattr(owner, attr, timed(getattr(owner, attr), label))
+    calls = [0]
+    closure = candidate.closure
+
+    def pass_label() -> str:
+        return "first pass" if calls[0] == 1 else "second pass"
+
+    def counted() -> Any:
+        calls[0] += 1
+        return closure()
+
+    candidate.closure = timed(counted, pass_label)
+    total = 0.0
+    try:
+        for _ in range(steps):
+            calls[0] = 0
+            t0 = time.thread_time()
+            candidate.step()
+            total += time.thread_time() - t0
+    finally:
+        candidate.closure = closure
+        for owner, attr, original in reversed(patched):
+            setattr(owner, attr, original)
+    out = {k: 1000.0 * v / steps for k, v in acc.items()}
+    out["rest"] = 1000.0 * total / steps - sum(out.values())
+    out["step"] = 1000.0 * total / steps
+    return out
+
+
 @dataclass
 class FloorResult:
     rows: list[dict[str, Any]]
@@ -485,7 +564,8 @@ class FloorResult:
 
 
 def run_floor(model: str, methods: Sequence[str], *, batch: int = 1000, device: str = "cpu", steps: int = 8,
-              warmup: int = 2, repeats: int = 2, seed: int = 0, log: Callable[[str], None] = print) -> FloorResult:
+              warmup: int = 2, repeats: int = 2, seed: int = 0, stages: bool = False,
+              log: Callable[[str], None] = print) -> FloorResult:
     """Time every method's library step and its kernel plan interleaved; see the module docstring."""
     dev = torch.device(device)
     workload = Workload.autoencoder(model, batch)
@@ -533,6 +613,7 @@ def run_floor(model: str, methods: Sequence[str], *, batch: int = 1000, device: 
             "step_x_adam": _weighted_ratio(samples, name, BASELINE, lib.schedule),
             "kernel_x_adam": _weighted_ratio(samples, f"{name}:kernels", f"{BASELINE}:kernels", plans[name].schedule),
             "components_ms": component_ms(plans[name]),
+            "library_stages_ms": library_stages(lib, repeats) if stages else None,
             "stage_gflop": {k: v / 1e9 for k, v in plans[name].stage_flops.items()},  # counted, per step
         })
     return FloorResult(rows, rate, f"{model} batch {batch} {device}")
@@ -561,6 +642,10 @@ def format_rows(result: FloorResult) -> str:
         comps = ", ".join(f"{k} {v:.1f}" + (f" ({1000.0 * flops[k] / v:.0f})" if flops.get(k) and v > 0 else "")
                           for k, v in sorted(r["components_ms"].items(), key=lambda kv: -kv[1]))
         text.append(f"  {r['label']} kernels by stage, ms (counted GFLOP/s): {comps}")
+        if r.get("library_stages_ms"):
+            lib = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["library_stages_ms"].items(), key=lambda kv: -kv[1])
+                            if k != "step")
+            text.append(f"  {r['label']} library step {r['library_stages_ms']['step']:.1f} ms by stage: {lib}")
     return "\n".join(text)
 
 
@@ -576,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=("wall", "thread"), default="wall")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stages", action="store_true", help="also time the library's step by stage (library_stages)")
     p.add_argument("--out", type=Path, default=None)
     return p
 
@@ -592,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     set_cpu_clock(args.clock)
     try:
         result = run_floor(args.model, methods, batch=args.batch, device=args.device, steps=args.steps,
-                           warmup=args.warmup, repeats=args.repeats, seed=args.seed)
+                           warmup=args.warmup, repeats=args.repeats, seed=args.seed, stages=args.stages)
     finally:
         set_cpu_clock(previous)
     text = format_rows(result)
