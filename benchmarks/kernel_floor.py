@@ -339,12 +339,17 @@ class KernelPlan:
                     p.addcdiv_(mm, denom, value=-_LR / 0.5)
             return adam
         if k == "row_means":
+            # K-BFGS reads four different row sets of [B, d_out] (h and g before and after the step) and the
+            # input rows once: distinct buffers, so no mean reads rows another one just brought into cache
             b, d, count = op.dims
-            rows = L.H if d == L.shape.d_out else L.X
+            if d == L.shape.d_out and count == 4:
+                sets = [L.H, L.G, torch.zeros(b, d, **kw), torch.zeros(b, d, **kw)]
+            else:
+                sets = [L.H if d == L.shape.d_out else L.X] * count
             out = torch.empty(d, **kw)
 
             def means():
-                for _ in range(count):
+                for rows in sets:
                     torch.mean(rows, 0, out=out)
             return means
         raise ValueError(f"no kernel for {k!r}")
