@@ -1156,13 +1156,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _first_check_deferrable(self, k: int, loss, stats_due: bool, second_pass: bool, guarded: bool) -> bool:
         """Whether this step may check its first pass together with the new point (one host read).
 
-        The common step: one process, no KL clipping, no precondition hooks, fixed damping, no
-        Monte-Carlo pass this step, a loss that is a tensor (or absent). A step that keeps a full
+        The common step: one process, no precondition hooks, fixed damping, no Monte-Carlo pass this
+        step, a loss that is a tensor (or absent). With KL clipping the flags are read with the
+        clipping's inner products instead (the clip needs its own read before the update). A step that keeps a full
         snapshot anyway (a second pass, an inverse refresh) undoes a bad first pass from it; otherwise
         recovery's rollback point does, and every block must precondition from cached inverses only
         (``applies_cached_inverse``), so that the batch statistics can be folded in after the check.
         """
-        if (self.data_parallel.active or self.kl_clip is not None or self._precondition_hooks
+        if (self.data_parallel.active or self._precondition_hooks
                 or self.damping.needs_reduction_ratio
                 or (loss is not None and not isinstance(loss, torch.Tensor))
                 or (stats_due and self.fisher == "mc" and any(s.block.needs_g for s in self.slots.values()))):
@@ -1261,7 +1262,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             directions[name] = slot.block.precondition(g)
             for hook in list(self._precondition_hooks.values()):
                 hook(k, name, slot.block, g, directions[name])
-        scale = self._kl_scale(settings, pre, directions) * self.recovery.step_scale
+        if self.kl_clip is not None and first_flags is not None:  # read with the clip's inner products
+            scale = self._kl_scale(settings, pre, directions, first_flags) * self.recovery.step_scale
+            first_flags = None
+        else:
+            scale = self._kl_scale(settings, pre, directions) * self.recovery.step_scale
 
         for name, slot in self.slots.items():
             d_w, d_b = slot.adapter.split_matrix(directions[name])
@@ -1281,18 +1286,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             step_sizes = {n: settings[n].lr_w * scale for n in self.slots}
             self._second_pass(closure, records, loss, step_sizes, grads, directions, snapshot, info,
                               params if point is not None else [], first_flags)
-        elif first_flags is not None:  # one read: the first pass and the new point
-            *first, point_ok = read_scalars([*first_flags, finite_flag(*params)])
-            if (reason := first_pass_reason(first)) is not None:
+        elif point is not None:  # one read: the new point, and the first pass when its check was deferred
+            flags = [] if first_flags is None else list(first_flags)
+            *first, point_ok = read_scalars(flags + [finite_flag(*params)])
+            if flags and (reason := first_pass_reason(first)) is not None:
                 raise _FirstPassNotFinite(reason)
             if not point_ok and not all_finite(*params):
                 self._revert_update(snapshot, point, info)
             elif late_statistics and stats_due:
                 self._update_statistics(records, grads)
-        elif point is not None and not all_finite(*params):
-            self._revert_update(snapshot, point, info)
-        elif late_statistics and stats_due:
-            self._update_statistics(records, grads)
         return info
 
     def _revert_update(self, snapshot, point, info: StepInfo) -> None:
@@ -1378,9 +1380,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         inverter.run()
         self.counters["inversion_recoveries"] = self.inversion_stats.recovered
 
-    def _kl_scale(self, settings: Mapping[str, PartSettings], inputs, directions) -> float:
+    def _kl_scale(self, settings: Mapping[str, PartSettings], inputs, directions,
+                  first_flags: torch.Tensor | None = None) -> float:
         r""":math:`\nu = \min(1, \sqrt{c / v})` with :math:`v = \sum \alpha^2\langle d, m\rangle` over
-        layers (and over weight and bias parts with their own learning rates)."""
+        layers (and over weight and bias parts with their own learning rates).
+
+        One host read for every layer's inner products, together with a deferred first-pass check
+        (``first_flags``; raises :class:`_FirstPassNotFinite` when it failed)."""
         if self.kl_clip is None:
             return 1.0
         sums = []  # every layer's inner products, read from the device at once
@@ -1391,7 +1397,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             else:
                 (dw, db), (mw, mb) = slot.adapter.split_matrix(d), slot.adapter.split_matrix(m)
                 sums += [torch.sum(dw * mw), torch.sum(db * mb)]
-        values = iter(read_scalars(sums))
+        flags = [] if first_flags is None else list(first_flags)
+        read = read_scalars(flags + sums)
+        if flags and (reason := first_pass_reason(read[:len(flags)])) is not None:
+            raise _FirstPassNotFinite(reason)
+        values = iter(read[len(flags):])
         vg = 0.0
         for name in self.slots:  # the same Python arithmetic as one read per layer
             part = settings[name]

@@ -12,9 +12,9 @@ for every optimizer. The first pass's finite check (exact on-device flags of the
 gradient) is read together with the new point's check and, for K-BFGS/K-BFGS(L), every layer's pair
 decisions; a step whose first pass was not finite is then undone bit for bit and skipped. KFAC adds
 one read on a step that refreshes inverses (every success mask of every factor size at once).
-Reads of options: KL clipping keeps the checked step (first-pass check, ⟨d, m⟩ of every layer at
-once, new-point check: 3); ``recovery=False`` without a refresh keeps no point, so only the first
-pass is checked (1).
+Reads of options: KL clipping needs ⟨d, m⟩ of every layer on the host before the update, so the
+first-pass flags are read with those, and the new point (and pair decisions) after: 2.
+``recovery=False`` without a refresh keeps no point, so only the first pass is checked (1).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ CASES = {
     "kfac-no-recovery": (lambda m: KFAC(m, inverse_update_freq=4, inverse_warmup_steps=0, recovery=False),
                          lambda L, refresh: 1 + refresh),
     "kfac-kl-clip": (lambda m: KFAC(m, inverse_update_freq=4, inverse_warmup_steps=0, kl_clip=1e-3),
-                     lambda L, refresh: 3 + refresh),
+                     lambda L, refresh: 2 + refresh),
     "diagonal": (lambda m: Diagonal(m), lambda L, refresh: 1),
     "kbfgs": (lambda m: KBFGS(m), lambda L, refresh: 1),
     "kbfgsl": (lambda m: KBFGSL(m, memory=3), lambda L, refresh: 1),
