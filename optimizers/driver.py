@@ -278,6 +278,17 @@ def _check_blocks(model: nn.Module, blocks: Mapping[Any, Any]) -> None:
 
 #: Why a step is reverted when its update made a parameter non-finite.
 _BAD_NEW_POINT = "non-finite parameters after the update (step reverted)"
+_LOSS_ROSE = "loss rose by more than max_loss_rise at the new point (step reverted)"
+
+
+def loss_rose(before: torch.Tensor | float, after: torch.Tensor | float, factor: float) -> torch.Tensor | bool:
+    r"""Whether :math:`f^+ - f > (\text{factor} - 1)\,|f|` (on the device for tensors, no host read)."""
+    if isinstance(before, torch.Tensor) or isinstance(after, torch.Tensor):
+        f = before.detach() if isinstance(before, torch.Tensor) else torch.tensor(before)
+        g = after.detach() if isinstance(after, torch.Tensor) else torch.tensor(after)
+        g = g.to(f.device)
+        return (g - f > (factor - 1.0) * f.abs()).reshape(())
+    return after - before > (factor - 1.0) * abs(before)
 
 
 def first_pass_flags(loss: torch.Tensor | None, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -1540,15 +1551,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         flags = [] if first_flags is None else list(first_flags)
         missing = [name for name, slot in self.slots.items() if slot.block.needs_second_pass
                    and (name not in after or name not in before or after[name].grad_rows is None)]
+        rise = None if self.damping.needs_reduction_ratio else self.recovery.loss_rise_factor
+        one_process = not self.data_parallel.active
+        rose: list[torch.Tensor] = []
+        if rise is not None and one_process and loss is not None and loss_after is not None:
+            rose = [torch.as_tensor(loss_rose(loss, loss_after, rise))]
         finish = None
-        if not self.data_parallel.active and not missing:  # candidates first, then one read for everything
+        if one_process and not missing:  # candidates first, then one read for everything
             scalars, finish = self.data_parallel.prepare_second_pass(self.slots, before, after)
-            values = read_scalars(flags + [finite_flag(*fused)] + scalars)
-            decisions = values[len(flags) + 1:]
+            values = read_scalars(flags + [finite_flag(*fused)] + rose + scalars)
+            decisions = values[len(flags) + 1 + len(rose):]
         else:
-            values = read_scalars(flags + [finite_flag(*fused)])
+            values = read_scalars(flags + [finite_flag(*fused)] + rose)
         if flags and (reason := first_pass_reason(values[:len(flags)])) is not None:
             raise _FirstPassNotFinite(reason)
+        blew_up = bool(rose) and bool(values[len(flags) + 1])
         bad = bool(loss_after is not None and not isinstance(loss_after, torch.Tensor)
                    and not math.isfinite(float(loss_after))) or not values[len(flags)]
         if bad and params and not all_finite(*params):  # the update itself left the finite region
@@ -1562,6 +1579,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"layer {missing[0]!r} was not evaluated (forward and backward) by the closure on both calls: the "
                 "closure must run the same batch through the model and call backward every time"
             )
+        if not bad and blew_up:  # a finite blow-up on this batch: undone like a non-finite point
+            self._restore(snapshot)
+            self._count_revert(_LOSS_ROSE, info)
+            return
         if finish is not None:
             if not bad:
                 finish(decisions)
@@ -1571,6 +1592,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if bad:
             self._restore(snapshot)
             self._count_revert("non-finite loss or gradient at the new point (step reverted)", info)
+            return
+        if (rise is not None and not one_process and loss_after_all is not None
+                and loss_rose(_as_float(self.data_parallel.agreed_loss(loss)), _as_float(loss_after_all), rise)):
+            self._restore(snapshot)  # the rise of the losses agreed over ranks: every rank decides alike
+            self._count_revert(_LOSS_ROSE, info)
             return
         if self.damping.needs_reduction_ratio:
             model_change = 0.0
