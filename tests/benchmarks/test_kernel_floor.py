@@ -14,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.flops import MethodSpec, mlp_shapes, step_floor, step_ops
-from benchmarks.kernel_floor import KernelPlan, activations_of, main
+from benchmarks.kernel_floor import LIBRARY_STAGES, KernelPlan, activations_of, library_stages, main
 from benchmarks.models import build_autoencoder
 
 # The 2-layer MLP 3 -> 2 -> 4 with biases, batch 5 of tests/benchmarks/test_flops.py.
@@ -115,3 +115,31 @@ def test_cli_reports_the_split(tmp_path, capsys):
         assert row["flop_ms"] + row["blas_ms"] + row["overhead_ms"] == pytest.approx(row["step_ms"])
         assert row["kernel_ms"] > 0 and row["flop_gflop"] > 0
     assert "K-BFGS" in capsys.readouterr().out
+
+
+def test_library_stages_partition_the_step_and_restore_the_library():
+    """Every stage is charged exclusively (the stages and the rest add up to the step, none negative), K-BFGS's
+    two closure calls are told apart, and every wrapped function is the original again afterwards."""
+    import importlib
+
+    from benchmarks.throughput import Workload, make_candidate
+
+    def originals():
+        out = []
+        for target, attr, _ in LIBRARY_STAGES:
+            module, _, cls = target.partition(":")
+            owner = importlib.import_module(module)
+            owner = getattr(owner, cls) if cls else owner
+            out.append(vars(owner).get(attr))
+        return out
+
+    before = originals()
+    cand = make_candidate("kbfgs", Workload.autoencoder("tiny", 16), torch.device("cpu"))
+    closure = cand.closure
+    cand.step()
+    stages = library_stages(cand, steps=2)
+    assert {"first pass", "second pass", "statistics", "precondition", "pair updates", "snapshot", "checks"} <= set(stages)
+    assert all(v >= 0.0 for k, v in stages.items() if k != "rest") and stages["rest"] > -1e-3
+    parts = sum(v for k, v in stages.items() if k != "step")
+    assert parts == pytest.approx(stages["step"], rel=1e-9)
+    assert originals() == before and cand.closure is closure
