@@ -239,62 +239,146 @@ def lbfgs_append_flops(dim: int, pairs: int) -> float:
     return 6.0 * pairs * dim
 
 
+# ---------------------------------------------------------------------------------- the operation list
+#: The kernels an :class:`Op` names (:mod:`benchmarks.kernel_floor` executes each as bare torch calls):
+#:
+#: * ``linear`` ``(B, d_in, d_out, bias)``: ``[B, d_in] @ [d_in, d_out]`` (+ bias) — forward;
+#: * ``weight_grad`` ``(B, d_in, d_out, bias)``: ``[d_out, B] @ [B, d_in]`` (+ the bias column sum);
+#: * ``input_grad`` ``(B, d_in, d_out)``: ``[B, d_out] @ [d_out, d_in]``;
+#: * ``gram_ema`` ``(B, d, ones)``: :math:`F \leftarrow \beta F + \alpha [X\ 1]^\top [X\ 1]` (``ones``) or
+#:   :math:`\beta F + \alpha X^\top X` for ``X`` of shape ``[B, d]`` (the statistic folded into its EMA; counted
+#:   as a symmetric rank-B update of the ``d_a × d_a`` (or ``d × d``) matrix plus the EMA);
+#: * ``kron`` ``(d_out, d_a)``: :math:`H_g M H_a`;
+#: * ``right`` ``(d_out, d_a)``: :math:`M H_a` (K-BFGS(L), whose H_g side is an ``lbfgs_apply``);
+#: * ``inverse`` ``(d, method)``: the damped inverse (Cholesky + inverse from the factor, or eigh);
+#: * ``bfgs_dense`` ``(d,)``: :math:`Hy` for double damping, :math:`u = H\tilde y`, rank-2 update;
+#: * ``hessian_action`` ``(d,)``: :math:`s = H\bar{\bar a}`, :math:`y = Ms`, :math:`u = Hy`, rank-2 update;
+#: * ``lbfgs_apply`` ``(d, n, p)``: compact L-BFGS :math:`HV`, ``V`` of shape ``[d, n]``;
+#: * ``lbfgs_append`` ``(d, p)``: the new row and column of :math:`S^\top Y` and :math:`Y^\top Y`;
+#: * ``diag_stat`` ``(B, d_out, d_a)``: :math:`(g\circ g)^\top(\bar a\circ\bar a)` folded into its EMA;
+#: * ``diag_inverse`` ``(d_out, d_a)``: :math:`(v + \lambda)^{-1}`; ``diag_apply``: :math:`M\circ(v+\lambda)^{-1}`;
+#: * ``sgdm_update`` / ``adam_update`` ``(d_out, d_a)``: the elementwise parameter update (weight and bias);
+#: * ``row_means`` ``(B, d, count)``: ``count`` column means of ``[B, d]`` rows (K-BFGS's pair means;
+#:   :math:`O(Bd)`, so 0 counted FLOPs).
+KERNELS = ("linear", "weight_grad", "input_grad", "gram_ema", "kron", "right", "inverse", "bfgs_dense",
+           "hessian_action", "lbfgs_apply", "lbfgs_append", "diag_stat", "diag_inverse", "diag_apply",
+           "sgdm_update", "adam_update", "row_means")
+#: When an op runs: every step, on statistics steps (every T_cov) or on inverse steps (every T_inv).
+WHEN = ("step", "stats", "inverse")
+
+
+@dataclass(frozen=True)
+class Op:
+    """One dense operation of a step: the component it is counted under, the kernel that computes it,
+    that kernel's arguments (``dims``), its FLOPs per execution (the counting conventions of the module
+    docstring) and how often it runs (``every`` steps; ``when`` says which schedule: ``step``,
+    ``stats`` = every T_cov, ``inverse`` = every T_inv). Its amortized FLOPs are ``flops / every``."""
+
+    component: str
+    kernel: str
+    dims: tuple
+    flops: float
+    when: str = "step"
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.when not in WHEN:
+            raise ValueError(f"when must be one of {WHEN}, got {self.when!r}")
+
+    @property
+    def amortized_flops(self) -> float:
+        return self.flops / self.every
+
+
+def layer_ops(spec: MethodSpec, layer: LinearShape, batch: int,
+              constants: FlopConstants = DEFAULT_CONSTANTS) -> list[Op]:
+    """The operations one step of ``spec`` performs on ``layer``, in execution order (module docstring)."""
+    B, d_in, d_o, d_a = batch, layer.d_in, layer.d_out, layer.d_a
+    t_cov, t_inv = spec.curvature_update_freq, spec.inverse_update_freq
+    gemm = (B, d_in, d_o, layer.bias)
+    ops = [Op("forward", "linear", gemm, forward_flops(layer, B)),
+           Op("backward_weights", "weight_grad", gemm, weight_grad_flops(layer, B))]
+    if layer.needs_input_grad:
+        ops.append(Op("backward_inputs", "input_grad", (B, d_in, d_o), input_grad_flops(layer, B)))
+
+    def update(kind: str) -> Op:
+        per = constants.adam_update if kind == "adam" else constants.sgdm_update
+        return Op("update", f"{kind}_update", (d_o, d_a), per * layer.params)
+
+    if spec.kind in ("adam", "sgdm"):
+        return ops + [update(spec.kind)]
+    if spec.kind == "diagonal":
+        stats = 2.0 * B * d_o * d_a + B * (d_o + d_a) + ema_flops(layer.params)
+        return ops + [Op("statistics", "diag_stat", (B, d_o, d_a), stats, "stats", t_cov),
+                      Op("inverse", "diag_inverse", (d_o, d_a), 2.0 * layer.params, "inverse", t_inv),
+                      Op("precondition", "diag_apply", (d_o, d_a), float(layer.params)),
+                      update("sgdm")]
+    if spec.kind == "kfac":
+        ops += [Op("statistics", "gram_ema", (B, d_in, layer.bias), covariance_flops(d_a, B) + ema_flops(d_a * d_a),
+                   "stats", t_cov),
+                Op("statistics", "gram_ema", (B, d_o, False), covariance_flops(d_o, B) + ema_flops(d_o * d_o), "stats", t_cov)]
+        if spec.fisher == "mc":
+            ops.append(Op("mc_pass", "linear", gemm, forward_flops(layer, B), "stats", t_cov))
+            if layer.needs_input_grad:
+                ops.append(Op("mc_pass", "input_grad", (B, d_in, d_o), input_grad_flops(layer, B), "stats", t_cov))
+        method = spec.inverse_method
+        ops += [Op("inverse", "inverse", (d_a, method), damped_inverse_flops(d_a, method, constants), "inverse", t_inv),
+                Op("inverse", "inverse", (d_o, method), damped_inverse_flops(d_o, method, constants), "inverse", t_inv),
+                Op("precondition", "kron", (d_o, d_a), kron_precondition_flops(d_o, d_a)),
+                update("sgdm")]
+        return ops
+    # K-BFGS and K-BFGS(L): A statistics every step, the second pass, H_a by Hessian action.
+    ops.append(Op("statistics", "gram_ema", (B, d_in, layer.bias), covariance_flops(d_a, B) + ema_flops(d_a * d_a)))
+    p = int(spec.memory or 0)
+    if spec.kind == "kbfgs":
+        ops.append(Op("precondition", "kron", (d_o, d_a), kron_precondition_flops(d_o, d_a)))
+    else:
+        ops += [Op("precondition", "right", (d_o, d_a), 2.0 * d_o * d_a * d_a),
+                Op("precondition", "lbfgs_apply", (d_o, d_a, p), lbfgs_apply_flops(d_o, d_a, p))]
+    ops.append(update("sgdm"))
+    ops.append(Op("second_pass", "linear", gemm, forward_flops(layer, B)))
+    if layer.needs_input_grad:
+        ops.append(Op("second_pass", "input_grad", (B, d_in, d_o), input_grad_flops(layer, B)))
+    # the pair means (h and g before and after, the mean input): O(B d), not counted
+    ops += [Op("pair_means", "row_means", (B, d_o, 4), 0.0), Op("pair_means", "row_means", (B, d_in, 1), 0.0)]
+    if spec.kind == "kbfgs":
+        ops.append(Op("hg_update", "bfgs_dense", (d_o,), dense_double_damping_flops(d_o) + bfgs_inverse_update_flops(d_o)))
+    else:
+        ops += [Op("hg_update", "lbfgs_apply", (d_o, 1, p), lbfgs_apply_flops(d_o, 1, p)),
+                Op("hg_update", "lbfgs_append", (d_o, p), lbfgs_append_flops(d_o, p))]
+    ops.append(Op("ha_update", "hessian_action", (d_a,), hessian_action_update_flops(d_a)))
+    return ops
+
+
+def step_ops(spec: MethodSpec, layers: Iterable[LinearShape], batch: int,
+             constants: FlopConstants = DEFAULT_CONSTANTS) -> list[tuple[int, Op]]:
+    """``(layer index, op)`` for every operation of one step of ``spec``, layer by layer."""
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers is empty")
+    return [(i, op) for i, layer in enumerate(layers) for op in layer_ops(spec, layer, batch, constants)]
+
+
 # ---------------------------------------------------------------------------------- per-method floors
 def layer_floor(spec: MethodSpec, layer: LinearShape, batch: int,
                 constants: FlopConstants = DEFAULT_CONSTANTS) -> FlopBreakdown:
-    """The amortized FLOPs one step of ``spec`` spends on ``layer`` (see the module docstring)."""
+    """The amortized FLOPs one step of ``spec`` spends on ``layer``: its :func:`layer_ops`, by component."""
     out = FlopBreakdown()
-    d_a, d_o, params = layer.d_a, layer.d_out, layer.params
-    out.add("forward", forward_flops(layer, batch))
-    out.add("backward_weights", weight_grad_flops(layer, batch))
-    out.add("backward_inputs", input_grad_flops(layer, batch))
-    t_cov, t_inv = spec.curvature_update_freq, spec.inverse_update_freq
-    if spec.kind == "adam":
-        out.add("update", constants.adam_update * params)
-        return out
-    out.add("update", constants.sgdm_update * params)
-    if spec.kind == "sgdm":
-        return out
-    if spec.kind == "diagonal":
-        out.add("statistics", (2.0 * batch * d_o * d_a + batch * (d_o + d_a) + ema_flops(params)) / t_cov)
-        out.add("inverse", 2.0 * params / t_inv)
-        out.add("precondition", float(params))
-        return out
-    if spec.kind == "kfac":
-        stats = covariance_flops(d_a, batch) + covariance_flops(d_o, batch) + ema_flops(d_a * d_a + d_o * d_o)
-        out.add("statistics", stats / t_cov)
-        if spec.fisher == "mc":
-            out.add("mc_pass", (forward_flops(layer, batch) + input_grad_flops(layer, batch)) / t_cov)
-        inverse = damped_inverse_flops(d_a, spec.inverse_method, constants) + damped_inverse_flops(d_o, spec.inverse_method, constants)
-        out.add("inverse", inverse / t_inv)
-        out.add("precondition", kron_precondition_flops(d_o, d_a))
-        return out
-    # K-BFGS and K-BFGS(L): A statistics every step, the second pass, H_a by Hessian action.
-    out.add("statistics", covariance_flops(d_a, batch) + ema_flops(d_a * d_a))
-    out.add("second_pass", forward_flops(layer, batch) + input_grad_flops(layer, batch))
-    out.add("ha_update", hessian_action_update_flops(d_a))
-    if spec.kind == "kbfgs":
-        out.add("precondition", kron_precondition_flops(d_o, d_a))
-        out.add("hg_update", dense_double_damping_flops(d_o) + bfgs_inverse_update_flops(d_o))
-        return out
-    p = int(spec.memory or 0)
-    out.add("precondition", 2.0 * d_o * d_a * d_a + lbfgs_apply_flops(d_o, d_a, p))
-    out.add("hg_update", lbfgs_apply_flops(d_o, 1, p) + lbfgs_append_flops(d_o, p))
+    for op in layer_ops(spec, layer, batch, constants):
+        out.add(op.component, op.amortized_flops)
     return out
 
 
 def step_floor(spec: MethodSpec, layers: Iterable[LinearShape], batch: int,
                constants: FlopConstants = DEFAULT_CONSTANTS) -> FlopBreakdown:
     """The amortized FLOP floor of one step of ``spec`` on a network of ``layers`` with ``batch`` rows."""
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
     total = FlopBreakdown()
-    layers = list(layers)
-    if not layers:
-        raise ValueError("layers is empty")
-    for layer in layers:
-        for name, value in layer_floor(spec, layer, batch, constants).components.items():
-            total.add(name, value)
+    for _, op in step_ops(spec, layers, batch, constants):
+        total.add(op.component, op.amortized_flops)
     return total
 
 

@@ -65,10 +65,9 @@ def pair_values(values: list[float], reference_norm: torch.Tensor | float | None
     return values
 
 
-def _pair_scalars(s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None,
-                  extra: list[torch.Tensor] = ()) -> list:
-    """``[finite(s, y), sᵀy, sᵀs, reference_norm, *extra]`` read from the device in one synchronization."""
-    return pair_values(read_scalars(pair_scalar_tensors(s, y, reference_norm, extra)), reference_norm)
+def _pair_scalars(s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None) -> list:
+    """``[finite(s, y), sᵀy, sᵀs, reference_norm]`` read from the device in one synchronization."""
+    return pair_values(read_scalars(pair_scalar_tensors(s, y, reference_norm)), reference_norm)
 
 
 def pair_reason(s: torch.Tensor, y: torch.Tensor, values: list, threshold: float) -> str | None:

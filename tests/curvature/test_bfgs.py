@@ -293,3 +293,72 @@ def test_guarded_update_applies_good_pair(device):
     assert rel_err(out, bfgs_inverse_oracle(f64(H), f64(s), f64(y))) <= 100 * eps_for(device)
     # the input is not modified in place
     assert torch.equal(f64(H), torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=F64)))
+
+
+# ------------------------------------------------------------------------------ one host read per decision
+def test_a_finite_pair_is_decided_with_one_host_read(device):
+    """check_pair and the guarded update read their scalars once (the GPU-ready contract); the exact
+    elementwise finiteness test runs only to confirm a False fused flag (a non-finite pair), never
+    for a finite pair or a finite update."""
+    from benchmarks.syncs import SyncCounter
+
+    H = torch.eye(2, dtype=F64, device=device)
+    s = torch.tensor([1.0, 0.5], dtype=F64, device=device)
+    y = torch.tensor([2.0, 1.0], dtype=F64, device=device)
+    with SyncCounter() as counter:
+        assert check_pair(s, y, reference_norm=1.0).ok
+    assert counter.count == 1, dict(counter.sites)
+    with SyncCounter() as counter:
+        out, reason = guarded_bfgs_inverse_update(H, s, y, reference_norm=1.0)
+    assert reason is None and out is not H
+    assert counter.count == 1, dict(counter.sites)
+    bad = torch.tensor([float("nan"), 0.5], dtype=F64, device=device)
+    with SyncCounter() as counter:  # the flag reads False: the exact test confirms it (more reads)
+        assert check_pair(bad, y).reason == "non-finite pair"
+    assert counter.count > 1
+
+
+# ------------------------------------------------------------------------------ extreme exponents
+def test_update_is_accurate_when_the_norm_of_s_overflows(device):
+    """H = 2⁻¹⁸⁰·I, s = (2⁵¹³, 0), y = (2⁴⁸⁶, 0): the pair lives in span(e₁), so the secant equation
+    alone fixes H⁺ = diag(s₁/y₁, H₂₂) = diag(2²⁷, 2⁻¹⁸⁰) (exact). ‖s‖ overflows (s₁² = 2¹⁰²⁶) while
+    w = (2⁻⁴⁸⁷, 0) is small, so α = √(‖w‖/‖s‖) = 0 and is clamped to √tiny = 2⁻⁵¹¹, which keeps
+    ŝ = 2²·e₁/√2 and ŵ = 2²⁴·e₁/√2 in range; a smaller clamp overflows ŵ."""
+    H = torch.eye(2, dtype=F64, device=device) * 2.0**-180
+    s = torch.tensor([2.0**513, 0.0], dtype=F64, device=device)
+    y = torch.tensor([2.0**486, 0.0], dtype=F64, device=device)
+    assert math.isinf(float(torch.linalg.vector_norm(s)))
+    out = bfgs_inverse_update(H, s, y)
+    assert abs(float(out[0, 0]) / 2.0**27 - 1.0) <= 1e-9
+    assert float(out[1, 1]) == 2.0**-180 and float(out[0, 1]) == 0.0 == float(out[1, 0])
+
+
+def test_update_is_accurate_when_the_norms_of_s_and_w_overflow(device):
+    """n = 512, H = I, s = σ·1 (σ = 1.5·2⁵¹¹), y = η·1 (η = 2⁻⁵¹⁸): every entry and the exact
+    H⁺ = I - ρ(s uᵀ + u sᵀ) + (ρ² yᵀHy + ρ) s sᵀ are finite (ρ = 1/(nση) = 1/6, so
+    H⁺ = I - (1/6)·2·ση·11ᵀ + (1/6 + n η²/36)·σ²·11ᵀ, i.e. σ²/6 = 1.5·2¹⁰²⁰ in every entry to
+    float64 precision), but ‖s‖ and ‖w‖ (w = σ/12·1 = 2⁵⁰⁸·1) overflow to inf. α is then inf/inf = NaN;
+    the fallback α = 1 keeps p, q = (ŝ ± ŵ)/√2 in range (both norms overflowing means s and w are
+    within a factor √n of each other), any other choice overflows p."""
+    n, sigma, eta = 512, 1.5 * 2.0**511, 2.0**-518
+    H = torch.eye(n, dtype=F64, device=device)
+    s = torch.full((n,), sigma, dtype=F64, device=device)
+    y = torch.full((n,), eta, dtype=F64, device=device)
+    assert math.isinf(float(torch.linalg.vector_norm(s)))
+    out = bfgs_inverse_update(H, s, y)
+    expected = sigma * sigma / 6.0  # 1.5·2¹⁰²⁰; the I and ση terms are below its rounding
+    assert bool(torch.isfinite(out).all())
+    assert float((out / expected - 1.0).abs().max()) <= 1e-12
+
+
+def test_update_is_accurate_when_only_the_norm_of_w_overflows(device):
+    """H = I, s = (2⁵⁰⁰, 0), y = (2⁻⁵¹³, 0): H⁺ = diag(s₁/y₁, 1) = diag(2¹⁰¹³, 1) (exact, the pair lives
+    in span(e₁)). Here w = (2⁵¹², 0) (ρ = 2¹³, a = 2¹³ + 2⁻¹⁰⁰⁰), so ‖w‖ overflows (w₁² = 2¹⁰²⁴) while
+    ‖s‖ is finite: α = +inf, and the fallback α = 1 keeps p, q = (ŝ ± ŵ)/√2 in range (p₁² ≈ 2¹⁰²³);
+    replacing it by the largest float overflows ŝ."""
+    H = torch.eye(2, dtype=F64, device=device)
+    s = torch.tensor([2.0**500, 0.0], dtype=F64, device=device)
+    y = torch.tensor([2.0**-513, 0.0], dtype=F64, device=device)
+    out = bfgs_inverse_update(H, s, y)
+    assert abs(float(out[0, 0]) / 2.0**1013 - 1.0) <= 1e-12
+    assert float(out[1, 1]) == 1.0 and float(out[0, 1]) == 0.0 == float(out[1, 0])
