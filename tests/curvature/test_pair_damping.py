@@ -397,3 +397,75 @@ def test_powell_b_form_is_inactive_at_equality(device):
     y = to_work(torch.tensor([0.5, 7.0], dtype=F64), device)       # sᵀy = 0.5 = μ · sᵀBs with B = I, μ = 0.5
     r, theta, active = powell_b_damping(s, y, s.clone(), mu=0.5)
     assert not active and theta == 1.0 and r is y
+
+
+def test_dd_reports_theta2_and_keeps_the_pair_dtype(device):
+    """H = I, s = (1, 0), y = (1/4, 1), μ1 = 0.2, μ2 = 1/2: step 1 is off (sᵀy = 1/4 ≥ μ1‖y‖² = 0.2125),
+    step 2 interpolates: θ2 = (1 − μ2)‖s̃‖²/(‖s̃‖² − s̃ᵀy) = (1/2)/(3/4) = 2/3 and
+    ỹ = θ2 y + (1 − θ2) s̃ = (1/2, 2/3), so s̃ᵀỹ = μ2‖s̃‖². In float32 the damped pair stays float32."""
+    for dtype, rtol in ((F64, 1e-15), (torch.float32, 1e-6)):
+        s = torch.tensor([1.0, 0.0], dtype=dtype, device=device)
+        y = torch.tensor([0.25, 1.0], dtype=dtype, device=device)
+        counters = DampingCounters()
+        pair = DoubleDamping(mu1=0.2, mu2=0.5)(s, y, lambda v: v, counters)
+        assert not pair.skipped and not pair.step1_active and pair.step2_active
+        assert pair.theta1 == 1.0 and pair.theta2 == pytest.approx(2.0 / 3.0, rel=rtol)
+        assert counters.step2 == 1 and counters.step2_guard == 0
+        assert pair.y.dtype == dtype and pair.s.dtype == dtype
+        torch.testing.assert_close(pair.y.double().cpu(), torch.tensor([0.5, 2.0 / 3.0], dtype=F64), rtol=rtol, atol=0)
+
+
+def test_dd_step2_guard_threshold_is_relative_and_strict(device):
+    """Step 2 interpolates only when ‖s̃‖² − s̃ᵀy > 1e-12·‖s̃‖² (relative: the decision does not change
+    when the pair is scaled); at or below it, the guard ỹ = y + ((μ2‖s̃‖² − s̃ᵀy)/‖s̃‖²)·s̃ is used.
+    μ2 = 1, H = I, and step 1 is off in every case (s̃ = s)."""
+    dd = DoubleDamping(mu1=0.2, mu2=1.0)
+    # exactly at the threshold (float64 values chosen so that every operation is exact): s = (1, b),
+    # ‖s‖² = 1 + b² = σ and σ − sᵀy = d = fl(1e-12·σ): not above it, so the guard fires
+    b, sigma, d = 0.009428710534373807, 1.000088900582341, 1.000088900582341e-12
+    assert 1.0 + b * b == sigma and 1e-12 * sigma == d and sigma - (sigma - d) == d
+    s = torch.tensor([1.0, b], dtype=F64, device=device)
+    y = torch.tensor([sigma - d, 0.0], dtype=F64, device=device)
+    counters = DampingCounters()
+    pair = dd(s, y, lambda v: v, counters)
+    assert pair.step2_active and counters.step2_guard == 1 and pair.theta2 == 1.0
+    want = torch.tensor([sigma - d + d / sigma, d / sigma * b], dtype=F64)  # y + (d/σ)·s
+    torch.testing.assert_close(pair.y.cpu(), want, rtol=1e-12, atol=0)
+    # relative: s = c·e₁, y = c·((1 − r)e₁ + t e₂), so ‖s̃‖² − s̃ᵀy = r·c²; r = 1e-14 takes the guard
+    # (ỹ = y + r·s = c·(1, t)), r = 1e-10 interpolates (θ2 = 0 for μ2 = 1: ỹ = s̃ = c·e₁), at every scale c
+    t = 0.5
+    for c in (2.0**-20, 1.0, 2.0**20):
+        for r, guarded in ((1e-14, True), (1e-10, False)):
+            s = torch.tensor([c, 0.0], dtype=F64, device=device)
+            y = torch.tensor([c * (1.0 - r), c * t], dtype=F64, device=device)
+            counters = DampingCounters()
+            pair = dd(s, y, lambda v: v, counters)
+            assert pair.step2_active and counters.step2_guard == int(guarded), (c, r)
+            want = torch.tensor([c, c * t] if guarded else [c, 0.0], dtype=F64)
+            torch.testing.assert_close(pair.y.cpu(), want, rtol=1e-9, atol=0)
+
+
+def test_dd_skips_a_damped_s_that_overflows_while_y_stays_finite(device):
+    """A non-finite s̃ is never returned, also when ỹ is finite. Step 1 overflows with an indefinite H
+    (H = −I; the optimizers' H is SPD, but the damping takes any action): y = e₁, s = (−1 + 2⁻⁴⁰, 10³⁰⁰)
+    gives sᵀy = −1 + 2⁻⁴⁰ < μ1 yᵀHy = −0.2, θ1 = (1 − μ1)yᵀHy/(yᵀHy − sᵀy) = 0.8·2⁴⁰, so
+    s̃₂ = θ1·10³⁰⁰ = inf; s̃ᵀy is NaN (inf·0), step 2 is off and ỹ = y is finite."""
+    s = torch.tensor([-1.0 + 2.0**-40, 1e300], dtype=F64, device=device)
+    y = torch.tensor([1.0, 0.0], dtype=F64, device=device)
+    counters = DampingCounters()
+    pair = DoubleDamping(mu1=0.2, mu2=0.5)(s, y, lambda v: -v, counters)
+    assert pair.skip_reason == "non-finite damped pair" and pair.s is s and pair.y is y
+    assert counters.skip_reasons == {"non-finite damped pair": 1}
+
+
+def test_dd_decides_a_finite_pair_with_one_host_read(device):
+    """The GPU-ready contract: one read of the draft's scalars per pair (both variants); the exact
+    elementwise finiteness tests run only to confirm a False fused flag."""
+    from benchmarks.syncs import SyncCounter
+
+    s = torch.tensor([1.0, 0.0], dtype=F64, device=device)
+    y = torch.tensor([0.25, 1.0], dtype=F64, device=device)
+    for variant in ("interpolate", "lm"):
+        with SyncCounter() as counter:
+            pair = DoubleDamping(mu1=0.2, mu2=0.5, variant=variant)(s, y, lambda v: v)
+        assert not pair.skipped and counter.count == 1, (variant, dict(counter.sites))
