@@ -36,7 +36,7 @@ class CompactLBFGS:
     Args:
         dim: dimension of the pairs.
         memory: the number of pairs kept (default 100, K-BFGS(L)'s p); the oldest is dropped first.
-        gamma: :math:`H_0 = \gamma I` (default 1).
+        gamma: H0 = gamma·I (default 1).
         dtype, device: of the stored pairs and matrices; appended pairs and loaded states are converted.
     """
 

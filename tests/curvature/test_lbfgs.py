@@ -246,10 +246,12 @@ def test_load_state_dict_converts_copies_and_names_the_mismatch(device):
     lb.load_state_dict(state)
     for name in ("S", "Y", "SY", "YY", "R"):
         assert getattr(lb, name).dtype == F64 and getattr(lb, name).device == lb.S.device, name
-    before = lb.to_dense().clone()
+    same = CompactLBFGS(3, 4, dtype=F64, device=device)  # same dtype and device: nothing to convert
+    same.load_state_dict(lb.state_dict() | {"S": lb.S, "Y": lb.Y, "SY": lb.SY, "YY": lb.YY})
+    before = same.to_dense().clone()
     for key in ("S", "Y", "SY", "YY"):
-        state[key].mul_(3.0)
-    assert torch.equal(lb.to_dense(), before)
+        getattr(lb, key).mul_(3.0)
+    assert torch.equal(same.to_dense(), before)
     state4 = CompactLBFGS(4, 2).state_dict()
     with pytest.raises(ValueError, match=r"dimension torch\.Size\(\[4\]\) does not match dim 3"):
         CompactLBFGS(3, 2).load_state_dict(state4)
