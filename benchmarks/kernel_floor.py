@@ -339,12 +339,17 @@ class KernelPlan:
                     p.addcdiv_(mm, denom, value=-_LR / 0.5)
             return adam
         if k == "row_means":
+            # K-BFGS reads four different row sets of [B, d_out] (h and g before and after the step) and the
+            # input rows once: distinct buffers, so no mean reads rows another one just brought into cache
             b, d, count = op.dims
-            rows = L.H if d == L.shape.d_out else L.X
+            if d == L.shape.d_out and count == 4:
+                sets = [L.H, L.G, torch.zeros(b, d, **kw), torch.zeros(b, d, **kw)]
+            else:
+                sets = [L.H if d == L.shape.d_out else L.X] * count
             out = torch.empty(d, **kw)
 
             def means():
-                for _ in range(count):
+                for rows in sets:
                     torch.mean(rows, 0, out=out)
             return means
         raise ValueError(f"no kernel for {k!r}")
@@ -485,6 +490,7 @@ LIBRARY_STAGES = (
     ("curvature.blocks:KroneckerBlock", "update_statistics", "statistics"),
     ("curvature.blocks:KroneckerBlock", "precondition", "precondition"),
     ("optimizers.data_parallel:DataParallel", "second_pass", "pair updates"),
+    ("optimizers.data_parallel:DataParallel", "prepare_second_pass", "pair updates"),  # returns (scalars, finish)
     ("optimizers.driver:CurvatureOptimizer", "_snapshot", "snapshot"),
     ("optimizers.driver:CurvatureOptimizer", "_refresh_inverses", "inverses"),
     ("optimizers.driver:CurvatureOptimizer", "_monte_carlo_fisher_pass", "mc_pass"),
@@ -496,7 +502,8 @@ LIBRARY_STAGES = (
 
 def library_stages(candidate: Any, steps: int = 3) -> dict[str, float]:
     """Thread CPU ms per step of the library's step by stage, measured by wrapping the functions of
-    :data:`LIBRARY_STAGES` and the candidate's closure (first call of a step: ``first pass``, second:
+    :data:`LIBRARY_STAGES` (and the ``finish`` callable a wrapped function returns in a ``(values, finish)``
+    pair, charged to the same stage) and the candidate's closure (first call of a step: ``first pass``, second:
     ``second pass``) with ``time.thread_time`` accumulators, each exclusive of the wrapped calls nested in
     it; ``rest`` is the remainder of the step (update, copies, hooks, Python). No profiler tracing: the
     wrappers add about a microsecond per call. Everything is restored on return."""
@@ -510,7 +517,10 @@ def library_stages(candidate: Any, steps: int = 3) -> dict[str, float]:
             t0 = time.thread_time()
             stack.append(0.0)
             try:
-                return fn(*args, **kwargs)
+                result = fn(*args, **kwargs)
+                if isinstance(result, tuple) and len(result) == 2 and callable(result[1]):  # a deferred finish
+                    result = (result[0], timed(result[1], label))
+                return result
             finally:
                 elapsed = time.thread_time() - t0
                 nested = stack.pop()

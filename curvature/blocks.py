@@ -108,6 +108,7 @@ class CurvatureBlock:
     needs_g = False
     needs_second_pass = False
     has_quadratic_form = False
+    applies_cached_inverse = False
     kind: str | None = None
 
     def __init__(self, name: str, adapter: LayerAdapter) -> None:
@@ -166,7 +167,8 @@ class KroneckerBlock(CurvatureBlock):
       factor uses statistics;
     * ``needs_second_pass`` when the G factor uses secant pairs or the A factor a matrix action
       (both are updated after the step, from the pass-1 record and the second pass);
-    * ``has_quadratic_form`` when both factors have one (:math:`C = A\otimes G` from their statistics).
+    * ``has_quadratic_form`` when both factors have one (:math:`C = A\otimes G` from their statistics);
+    * ``applies_cached_inverse`` when both factors apply only their last requested inverse.
 
     Secant pairs are defined for the G side only and matrix-action updates for the A side only; a
     factor declaring them on the other side is rejected.
@@ -202,6 +204,8 @@ class KroneckerBlock(CurvatureBlock):
         self.needs_g = declares(g_factor, "uses_statistics")
         self.needs_second_pass = declares(g_factor, "uses_secant_pairs") or a_action
         self.has_quadratic_form = declares(a_factor, "has_quadratic_form") and declares(g_factor, "has_quadratic_form")
+        self.applies_cached_inverse = (declares(a_factor, "applies_cached_inverse")
+                                       and declares(g_factor, "applies_cached_inverse"))
 
     def _sides(self):
         return (("a", self.a_factor), ("g", self.g_factor))
@@ -326,6 +330,7 @@ class DiagonalBlock(CurvatureBlock):
 
     kind = "diagonal"
     has_quadratic_form = True
+    applies_cached_inverse = True  # precondition() reads only the scale of the last request_inverses
 
     def __init__(self, name: str, adapter: LayerAdapter, decay: float = 0.9, power: float = 1.0,
                  source: str = "empirical_fisher", *, dtype=torch.float32, device=None) -> None:

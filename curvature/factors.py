@@ -44,6 +44,7 @@ class Factor:
     uses_matrix_action: bool = False
     has_quadratic_form: bool = False
     has_eigenbasis: bool = False
+    applies_cached_inverse: bool = False
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -123,6 +124,7 @@ class EMACovarianceFactor(Factor):
     uses_statistics = True
     has_quadratic_form = True
     has_eigenbasis = True
+    applies_cached_inverse = True
 
     def __init__(self, dim: int, decay: float = 0.9, *, dtype=torch.float32, device=None) -> None:
         super().__init__(dim)
@@ -234,6 +236,7 @@ class OneHotCountFactor(Factor):
     """
 
     uses_statistics = True
+    applies_cached_inverse = True
 
     def __init__(self, dim: int, decay: float = 0.9, *, dtype=torch.float32, device=None) -> None:
         super().__init__(dim)

@@ -22,12 +22,17 @@ Factor capabilities (read by :class:`~curvature.blocks.KroneckerBlock`; a missin
 ``has_quadratic_form``     ``statistic`` is the undamped curvature the factor inverts, so a block of two
                            such factors can evaluate the quadratic model (adaptive Levenberg–Marquardt).
 ``has_eigenbasis``         ``eigenbasis()`` returns ``(eigenvalues, eigenvectors)`` of ``statistic``.
+``applies_cached_inverse`` ``apply`` reads only what the last ``request_inverse`` computed (never the running
+                           statistic), so folding in a batch between refreshes does not change the direction.
 =========================  ==========================================================================
 
 Block capabilities (read by the optimizer driver): ``needs_a`` / ``needs_g`` (input rows / output
 gradient rows of the normal pass), ``needs_second_pass`` (the closure is called again on the same
 batch at the new point, and ``update_after_step(before, after)`` receives both records),
-``has_quadratic_form`` (``curvature_quadratic`` is implemented).
+``has_quadratic_form`` (``curvature_quadratic`` is implemented), ``applies_cached_inverse``
+(``precondition`` reads only what ``request_inverses`` computed: the driver may then fold in the
+batch's statistics after the update on steps without a refresh, and check the step with one host
+read; see the README's GPU-ready step).
 
 The conventions shared by all three: a layer's gradient is the matrix :math:`M = [\nabla W\mid\nabla b]`
 of shape ``g_dim × a_dim`` with :math:`M = \sum_{\text{rows}} g\,\bar a^\top`; a Kronecker block applies
@@ -48,9 +53,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 #: The factor capabilities, in the order they are documented above.
 FACTOR_CAPABILITIES = ("uses_statistics", "uses_gradient", "uses_secant_pairs", "uses_matrix_action",
-                       "has_quadratic_form", "has_eigenbasis")
+                       "has_quadratic_form", "has_eigenbasis", "applies_cached_inverse")
 #: The block capabilities the driver reads.
-BLOCK_CAPABILITIES = ("needs_a", "needs_g", "needs_second_pass", "has_quadratic_form")
+BLOCK_CAPABILITIES = ("needs_a", "needs_g", "needs_second_pass", "has_quadratic_form", "applies_cached_inverse")
 
 
 def declares(obj: object, capability: str) -> bool:

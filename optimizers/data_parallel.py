@@ -276,6 +276,36 @@ class DataParallel:
         return LayerInverter(self, base)
 
     # ------------------------------------------------------------------ second pass
+    def prepare_second_pass(self, slots: Mapping[str, Any], before: Mapping[str, LayerRecord],
+                            after: Mapping[str, LayerRecord]) -> tuple[list[torch.Tensor], Callable[[list[float]], None]]:
+        """One process: every ``needs_second_pass`` block's candidates, computed on the device.
+
+        Returns ``(scalars, finish)``: the 0-dim tensors every block's decisions need (read them at
+        once, together with anything else the step reads) and ``finish(values)``, which commits each
+        block's update from those values. Blocks without ``prepare_after_step`` update inside
+        ``finish`` with their own reads. Nothing is changed before ``finish``.
+        """
+        if self.active:
+            raise RuntimeError("prepare_second_pass is the one-process path; use second_pass with several ranks")
+        prepared: list[tuple[int, Callable[[list[float]], None]]] = []
+        scalars: list[torch.Tensor] = []
+        for name in [n for n, s in slots.items() if s.block.needs_second_pass]:
+            block = slots[name].block
+            if hasattr(block, "prepare_after_step"):
+                part, fin = block.prepare_after_step(before[name], after[name])
+            else:
+                part, fin = [], (lambda _values, b=block, n=name: b.update_after_step(before[n], after[n]))
+            prepared.append((len(part), fin))
+            scalars += part
+
+        def finish(values: list[float]) -> None:
+            start = 0
+            for n, fin in prepared:
+                fin(values[start:start + n])
+                start += n
+
+        return scalars, finish
+
     def second_pass(self, slots: Mapping[str, Any], before: Mapping[str, LayerRecord],
                     after: Mapping[str, LayerRecord], bad: bool, loss_after: float | None) -> tuple[bool, float | None]:
         """Agree on the second pass and update the blocks that consume it.
@@ -289,20 +319,8 @@ class DataParallel:
         if bad and not self.active:
             return True, loss_after
         if not self.active:  # every block's candidates first, then one host read for all their decisions
-            prepared, scalars = [], []
-            for name in users:
-                block = slots[name].block
-                if hasattr(block, "prepare_after_step"):
-                    part, finish = block.prepare_after_step(before[name], after[name])
-                    prepared.append((len(part), finish))
-                    scalars += part
-                else:
-                    block.update_after_step(before[name], after[name])
-            values = read_scalars(scalars)
-            start = 0
-            for n, finish in prepared:
-                finish(values[start:start + n])
-                start += n
+            scalars, finish = self.prepare_second_pass(slots, before, after)
+            finish(read_scalars(scalars))
             return False, loss_after
         self.set_grad_scales(after)
         sums: list[torch.Tensor] = []

@@ -55,6 +55,7 @@ from curvature.chunked import ChunkedBlock
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
 from curvature.linalg import InversionStats, all_finite, finite_flag, read_scalars
+from curvature.protocols import declares
 from curvature.protocols import BlockProtocol
 from optimizers.communicator import Communicator, LocalCommunicator, TorchCommunicator
 from optimizers.data_parallel import DataParallel
@@ -277,6 +278,42 @@ def _check_blocks(model: nn.Module, blocks: Mapping[Any, Any]) -> None:
 
 #: Why a step is reverted when its update made a parameter non-finite.
 _BAD_NEW_POINT = "non-finite parameters after the update (step reverted)"
+_LOSS_ROSE = "loss rose by more than max_loss_rise at the new point (step reverted)"
+
+
+def loss_rose(before: torch.Tensor | float, after: torch.Tensor | float, factor: float) -> torch.Tensor | bool:
+    r"""Whether :math:`f^+ - f > (\text{factor} - 1)\,|f|` (on the device for tensors, no host read)."""
+    if isinstance(before, torch.Tensor) or isinstance(after, torch.Tensor):
+        f = before.detach() if isinstance(before, torch.Tensor) else torch.tensor(before)
+        g = after.detach() if isinstance(after, torch.Tensor) else torch.tensor(after)
+        g = g.to(f.device)
+        return (g - f > (factor - 1.0) * f.abs()).reshape(())
+    return after - before > (factor - 1.0) * abs(before)
+
+
+def first_pass_flags(loss: torch.Tensor | None, grads: list[torch.Tensor]) -> torch.Tensor:
+    """Two exact on-device flags, ``[loss finite, every gradient element finite]`` (no host read)."""
+    device = grads[0].device if grads else (loss.device if loss is not None else None)
+    loss_ok = torch.isfinite(loss.detach()).all() if loss is not None else torch.ones((), dtype=torch.bool, device=device)
+    grads_ok = (torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all() if grads
+                else torch.ones((), dtype=torch.bool, device=device))
+    return torch.stack([loss_ok, grads_ok.to(loss_ok.device)])
+
+
+def first_pass_reason(values: list[float]) -> str | None:
+    """The skip reason of a first pass from the values of :func:`first_pass_flags` (None when finite)."""
+    loss_ok, grads_ok = values
+    if not loss_ok:
+        return "non-finite loss"
+    return None if grads_ok else "non-finite gradient"
+
+
+class _FirstPassNotFinite(Exception):
+    """Raised inside a step whose deferred first-pass check failed; carries the skip reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 #: State tensors whose leading sizes count stored pairs (L-BFGS memory) and so may differ.
 _COUNTED = {"S": 1, "Y": 1, "SY": 2, "YY": 2}
@@ -505,6 +542,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.runtime_chunked: list[str] = []
         self.recovery, self.strict = make_recovery(recovery), bool(strict)
         self._rollback_point: dict[str, Any] | None = None
+        self._rollback_candidate: dict[str, Any] | None = None  # this step's point, kept if the step is accepted
         self._batch_inputs: list[tuple[tuple, dict]] = []
         first = next(p for g in self.param_groups for p in g["params"])
         self._generator = torch.Generator(device=first.device).manual_seed(seed)
@@ -1085,27 +1123,37 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         settings = self._layer_settings()
         stats_due = self._stats_due(k)
         self._check_records(records, stats_due)
-        # one rank's non-finite loss or gradient makes every rank skip (one small all-reduce)
-        agreement = self.data_parallel.agree(self._nonfinite_reason(loss), loss, records, list(self.slots))
-        if agreement.reason is not None:
-            self._skip(k, self._first_pass_fault(agreement.reason, batch_inputs), loss)
-            self._configure_capture(k)
-            return loss
-        self.counters["bad_point_streak"] = 0
-        self.data_parallel.set_grad_scales(records)  # per-sample rows of the global batch
-
-        # Everything checkable is checked; what can still fail (an inversion, a user hook, the closure's
-        # second call) is undone from a snapshot, so a step that raises leaves no trace but the error.
         second_pass = any(s.block.needs_second_pass for s in self.slots.values()) or self.damping.needs_reduction_ratio
         guarded = second_pass or self._inverse_due(k) or bool(self._precondition_hooks)
-        snapshot = self._snapshot() if guarded else None
-        point = self._light_snapshot(snapshot) if self.recovery.rollback or snapshot is not None else None
-        try:
-            info = self._mutate(k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot, point)
-        except BaseException:
-            if snapshot is not None:
-                self._restore(snapshot)
-            raise
+        if self._first_check_deferrable(k, loss, stats_due, second_pass, guarded):
+            info = self._deferred_step(k, closure, loss, records, inputs, settings, stats_due, second_pass, guarded)
+            if isinstance(info, str):  # the first pass was not finite; nothing of the attempt remains
+                self._skip(k, self._first_pass_fault(info, batch_inputs), loss)
+                self._configure_capture(k)
+                return loss
+        else:
+            # one rank's non-finite loss or gradient makes every rank skip (one small all-reduce)
+            agreement = self.data_parallel.agree(self._nonfinite_reason(loss), loss, records, list(self.slots))
+            if agreement.reason is not None:
+                self._skip(k, self._first_pass_fault(agreement.reason, batch_inputs), loss)
+                self._configure_capture(k)
+                return loss
+            self.counters["bad_point_streak"] = 0
+            self.data_parallel.set_grad_scales(records)  # per-sample rows of the global batch
+
+            # Everything checkable is checked; what can still fail (an inversion, a user hook, the closure's
+            # second call) is undone from a snapshot, so a step that raises leaves no trace but the error.
+            snapshot = self._snapshot() if guarded else None
+            point = self._light_snapshot(snapshot) if self.recovery.rollback or snapshot is not None else None
+            try:
+                info = self._mutate(k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot, point)
+            except BaseException:
+                if snapshot is not None:
+                    self._restore(snapshot)
+                raise
+            self._rollback_candidate = point
+        point = self._rollback_candidate
+        self._rollback_candidate = None
         if not info.skipped:
             self._rollback_point = point if self.recovery.rollback else None
             self.recovery.after_accepted_step()
@@ -1116,12 +1164,88 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._emit(info)
         return loss
 
-    def _mutate(self, k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot, point) -> StepInfo:
-        """The mutating part of a step (statistics, inverses, momentum, direction, update, second pass)."""
+    def _first_check_deferrable(self, k: int, loss, stats_due: bool, second_pass: bool, guarded: bool) -> bool:
+        """Whether this step may check its first pass together with the new point (one host read).
+
+        The common step: one process, no precondition hooks, fixed damping, no Monte-Carlo pass this
+        step, a loss that is a tensor (or absent). With KL clipping the flags are read with the
+        clipping's inner products instead (the clip needs its own read before the update). A step that keeps a full
+        snapshot anyway (a second pass, an inverse refresh) undoes a bad first pass from it; otherwise
+        recovery's rollback point does, and every block must precondition from cached inverses only
+        (``applies_cached_inverse``), so that the batch statistics can be folded in after the check.
+        """
+        if (self.data_parallel.active or self._precondition_hooks
+                or self.damping.needs_reduction_ratio
+                or (loss is not None and not isinstance(loss, torch.Tensor))
+                or (stats_due and self.fisher == "mc" and any(s.block.needs_g for s in self.slots.values()))):
+            return False
+        if guarded:
+            return True
+        return self.recovery.rollback and all(declares(s.block, "applies_cached_inverse") for s in self.slots.values())
+
+    def _deferred_step(self, k, closure, loss, records, inputs, settings, stats_due, second_pass, guarded
+                       ) -> StepInfo | str:
+        """The step with the first-pass check deferred to the step's single host read.
+
+        Exact on-device flags of the loss and of every gradient (:func:`first_pass_flags`) are read
+        together with the new point's check (and, with a second pass, every pair decision). When they
+        say the first pass was not finite, everything the attempt changed is restored bit for bit
+        (parameters, per-parameter state, factors; the gradients' tensors are put back on the
+        parameters) and the skip reason is returned: the caller skips exactly as the checked step
+        does. An error raised by the attempt on a non-finite first pass is treated the same way, since
+        the checked step would have skipped before reaching it.
+        """
+        grads = [(p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        flags = first_pass_flags(loss if isinstance(loss, torch.Tensor) else None, [g for _, g in grads])
+        self.data_parallel.agree(None, loss, records, list(self.slots))  # one process: bookkeeping, no read
+        snapshot = self._snapshot() if guarded else None
+        point = self._light_snapshot(snapshot)
+        inversions, recoveries = copy.deepcopy(vars(self.inversion_stats)), self.counters.get("inversion_recoveries")
+
+        def undo() -> None:
+            self._restore(snapshot) if snapshot is not None else self._restore_light(point)
+            for p, g in grads:
+                p.grad = g
+            vars(self.inversion_stats).update(inversions)  # an inversion of this batch's factors never happened
+            if recoveries is not None:
+                self.counters["inversion_recoveries"] = recoveries
+
+        try:
+            info = self._mutate(k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot, point,
+                                first_flags=flags)
+        except _FirstPassNotFinite as fault:
+            undo()
+            return fault.reason
+        except Exception:
+            undo()
+            reason = first_pass_reason(read_scalars(list(flags)))
+            if reason is not None:
+                return reason
+            raise
+        except BaseException:
+            undo()
+            raise
+        self.counters["bad_point_streak"] = 0
+        self._rollback_candidate = point
+        return info
+
+    def _mutate(self, k, closure, loss, records, inputs, settings, stats_due, second_pass, snapshot, point,
+                first_flags: torch.Tensor | None = None) -> StepInfo:
+        """The mutating part of a step (statistics, inverses, momentum, direction, update, second pass).
+
+        With ``first_flags`` (a deferred first-pass check, see :meth:`_deferred_step`) the first pass is
+        checked in the step's one read; without a second pass the batch statistics are then folded in
+        after that read. Raises :class:`_FirstPassNotFinite` when the flags say the first pass was not
+        finite (the caller restores).
+        """
         grads = {name: slot.adapter.grad_matrix() for name, slot in self.slots.items()}
         if stats_due and self.fisher == "mc" and any(s.block.needs_g for s in self.slots.values()):
             self._monte_carlo_fisher_pass(records, inputs)
-        if stats_due and not self.lag_factors:
+        # without a snapshot, blocks that precondition from cached inverses fold the batch in after the
+        # new point is known to be finite, so a reverted step leaves every factor as it was
+        late_statistics = (snapshot is None and point is not None and not (stats_due and self.fisher == "mc")
+                           and all(declares(s.block, "applies_cached_inverse") for s in self.slots.values()))
+        if stats_due and not self.lag_factors and not late_statistics:
             self._update_statistics(records, grads)
         if self._inverse_due(k):
             self._refresh_inverses(settings)
@@ -1149,7 +1273,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             directions[name] = slot.block.precondition(g)
             for hook in list(self._precondition_hooks.values()):
                 hook(k, name, slot.block, g, directions[name])
-        scale = self._kl_scale(settings, pre, directions) * self.recovery.step_scale
+        if self.kl_clip is not None and first_flags is not None:  # read with the clip's inner products
+            scale = self._kl_scale(settings, pre, directions, first_flags) * self.recovery.step_scale
+            first_flags = None
+        else:
+            scale = self._kl_scale(settings, pre, directions) * self.recovery.step_scale
 
         for name, slot in self.slots.items():
             d_w, d_b = slot.adapter.split_matrix(directions[name])
@@ -1158,7 +1286,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if d_b is not None:
                 slot.bias.add_(d_b, alpha=-part.lr_b * scale)
         self._fallback_step(self.recovery.step_scale)
-        if stats_due and self.lag_factors:
+        if stats_due and self.lag_factors and not late_statistics:
             self._update_statistics(records, grads)
 
         info = StepInfo(step=k, lr=lr, loss=loss, step_scale=scale,
@@ -1168,14 +1296,27 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if second_pass:  # the new point's check is fused with the second pass's (one synchronization)
             step_sizes = {n: settings[n].lr_w * scale for n in self.slots}
             self._second_pass(closure, records, loss, step_sizes, grads, directions, snapshot, info,
-                              params if point is not None else [])
-        elif point is not None and not all_finite(*params):
-            if snapshot is not None:
-                self._restore(snapshot)
-            else:  # only parameters and momentum changed besides this batch's (finite) statistics
-                self._restore_light(point)
-            self._count_revert(_BAD_NEW_POINT, info)
+                              params if point is not None else [], first_flags)
+        elif point is not None:  # one read: the new point, and the first pass when its check was deferred
+            flags = [] if first_flags is None else list(first_flags)
+            *first, point_ok = read_scalars(flags + [finite_flag(*params)])
+            if flags and (reason := first_pass_reason(first)) is not None:
+                raise _FirstPassNotFinite(reason)
+            if not point_ok and not all_finite(*params):
+                self._revert_update(snapshot, point, info)
+            elif late_statistics and stats_due:
+                self._update_statistics(records, grads)
         return info
+
+    def _revert_update(self, snapshot, point, info: StepInfo) -> None:
+        """Undo a step whose new point is not finite. Everything is as before the step when the step kept a
+        snapshot or folded its statistics in late; otherwise (a block whose direction may read the running
+        statistics, on a step without a snapshot) the batch's finite statistics stay folded in."""
+        if snapshot is not None:
+            self._restore(snapshot)
+        else:
+            self._restore_light(point)
+        self._count_revert(_BAD_NEW_POINT, info)
 
     def _check_loss(self, loss: Any, what: str) -> None:
         """The closure's loss is a scalar tensor or a number (None only when no pass needs it)."""
@@ -1250,9 +1391,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         inverter.run()
         self.counters["inversion_recoveries"] = self.inversion_stats.recovered
 
-    def _kl_scale(self, settings: Mapping[str, PartSettings], inputs, directions) -> float:
+    def _kl_scale(self, settings: Mapping[str, PartSettings], inputs, directions,
+                  first_flags: torch.Tensor | None = None) -> float:
         r""":math:`\nu = \min(1, \sqrt{c / v})` with :math:`v = \sum \alpha^2\langle d, m\rangle` over
-        layers (and over weight and bias parts with their own learning rates)."""
+        layers (and over weight and bias parts with their own learning rates).
+
+        One host read for every layer's inner products, together with a deferred first-pass check
+        (``first_flags``; raises :class:`_FirstPassNotFinite` when it failed)."""
         if self.kl_clip is None:
             return 1.0
         sums = []  # every layer's inner products, read from the device at once
@@ -1263,7 +1408,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             else:
                 (dw, db), (mw, mb) = slot.adapter.split_matrix(d), slot.adapter.split_matrix(m)
                 sums += [torch.sum(dw * mw), torch.sum(db * mb)]
-        values = iter(read_scalars(sums))
+        flags = [] if first_flags is None else list(first_flags)
+        read = read_scalars(flags + sums)
+        if flags and (reason := first_pass_reason(read[:len(flags)])) is not None:
+            raise _FirstPassNotFinite(reason)
+        values = iter(read[len(flags):])
         vg = 0.0
         for name in self.slots:  # the same Python arithmetic as one read per layer
             part = settings[name]
@@ -1374,13 +1523,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._generator.set_state(snapshot["generator"])
 
     def _second_pass(self, closure, before, loss, step_sizes, grads, directions, snapshot, info: StepInfo,
-                     params: list[torch.Tensor]) -> None:
+                     params: list[torch.Tensor], first_flags: torch.Tensor | None = None) -> None:
         """The closure at the new point; the blocks consume the pairs, or the step is reverted.
 
-        One host synchronization: a fused reduction over the new parameters (``params``, the
+        One host read on one process: a fused reduction over the new parameters (``params``, the
         new-point check; empty when recovery keeps no point), the loss and the pre-activation
-        gradient rows at the new point. With several ranks the data-parallel agreement adds its
-        all-reduce; adaptive damping (the reduction ratio) reads its scalars on the host.
+        gradient rows at the new point, the deferred first-pass flags (``first_flags``) and every
+        block's pair decisions (their candidates are computed on the device first). With several
+        ranks the data-parallel agreement adds its all-reduce and the blocks read their decisions
+        themselves; adaptive damping (the reduction ratio) reads its scalars on the host.
+        Raises :class:`_FirstPassNotFinite` when ``first_flags`` say the first pass was not finite.
         """
         self.capture.set(h=True, g=True, preactivation_grads_only=True)
         self._internal_pass = True
@@ -1396,26 +1548,55 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         info.loss_after = loss_after
         rows = [r.grad_rows for r in after.values() if r.grad_rows is not None]
         fused = params + rows + ([loss_after] if isinstance(loss_after, torch.Tensor) else [])
+        flags = [] if first_flags is None else list(first_flags)
+        missing = [name for name, slot in self.slots.items() if slot.block.needs_second_pass
+                   and (name not in after or name not in before or after[name].grad_rows is None)]
+        rise = None if self.damping.needs_reduction_ratio else self.recovery.loss_rise_factor
+        one_process = not self.data_parallel.active
+        rose: list[torch.Tensor] = []
+        if rise is not None and one_process and loss is not None and loss_after is not None:
+            rose = [torch.as_tensor(loss_rose(loss, loss_after, rise))]
+        finish = None
+        if one_process and not missing:  # candidates first, then one read for everything
+            scalars, finish = self.data_parallel.prepare_second_pass(self.slots, before, after)
+            values = read_scalars(flags + [finite_flag(*fused)] + rose + scalars)
+            decisions = values[len(flags) + 1 + len(rose):]
+        else:
+            values = read_scalars(flags + [finite_flag(*fused)] + rose)
+        if flags and (reason := first_pass_reason(values[:len(flags)])) is not None:
+            raise _FirstPassNotFinite(reason)
+        blew_up = bool(rose) and bool(values[len(flags) + 1])
         bad = bool(loss_after is not None and not isinstance(loss_after, torch.Tensor)
-                   and not math.isfinite(float(loss_after))) or not bool(finite_flag(*fused))
+                   and not math.isfinite(float(loss_after))) or not values[len(flags)]
         if bad and params and not all_finite(*params):  # the update itself left the finite region
             self._restore(snapshot)
             self._count_revert(_BAD_NEW_POINT, info)
             return
         if bad:  # confirm exactly (the fused sum may overflow on finite values)
             bad = not (loss_after is None or math.isfinite(_as_float(loss_after))) or not all_finite(*rows)
-        if not bad:
-            for name, slot in self.slots.items():
-                if slot.block.needs_second_pass and (name not in after or name not in before or after[name].grad_rows is None):
-                    raise RuntimeError(
-                        f"layer {name!r} was not evaluated (forward and backward) by the closure on both calls: the "
-                        "closure must run the same batch through the model and call backward every time"
-                    )
-        # agreed over ranks; when no rank is bad the blocks consume the (global) batch means
-        bad, loss_after_all = self.data_parallel.second_pass(self.slots, before, after, bad, loss_after)
+        if not bad and missing:
+            raise RuntimeError(
+                f"layer {missing[0]!r} was not evaluated (forward and backward) by the closure on both calls: the "
+                "closure must run the same batch through the model and call backward every time"
+            )
+        if not bad and blew_up:  # a finite blow-up on this batch: undone like a non-finite point
+            self._restore(snapshot)
+            self._count_revert(_LOSS_ROSE, info)
+            return
+        if finish is not None:
+            if not bad:
+                finish(decisions)
+            loss_after_all = loss_after
+        else:  # agreed over ranks; when no rank is bad the blocks consume the (global) batch means
+            bad, loss_after_all = self.data_parallel.second_pass(self.slots, before, after, bad, loss_after)
         if bad:
             self._restore(snapshot)
             self._count_revert("non-finite loss or gradient at the new point (step reverted)", info)
+            return
+        if (rise is not None and not one_process and loss_after_all is not None
+                and loss_rose(_as_float(self.data_parallel.agreed_loss(loss)), _as_float(loss_after_all), rise)):
+            self._restore(snapshot)  # the rise of the losses agreed over ranks: every rank decides alike
+            self._count_revert(_LOSS_ROSE, info)
             return
         if self.damping.needs_reduction_ratio:
             model_change = 0.0

@@ -1,7 +1,8 @@
 r"""Recovery after a fault at the new point: what the optimizer does after a reverted or rolled-back step.
 
 A step is *reverted* when K-BFGS's second pass finds a non-finite loss or gradient at the new
-point; it is *rolled back* when the first pass of the next step finds a non-finite loss or
+point, or a loss that rose by more than ``max_loss_rise`` on the same batch (a finite blow-up:
+:math:`f(\theta^+) - f(\theta) > (\text{max\_loss\_rise} - 1)\,|f(\theta)|`); it is *rolled back* when the first pass of the next step finds a non-finite loss or
 gradient on a batch whose inputs are finite (so the fault is in the parameters that the previous
 step produced: the optimizer returns to the point before that step). Either way the step left the
 region where the model is finite, and repeating it would fail again. The policy then
@@ -39,6 +40,11 @@ class Recovery:
         rollback: keep the point before each step so that a fault found by the next first pass
             (finite inputs, non-finite loss or gradient) can return to it; costs one copy of the
             parameters and momentum.
+        max_loss_rise: on steps with a second pass on the same batch (K-BFGS, K-BFGS(L)), revert
+            the step when the loss at the new point exceeds the loss before by more than this
+            factor, f⁺ − f > (max_loss_rise − 1)·|f| (a finite blow-up; the
+            recovery then applies as after a non-finite point). None turns it off. Not applied
+            with adaptive damping, whose reduction ratio judges the step itself.
     """
 
     enabled: bool = True
@@ -47,9 +53,14 @@ class Recovery:
     relax: float = 2.0
     min_step_scale: float = 1e-4
     rollback: bool = True
+    max_loss_rise: float | None = 10.0
     step_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        rise = self.max_loss_rise
+        if rise is not None and (isinstance(rise, bool) or not isinstance(rise, (int, float))
+                                 or not math.isfinite(rise) or not rise > 1.0):
+            raise ValueError(f"Recovery.max_loss_rise must be None or a finite number > 1, got {rise!r}")
         for name, lo, hi in (("step_shrink", 0.0, 1.0), ("min_step_scale", 0.0, 1.0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v <= hi:
@@ -68,6 +79,11 @@ class Recovery:
         if self.step_scale < 1.0:
             self.step_scale = min(1.0, self.step_scale * self.relax)
 
+    @property
+    def loss_rise_factor(self) -> float | None:
+        """``max_loss_rise`` when the policy is enabled, else None."""
+        return self.max_loss_rise if self.enabled else None
+
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -80,7 +96,7 @@ def make_recovery(value: "Recovery | bool | None") -> Recovery:
     if value is None or value is True:
         return Recovery()
     if value is False:
-        return Recovery(enabled=False, rollback=False)
+        return Recovery(enabled=False, rollback=False, max_loss_rise=None)
     if isinstance(value, Recovery):
         return value
     raise TypeError(f"recovery must be a Recovery, True or False, got {type(value).__name__}")

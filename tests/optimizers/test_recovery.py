@@ -142,3 +142,91 @@ def test_recovery_disabled_and_strict(device):
 
     with pytest.raises(InversionError):
         opt.step(_closure(opt, model, x, y))
+
+
+# ------------------------------------------------------------------ finite blow-ups (max_loss_rise)
+from optimizers.driver import _LOSS_ROSE, loss_rose  # noqa: E402
+from optimizers.recovery import Recovery  # noqa: E402
+
+
+@pytest.mark.parametrize("before, after, factor, expected", [
+    (2.0, 20.0, 10.0, False),  # exactly 10x: f+ - f = 18 = 9|f|, not more
+    (2.0, 20.5, 10.0, True),
+    (-2.0, 15.0, 10.0, False),  # a negative loss: the rise is measured against |f| (17 <= 18)
+    (-2.0, 16.5, 10.0, True),
+    (0.0, 1e-12, 10.0, True),  # any rise from 0
+    (5.0, 4.0, 1.5, False),  # a fall never counts
+])
+def test_loss_rose_is_the_documented_inequality(device, before, after, factor, expected):
+    assert loss_rose(before, after, factor) is expected or loss_rose(before, after, factor) == expected
+    on_device = loss_rose(torch.tensor(before, dtype=D, device=device), torch.tensor(after, dtype=D, device=device), factor)
+    assert isinstance(on_device, torch.Tensor) and bool(on_device) is expected
+
+
+def _shifted_second_call(opt, model, x, y, shift_at, shift):
+    """A closure whose second call (the new point) returns the loss plus ``shift`` on step ``shift_at``:
+    a finite blow-up planted in the value only (the gradients, hence the pairs, are untouched)."""
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        opt.zero_grad()
+        loss = 0.5 * ((model(x) - y) ** 2).sum(1).mean()
+        loss.backward()
+        if opt.steps == shift_at and calls["n"] % 2 == 0:
+            return loss + shift
+        return loss
+
+    return closure
+
+
+@pytest.mark.parametrize("name", ["kbfgs", "kbfgsl"])
+def test_a_finite_blow_up_at_the_new_point_is_reverted_and_recovered(device, name):
+    model, x, y = _problem(device)
+    opt = MAKERS[name](model)
+    closure = _shifted_second_call(opt, model, x, y, shift_at=3, shift=1e3)
+    for _ in range(3):
+        opt.step(closure)
+    params = [p.detach().clone() for p in model.parameters()]
+    blocks = {n: s.block.state_dict() for n, s in opt.slots.items()}
+    state = {id(p): {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)} for p, s in opt.state.items()}
+    opt.step(closure)  # the planted rise: loss + 1000 at the new point (> 10x the loss of ~0.3)
+    assert opt.counters["reverted_steps"] == 1 and opt.counters["skip_reasons"] == {_LOSS_ROSE: 1}
+    assert opt.counters["recoveries"] == 1 and opt.counters["step_scale"] == pytest.approx(0.1)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert all(torch.equal(v, opt.state[p][k]) for p in opt.state for k, v in state[id(p)].items())
+    restored = {n: s.block.state_dict() for n, s in opt.slots.items()}
+    for n in blocks:  # H_a kept; H_g reset by the recovery policy (secant memory not trusted)
+        assert torch.equal(restored[n]["a"]["H"], blocks[n]["a"]["H"])
+    assert opt.counters["secant_resets"] == len(opt.slots)
+
+
+@pytest.mark.parametrize("recovery", [Recovery(max_loss_rise=None), Recovery(max_loss_rise=1e4), False])
+def test_the_blow_up_rule_off_or_above_the_rise_accepts_the_step(device, recovery):
+    model, x, y = _problem(device)
+    opt = KBFGS(model, lr=0.2, damping=0.3, recovery=recovery)
+    closure = _shifted_second_call(opt, model, x, y, shift_at=3, shift=1e3)
+    for _ in range(5):
+        opt.step(closure)
+    assert opt.counters["reverted_steps"] == 0 and opt.counters["skipped_steps"] == 0
+
+
+def test_kfac_has_no_new_point_loss_and_is_not_judged_by_it(device):
+    """Not applicable without a second pass: KFAC never evaluates the new point's loss."""
+    model, x, y = _problem(device)
+    opt = KFAC(model, lr=0.3, damping=1.0)
+    calls = {"n": 0}
+
+    def closure():
+        calls["n"] += 1
+        return _closure(opt, model, x, y)()
+
+    for _ in range(4):
+        opt.step(closure)
+    assert calls["n"] == 4 and opt.counters["reverted_steps"] == 0
+
+
+@pytest.mark.parametrize("bad", [1.0, 0.5, float("inf"), float("nan"), True, "10"])
+def test_max_loss_rise_is_validated(bad):
+    with pytest.raises(ValueError, match="max_loss_rise"):
+        Recovery(max_loss_rise=bad)

@@ -7,17 +7,14 @@ sees tensor methods and conversions. On CUDA the same steps also run under
 ``torch.cuda.set_sync_debug_mode("error")`` minus the budgeted calls, so any unbudgeted
 synchronizing call raises there.
 
-Budget with default settings (one process, no KL clipping, fixed damping), per step (KL
-clipping adds one read per step for all layers):
-
-* KFAC, diagonal: 1 (the fused first-pass check) + 1 (the new-point check of recovery, which keeps
-  a rollback point by default); +1 on a step that refreshes inverses (every success mask of every
-  factor size read at once). With ``recovery=False``: 1, and 3 on a refresh step (such a step keeps
-  a snapshot, so the new point is checked).
-* K-BFGS, K-BFGS(L): 3, whatever the number of layers: 1 (first pass) + 1 (new point and second
-  pass, fused) + 1 for every pair decision of every layer (H_a's guarded update; H_g's raw-pair
-  check, double damping and guarded update / L-BFGS pair check): all candidates are computed on
-  the device first and every decision is read at once.
+Budget with default settings (one process, no KL clipping, fixed damping), per step: **one read**
+for every optimizer. The first pass's finite check (exact on-device flags of the loss and every
+gradient) is read together with the new point's check and, for K-BFGS/K-BFGS(L), every layer's pair
+decisions; a step whose first pass was not finite is then undone bit for bit and skipped. KFAC adds
+one read on a step that refreshes inverses (every success mask of every factor size at once).
+Reads of options: KL clipping needs ⟨d, m⟩ of every layer on the host before the update, so the
+first-pass flags are read with those, and the new point (and pair decisions) after: 2.
+``recovery=False`` without a refresh keeps no point, so only the first pass is checked (1).
 """
 
 from __future__ import annotations
@@ -54,14 +51,14 @@ def _setup(device, make, layers=2):
 
 
 CASES = {
-    "kfac": (lambda m: KFAC(m, inverse_update_freq=4, inverse_warmup_steps=0), lambda L, refresh: 2 + refresh),
+    "kfac": (lambda m: KFAC(m, inverse_update_freq=4, inverse_warmup_steps=0), lambda L, refresh: 1 + refresh),
     "kfac-no-recovery": (lambda m: KFAC(m, inverse_update_freq=4, inverse_warmup_steps=0, recovery=False),
-                         lambda L, refresh: 1 + 2 * refresh),
+                         lambda L, refresh: 1 + refresh),
     "kfac-kl-clip": (lambda m: KFAC(m, inverse_update_freq=4, inverse_warmup_steps=0, kl_clip=1e-3),
-                     lambda L, refresh: 3 + refresh),
-    "diagonal": (lambda m: Diagonal(m), lambda L, refresh: 2),
-    "kbfgs": (lambda m: KBFGS(m), lambda L, refresh: 3),
-    "kbfgsl": (lambda m: KBFGSL(m, memory=3), lambda L, refresh: 3),
+                     lambda L, refresh: 2 + refresh),
+    "diagonal": (lambda m: Diagonal(m), lambda L, refresh: 1),
+    "kbfgs": (lambda m: KBFGS(m), lambda L, refresh: 1),
+    "kbfgsl": (lambda m: KBFGSL(m, memory=3), lambda L, refresh: 1),
 }
 
 
