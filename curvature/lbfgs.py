@@ -31,7 +31,14 @@ def _upper_triangle(matrix: torch.Tensor) -> torch.Tensor:
 
 
 class CompactLBFGS:
-    """A memory of at most ``memory`` secant pairs of dimension ``dim`` applied in compact form."""
+    """A memory of at most ``memory`` secant pairs of dimension ``dim`` applied in compact form.
+
+    Args:
+        dim: dimension of the pairs.
+        memory: the number of pairs kept (default 100, K-BFGS(L)'s p); the oldest is dropped first.
+        gamma: H0 = gamma·I (default 1).
+        dtype, device: of the stored pairs and matrices; appended pairs and loaded states are converted.
+    """
 
     def __init__(
         self,

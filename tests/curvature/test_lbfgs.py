@@ -192,3 +192,66 @@ def test_p14_spectrum_bounds(device, data):
     assert lo >= lower - tau * hi
     assert hi <= upper + tau * hi
     assert lo > 0 or lower <= tau * hi
+
+
+# ------------------------------------------------------------------------------ state invariants
+def _pair(k: int, n: int = 3):
+    s = torch.tensor([1.0 + k, 0.5, -0.25 * k][:n], dtype=F64)
+    return s, s + torch.tensor([0.25, -0.5 * k, 0.125][:n], dtype=F64)
+
+
+def test_defaults_are_k_bfgs_l_s():
+    """Defaults as documented for K-BFGS(L) (README, optimizers/kbfgs.py): p = 100 pairs, H0 = I."""
+    lb = CompactLBFGS(3)
+    assert lb.memory == 100 and lb.gamma == 1.0
+    assert torch.equal(lb.to_dense(), torch.eye(3))
+
+
+def test_cached_matrices_have_the_memory_dtype_and_r_is_the_upper_triangle(device):
+    """SY = SᵀY (m×m), YY = YᵀY and the cached R = triu(SᵀY), in the memory's dtype and on its device,
+    from the empty memory on, after appends and after the memory wraps around."""
+    lb = CompactLBFGS(3, 2, dtype=F64, device=device)
+    for k in range(4):
+        m = lb.size
+        for name in ("SY", "YY", "R"):
+            t = getattr(lb, name)
+            assert t.shape == (m, m) and t.dtype == F64 and t.device == lb.S.device, (k, name)
+        S, Y = f64(lb.S), f64(lb.Y)
+        torch.testing.assert_close(f64(lb.SY), S @ Y.T, rtol=1e-15, atol=0)
+        assert torch.equal(lb.R, torch.triu(lb.SY))
+        lb.append(*(v.to(device) for v in _pair(k)))
+
+
+def test_append_converts_a_pair_to_the_memory_dtype(device):
+    """float32 pairs appended to a float64 memory are stored (and used) as float64."""
+    lb = CompactLBFGS(3, 4, dtype=F64, device=device)
+    pairs64 = [_pair(k) for k in range(2)]
+    for s, y in pairs64:
+        lb.append(s.float().to(device), y.float().to(device))
+    assert lb.S.dtype == F64 and lb.Y.dtype == F64
+    H = torch.eye(3, dtype=F64)
+    for s, y in pairs64:
+        H = bfgs_inverse_oracle(H, s.float().double(), y.float().double())
+    assert rel_err(lb.to_dense(), H) <= 1e-12
+
+
+def test_load_state_dict_converts_copies_and_names_the_mismatch(device):
+    """A state is loaded into the memory's dtype and device, as a copy (changing the state dict
+    afterwards does not change the memory); a state of another dimension is rejected with both sizes."""
+    src = CompactLBFGS(3, 4, dtype=torch.float32)
+    for k in range(2):
+        src.append(*_pair(k))
+    state = src.state_dict()
+    lb = CompactLBFGS(3, 4, dtype=F64, device=device)
+    lb.load_state_dict(state)
+    for name in ("S", "Y", "SY", "YY", "R"):
+        assert getattr(lb, name).dtype == F64 and getattr(lb, name).device == lb.S.device, name
+    same = CompactLBFGS(3, 4, dtype=F64, device=device)  # same dtype and device: nothing to convert
+    same.load_state_dict(lb.state_dict() | {"S": lb.S, "Y": lb.Y, "SY": lb.SY, "YY": lb.YY})
+    before = same.to_dense().clone()
+    for key in ("S", "Y", "SY", "YY"):
+        getattr(lb, key).mul_(3.0)
+    assert torch.equal(same.to_dense(), before)
+    state4 = CompactLBFGS(4, 2).state_dict()
+    with pytest.raises(ValueError, match=r"dimension torch\.Size\(\[4\]\) does not match dim 3"):
+        CompactLBFGS(3, 2).load_state_dict(state4)
