@@ -90,16 +90,17 @@ class CompactLBFGS:
         """Return ``H @ V`` for ``V`` of shape ``[dim]`` or ``[dim, n]``."""
         vector = V.dim() == 1
         V2 = V.reshape(self.dim, -1)
-        out = self.gamma * V2
-        if self.size:
-            R = self.R
-            StV = self.S @ V2
-            gYtV = self.gamma * (self.Y @ V2)
-            X1 = torch.linalg.solve_triangular(R, StV, upper=True)  # R^{-1} S^T V
-            D = torch.diagonal(self.SY)
-            inner = D.unsqueeze(1) * X1 + self.gamma * (self.YY @ X1) - gYtV
-            top = torch.linalg.solve_triangular(R.T, inner, upper=False)  # R^{-T}[...]
-            out = out + self.S.T @ top - self.gamma * (self.Y.T @ X1)
+        if not self.size:
+            out = self.gamma * V2
+            return out.reshape(self.dim) if vector else out
+        R, g = self.R, self.gamma
+        X1 = torch.linalg.solve_triangular(R, self.S @ V2, upper=True)  # R^{-1} S^T V
+        D = torch.diagonal(self.SY)
+        # inner = D X1 + γ YᵀY X1 − γ Yᵀ V and out = γV + S top − γ Y X1, each as one GEMM chain
+        # (addmm with beta/alpha) instead of separate products, scalings and full-size sums
+        inner = torch.addmm(D.unsqueeze(1) * X1, self.YY, X1, alpha=g).addmm_(self.Y, V2, alpha=-g)
+        top = torch.linalg.solve_triangular(R.T, inner, upper=False)  # R^{-T}[...]
+        out = torch.addmm(V2, self.S.T, top, beta=g).addmm_(self.Y.T, X1, alpha=-g)
         return out.reshape(self.dim) if vector else out
 
     def to_dense(self) -> torch.Tensor:
