@@ -190,3 +190,13 @@ def test_make_damping():
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="damping"):
             make_damping(bad)
+
+
+def test_pi_split_falls_back_at_a_mean_trace_equal_to_eps():
+    """The π split needs tr A/d_A > eps and tr G/d_G > eps (eps = 1e-12): at equality it falls back to √λ each."""
+    G = torch.diag(torch.tensor([1.0, 3.0], dtype=F64))  # tr/d = 2
+    at = torch.diag(torch.tensor([1e-12], dtype=F64))
+    assert pi_split(0.25, at, G) == (0.5, 0.5)
+    assert pi_split(0.25, G, at) == (0.5, 0.5)
+    above = torch.diag(torch.tensor([2e-12], dtype=F64))  # π = √(1e-12) = 1e-6
+    assert pi_split(0.25, above, 2.0 * torch.eye(1, dtype=F64)) == pytest.approx((0.5e-6, 0.5e6), rel=1e-12)

@@ -42,3 +42,40 @@ def test_delayed_gratification_schedule_and_state():
         DelayedGratification(1.0, down=1.0)
     with pytest.raises(ValueError, match="up"):
         DelayedGratification(1.0, up=float("nan"))
+
+
+def test_config_errors_name_the_argument():
+    """Each rejected setting is named in the message (what to change)."""
+    from curvature.damping import DampingPolicy
+
+    with pytest.raises(ValueError, match=r"^damping must be a finite number > 0, got 0"):
+        DampingPolicy(0)
+    for cls in (AdaptiveLM, DelayedGratification):
+        with pytest.raises(ValueError, match=r"^min_damping must be a finite number > 0, got 0"):
+            cls(1.0, min_damping=0)
+        for max_damping in (1e-3, 1e-4):  # equal to min_damping, or below it
+            with pytest.raises(ValueError, match=r"^max_damping must exceed min_damping$"):
+                cls(1.0, min_damping=1e-3, max_damping=max_damping)
+
+
+def test_delayed_gratification_a_ratio_at_the_threshold_is_a_failure():
+    """λ/down only when ρ > threshold: ρ = threshold (a step that did not reduce the loss, default 0)
+    counts as a failure, λ·up."""
+    policy = DelayedGratification(1.0)
+    policy.observe_reduction_ratio(0.0)
+    assert policy.damping == 2.0
+    policy = DelayedGratification(1.0, threshold=0.5)
+    policy.observe_reduction_ratio(0.5)
+    assert policy.damping == 2.0
+    policy.observe_reduction_ratio(0.5000001)
+    assert policy.damping == 2.0 / 3.0
+
+
+def test_lm_schedules_load_a_state_that_has_only_the_damping():
+    """A state without pending ratios or history (a fixed policy's ``state_dict``) loads with both empty."""
+    for policy in (AdaptiveLM(1.0, interval=2), DelayedGratification(1.0)):
+        policy.observe_reduction_ratio(0.9)
+        policy.load_state_dict({"damping": 0.5})
+        assert policy.damping == 0.5 and policy.history == []
+        if isinstance(policy, AdaptiveLM):
+            assert policy.state_dict()["pending"] == []
