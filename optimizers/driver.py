@@ -404,7 +404,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             in another group with its own ``lr`` and ``weight_decay`` (but the same ``momentum``
             and ``damping``, else the step raises).
         recovery: the :class:`~optimizers.recovery.Recovery` policy after a fault at the new point
-            (None/True: the default policy; False: revert/skip only, no rollback).
+            (None/True: the default policy, which also reverts a second-pass step whose loss rose
+            more than 10x, ``max_loss_rise``; False: revert/skip only, no rollback, no rise rule).
         strict: raise :class:`~curvature.linalg.InversionError` when a factor cannot be inverted
             even in float64, instead of keeping its previous inverse and raising its damping.
         exclude: layer names or glob patterns (``fnmatch``, e.g. ``"blocks.*.attn"``) that get the
