@@ -27,6 +27,7 @@ import time
 
 import torch
 
+from benchmarks import timing
 from benchmarks.timing import make_timer, set_cpu_clock, summarize
 
 
@@ -35,14 +36,24 @@ def run_mode(model_name: str, method: str, mode: str, steps: int, device: str, b
     """Time ``steps`` K-BFGS steps after a 3-step warm-up in this process; ``mode`` is eager or compiled."""
     import torch._dynamo
 
-    from benchmarks.models import build_autoencoder, loss_for
     from curvature.blocks import KroneckerBlock
-    from optimizers import KBFGS, KBFGSL
 
     torch.set_num_threads(1)
-    if mode == "compiled":
-        torch._dynamo.config.recompile_limit = 64  # one graph per layer shape
-        KroneckerBlock.prepare_after_step = torch.compile(KroneckerBlock.prepare_after_step, dynamic=False)
+    eager_prepare, clock_before = KroneckerBlock.prepare_after_step, timing.CPU_CLOCK
+    try:
+        if mode == "compiled":  # patched for this call only (the CLI runs each mode in its own process)
+            torch._dynamo.config.recompile_limit = 64  # one graph per layer shape
+            KroneckerBlock.prepare_after_step = torch.compile(eager_prepare, dynamic=False)
+        return _time_steps(model_name, method, steps, device, batch, clock)
+    finally:
+        KroneckerBlock.prepare_after_step = eager_prepare
+        set_cpu_clock(clock_before)
+
+
+def _time_steps(model_name: str, method: str, steps: int, device: str, batch: int, clock: str) -> dict[str, float]:
+    from benchmarks.models import build_autoencoder, loss_for
+    from optimizers import KBFGS, KBFGSL
+
     torch.manual_seed(0)
     model = build_autoencoder(model_name).to(device)
     x = torch.rand(batch, model.linear_layers[0].in_features, device=device)

@@ -95,6 +95,18 @@ def vec_c(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.T.reshape(-1)
 
 
+def chain_finishers(parts: list[tuple[int, Callable[[list[float]], Any]]]) -> Callable[[list[float]], None]:
+    """One ``finish(values)`` for several prepared updates: part ``i``, which asked for ``n_i`` scalars,
+    gets its slice of ``values`` (in order), so all their decisions can be read at once."""
+    def finish(values: list[float]) -> None:
+        start = 0
+        for n, fin in parts:
+            fin(values[start:start + n])
+            start += n
+
+    return finish
+
+
 class CurvatureBlock:
     """Optional base class of a block (see :class:`~curvature.protocols.BlockProtocol`): defaults for every member.
 
@@ -272,13 +284,7 @@ class KroneckerBlock(CurvatureBlock):
             parts.append((len(part), fin))
             scalars += part
 
-        def finish(values: list[float]) -> None:
-            start = 0
-            for n, fin in parts:
-                fin(values[start:start + n])
-                start += n
-
-        return scalars, finish
+        return scalars, chain_finishers(parts)
 
     def curvature_quadratic(self, delta: torch.Tensor) -> torch.Tensor:
         if not self.has_quadratic_form:

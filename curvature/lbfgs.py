@@ -98,9 +98,9 @@ class CompactLBFGS:
         D = torch.diagonal(self.SY)
         # inner = D X1 + γ YᵀY X1 − γ Yᵀ V and out = γV + S top − γ Y X1, each as one GEMM chain
         # (addmm with beta/alpha) instead of separate products, scalings and full-size sums
-        inner = torch.addmm(D.unsqueeze(1) * X1, self.YY, X1, alpha=g).addmm_(self.Y, V2, alpha=-g)
+        inner = torch.addmm(torch.addmm(D.unsqueeze(1) * X1, self.YY, X1, alpha=g), self.Y, V2, alpha=-g)
         top = torch.linalg.solve_triangular(R.T, inner, upper=False)  # R^{-T}[...]
-        out = torch.addmm(V2, self.S.T, top, beta=g).addmm_(self.Y.T, X1, alpha=-g)
+        out = torch.addmm(torch.addmm(V2, self.S.T, top, beta=g), self.Y.T, X1, alpha=-g)
         return out.reshape(self.dim) if vector else out
 
     def to_dense(self) -> torch.Tensor:

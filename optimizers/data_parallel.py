@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from curvature.blocks import DiagonalBlock, KroneckerBlock, a_statistic, g_statistic
+from curvature.blocks import DiagonalBlock, KroneckerBlock, a_statistic, chain_finishers, g_statistic
 from curvature.capture import LayerRecord
 from curvature.factors import Factor
 from curvature.inverter import BatchedInverter
@@ -297,14 +297,7 @@ class DataParallel:
                 part, fin = [], (lambda _values, b=block, n=name: b.update_after_step(before[n], after[n]))
             prepared.append((len(part), fin))
             scalars += part
-
-        def finish(values: list[float]) -> None:
-            start = 0
-            for n, fin in prepared:
-                fin(values[start:start + n])
-                start += n
-
-        return scalars, finish
+        return scalars, chain_finishers(prepared)
 
     def second_pass(self, slots: Mapping[str, Any], before: Mapping[str, LayerRecord],
                     after: Mapping[str, LayerRecord], bad: bool, loss_after: float | None) -> tuple[bool, float | None]:

@@ -404,7 +404,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             in another group with its own ``lr`` and ``weight_decay`` (but the same ``momentum``
             and ``damping``, else the step raises).
         recovery: the :class:`~optimizers.recovery.Recovery` policy after a fault at the new point
-            (None/True: the default policy; False: revert/skip only, no rollback).
+            (None/True: the default policy, which also reverts a second-pass step whose loss rose
+            more than 10x, ``max_loss_rise``; False: revert/skip only, no rollback, no rise rule).
         strict: raise :class:`~curvature.linalg.InversionError` when a factor cannot be inverted
             even in float64, instead of keeping its previous inverse and raising its damping.
         exclude: layer names or glob patterns (``fnmatch``, e.g. ``"blocks.*.attn"``) that get the
@@ -1123,6 +1124,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         settings = self._layer_settings()
         stats_due = self._stats_due(k)
         self._check_records(records, stats_due)
+        self._check_gradients()
         second_pass = any(s.block.needs_second_pass for s in self.slots.values()) or self.damping.needs_reduction_ratio
         guarded = second_pass or self._inverse_due(k) or bool(self._precondition_hooks)
         if self._first_check_deferrable(k, loss, stats_due, second_pass, guarded):
@@ -1363,6 +1365,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                     "micro-batch: call loss.backward() after every training forward (also in the closure), run "
                     "evaluation forwards under torch.no_grad(), and check that the loss depends on this layer"
                 )
+
+    def _check_gradients(self) -> None:
+        """Dense gradients only: every rule of the step (checks, momentum, the fallback) is dense."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.layout != torch.strided:
+                    raise TypeError(
+                        f"a parameter of shape {tuple(p.shape)} has a {p.grad.layout} gradient; "
+                        f"{type(self).__name__} needs dense gradients: create the module with sparse=False "
+                        "(e.g. nn.Embedding(..., sparse=False)) or optimize that parameter with another optimizer"
+                    )
 
     def _update_statistics(self, records: Mapping[str, LayerRecord], grads: Mapping[str, torch.Tensor]) -> None:
         for name, slot in self.slots.items():

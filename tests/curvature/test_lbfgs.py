@@ -255,3 +255,26 @@ def test_load_state_dict_converts_copies_and_names_the_mismatch(device):
     state4 = CompactLBFGS(4, 2).state_dict()
     with pytest.raises(ValueError, match=r"dimension torch\.Size\(\[4\]\) does not match dim 3"):
         CompactLBFGS(3, 2).load_state_dict(state4)
+
+
+def test_apply_keeps_a_vector_a_vector_with_and_without_pairs(device):
+    """``apply`` of a 1-D vector returns a 1-D vector: γv with an empty memory (H₀ = γI), and the dense
+    BFGS product with pairs (the oracle: the inverse BFGS recursion in float64 from H₀)."""
+    dt = torch.float64
+    g = torch.Generator().manual_seed(5)
+    lb = CompactLBFGS(4, 3, 2.5, dtype=dt, device=device)
+    v = torch.randn(4, generator=g, dtype=dt).to(device)
+    out = lb.apply(v)
+    assert out.shape == (4,)
+    torch.testing.assert_close(out, 2.5 * v, rtol=0, atol=0)
+    H = 2.5 * torch.eye(4, dtype=dt)
+    for _ in range(2):
+        s = torch.randn(4, generator=g, dtype=dt)
+        y = s + 0.1 * torch.randn(4, generator=g, dtype=dt)  # sᵀy > 0
+        lb.append(s.to(device), y.to(device))
+        rho = 1.0 / float(s @ y)
+        E = torch.eye(4, dtype=dt) - rho * torch.outer(s, y)
+        H = E @ H @ E.T + rho * torch.outer(s, s)
+    out = lb.apply(v)
+    assert out.shape == (4,)
+    torch.testing.assert_close(out.cpu(), H @ v.cpu(), rtol=1e-10, atol=1e-12)

@@ -290,3 +290,24 @@ def test_help_shows_the_constructor_arguments(cls):
         assert f"{arg}:" in text or f"{arg}," in text, f"help({cls.__name__}) does not document {arg}"
     assert "Args:" in text
     assert optimizers.__doc__
+
+
+@pytest.mark.parametrize("kind", ["kfac", "kbfgs"])
+def test_a_sparse_gradient_is_a_clear_error_before_any_mutation(device, kind):
+    """An nn.Embedding(sparse=True) left to the fallback rule: the step says what to do, nothing changes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3, sparse=True), nn.Flatten(), nn.Linear(6, 2)).to(D).to(device)
+    opt = (KFAC if kind == "kfac" else KBFGS)(model, blocks={nn.Embedding: None})
+    x = torch.tensor([[1, 2], [3, 4]], device=device)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        return loss
+
+    params = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="sparse=False"):
+        opt.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert opt.steps == 0 and opt.counters["skipped_steps"] == 0 and not opt.state

@@ -230,3 +230,115 @@ def test_kfac_has_no_new_point_loss_and_is_not_judged_by_it(device):
 def test_max_loss_rise_is_validated(bad):
     with pytest.raises(ValueError, match="max_loss_rise"):
         Recovery(max_loss_rise=bad)
+
+
+# ------------------------------------------------------------------ the policy object and its helpers (unit)
+from types import SimpleNamespace  # noqa: E402
+
+from curvature.factors import BFGSFactor  # noqa: E402
+from optimizers.recovery import inputs_finite, make_recovery, reset_secant_memory  # noqa: E402
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_loss_rise", 1.5), ("max_loss_rise", 1.0 + 1e-9),
+    ("step_shrink", 1.0), ("step_shrink", 1e-300), ("min_step_scale", 1.0), ("min_step_scale", 0.5),
+    ("relax", 1.0), ("relax", 1.5),
+])
+def test_recovery_accepts_the_ends_of_the_documented_ranges(field, value):
+    """max_loss_rise > 1; step_shrink, min_step_scale in (0, 1]; relax >= 1 (docstring of Recovery)."""
+    assert getattr(Recovery(**{field: value}), field) == value
+
+
+@pytest.mark.parametrize("field, value", [
+    ("step_shrink", 0.0), ("step_shrink", 1.5), ("step_shrink", float("inf")), ("step_shrink", True),
+    ("step_shrink", "0.5"), ("min_step_scale", 0.0), ("min_step_scale", 1.5), ("min_step_scale", -0.1),
+    ("relax", 0.5), ("relax", float("inf")), ("relax", float("nan")), ("relax", True), ("relax", "2"),
+])
+def test_recovery_rejects_values_outside_the_documented_ranges(field, value):
+    with pytest.raises(ValueError, match=f"Recovery.{field} must be a"):
+        Recovery(**{field: value})
+
+
+def test_step_multiplier_shrinks_floors_and_relaxes_as_documented():
+    """step_scale ← max(min_step_scale, step_shrink·step_scale) per fault, ← min(1, relax·step_scale) per
+    accepted step; disabled: no change. Values by hand: 1 → 0.25 → 0.0625 → 0.05 (floor) → 0.15 → 0.45 → 1."""
+    r = Recovery(step_shrink=0.25, min_step_scale=0.05, relax=3.0)
+    seen = []
+    for event in ("fault", "fault", "fault", "ok", "ok", "ok", "ok"):
+        r.after_fault() if event == "fault" else r.after_accepted_step()
+        seen.append(r.step_scale)
+    assert seen == pytest.approx([0.25, 0.0625, 0.05, 0.15, 0.45, 1.0, 1.0], rel=1e-15)
+    off = Recovery(enabled=False)
+    off.after_fault()
+    assert off.step_scale == 1.0
+
+
+def test_recovery_state_round_trips_through_the_optimizer_state_dict(device):
+    """The shrunk multiplier is saved and restored: a resumed run continues with the same step scale."""
+    model, x, y = _problem(device)
+    opt = KBFGS(model, lr=0.2, damping=0.3, recovery=Recovery(step_shrink=0.3, relax=1.0))
+    closure = _shifted_second_call(opt, model, x, y, shift_at=1, shift=1e3)
+    for _ in range(2):
+        opt.step(closure)
+    assert opt.recovery.step_scale == 0.3  # one fault, never relaxed (relax = 1)
+    saved = opt.recovery.state_dict()
+    assert saved == {"enabled": True, "reset_secant": True, "step_shrink": 0.3, "relax": 1.0, "min_step_scale": 1e-4,
+                     "rollback": True, "max_loss_rise": 10.0, "step_scale": 0.3}
+    fresh = KBFGS(model, lr=0.2, damping=0.3, recovery=Recovery(step_shrink=0.3, relax=1.0))
+    fresh.load_state_dict(opt.state_dict())
+    assert fresh.recovery.step_scale == 0.3 and isinstance(fresh.recovery.step_scale, float)
+    plain = Recovery()
+    plain.load_state_dict({"step_scale": 0.125})
+    assert plain.step_scale == 0.125
+
+
+def test_make_recovery_false_switches_every_part_off(device):
+    """recovery=False: no policy, no rollback copy kept, no blow-up rule (the old behaviour)."""
+    off = make_recovery(False)
+    assert off.enabled is False and off.rollback is False and off.max_loss_rise is None
+    assert off.loss_rise_factor is None
+    model, x, y = _problem(device)
+    opt = KFAC(model, lr=0.3, damping=1.0, recovery=False)
+    opt.step(_closure(opt, model, x, y))
+    assert opt._rollback_point is None  # the copy that rollback would cost is not made
+    on = make_recovery(True)
+    assert on.enabled is True and on.rollback is True and on.max_loss_rise == 10.0
+    given = Recovery(step_shrink=0.5)
+    assert make_recovery(given) is given and make_recovery(None) == Recovery()
+    with pytest.raises(TypeError, match="recovery must be a Recovery, True or False, got str"):
+        make_recovery("yes")
+
+
+def test_inputs_finite_walks_nested_containers(device):
+    bad = torch.tensor([1.0, float("nan")], device=device)
+    good = torch.ones(2, device=device)
+    assert inputs_finite((good, [good, {"a": good}])) is True
+    assert inputs_finite({"a": good, "b": bad}) is False
+    assert inputs_finite([good, (good, {"k": [bad]})]) is False
+    assert inputs_finite({"ids": torch.tensor([1, 2], device=device)}) is True  # integer tensors are not checked
+
+
+def _moved_bfgs(device):
+    f = BFGSFactor(3, None, pair_decay=0.5, init_scale=2.0, dtype=D, device=device)
+    f.H = torch.full((3, 3), 7.0, dtype=D, device=device)
+    f.s_avg.fill_(1.0)
+    f.y_avg.fill_(1.0)
+    return f
+
+
+def test_reset_secant_memory_resets_every_secant_factor_and_counts_them(device):
+    """Every secant factor, on either side and inside a chunked block's parts, goes back to init_scale·I
+    with zero pair EMA; non-secant factors and blocks without factors are left alone; the count is exact."""
+    chunk1 = SimpleNamespace(a_factor=None, g_factor=_moved_bfgs(device))
+    chunk2 = SimpleNamespace(a_factor=_moved_bfgs(device), g_factor=_moved_bfgs(device))
+    chunked = SimpleNamespace(parts={"q": (slice(0, 1), chunk1), "kv": (slice(1, 3), chunk2)})
+    plain = SimpleNamespace(a_factor=_moved_bfgs(device), g_factor=_moved_bfgs(device))
+    only_g = SimpleNamespace(g_factor=_moved_bfgs(device))  # no a_factor attribute at all
+    other = SimpleNamespace(a_factor="not a secant factor", g_factor=None)
+    n = reset_secant_memory([plain, chunked, only_g, other])
+    assert n == 2 + 3 + 1
+    factors = [plain.a_factor, plain.g_factor, chunk1.g_factor, chunk2.a_factor, chunk2.g_factor, only_g.g_factor]
+    for f in factors:
+        torch.testing.assert_close(f.H, 2.0 * torch.eye(3, dtype=D, device=device), rtol=0, atol=0)
+        assert not bool(f.s_avg.any()) and not bool(f.y_avg.any())
+    assert reset_secant_memory([chunked]) == 3 and reset_secant_memory([]) == 0
