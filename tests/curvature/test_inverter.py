@@ -191,8 +191,9 @@ def test_recovery_counts_and_messages(device):
     got = []
     inv.request(bad, 0.5, got.append, on_failure=lambda lam: 3.0)   # retried with λ = 3: (2I)^-1
     inv.request(bad, 0.5, got.append, on_failure=lambda lam: None)  # keeps what it has
-    assert inv.run() == 1 and stats.recovered == 2
-    assert stats.calls == 3  # two in the batch, one retry
+    inv.request(bad, 0.5, got.append, on_failure=lambda lam: 3.0)
+    assert inv.run() == 2 and stats.recovered == 3
+    assert stats.calls == 5  # three in the batch, two retries
     torch.testing.assert_close(got[0].cpu(), 0.5 * torch.eye(2, dtype=torch.float64), rtol=1e-15, atol=0)
     with pytest.raises(InversionError, match=r"^damped factor of size 2 \(damping 0\.5\) is not finite or not positive "
                                              r"definite even in float64; increase the damping$"):
