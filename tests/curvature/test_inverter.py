@@ -180,6 +180,10 @@ def test_non_finite_damping_in_a_run_is_counted_and_named(device):
         with pytest.raises(InversionError, match=r"^the damping \[nan, 1\.0\] is not finite$"):
             inv.run()
     assert stats.failures == 4 and stats.failed_shapes == [(2, 3, 3), (2, 3, 3)]
+    inv.request(torch.eye(3, dtype=torch.float64, device=device), float("inf"), lambda t: None)  # alone in its group
+    with pytest.raises(InversionError, match=r"^the damping \[inf\] is not finite$"):
+        inv.run()
+    assert stats.failed_shapes[-1] == (1, 3, 3)
 
 
 def test_recovery_counts_and_messages(device):
