@@ -123,7 +123,7 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
     """
     rho = 1.0 / torch.dot(s, y)
     u = H @ y
-    a = rho * rho * torch.dot(y, u) + rho
+    a = rho * (rho * torch.dot(y, u)) + rho  # not (ρ·ρ)·yᵀu: ρ² underflows to 0 once sᵀy > ~2^537 (float64)
     w = (0.5 * a) * s - rho * u
     # α/√2 and 1/(α√2) with α = √(‖w‖/‖s‖); a zero s or w (then the update is zero) gives finite scales
     alpha = torch.sqrt(torch.linalg.vector_norm(w) / torch.linalg.vector_norm(s))

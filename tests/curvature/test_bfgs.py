@@ -362,3 +362,18 @@ def test_update_is_accurate_when_only_the_norm_of_w_overflows(device):
     out = bfgs_inverse_update(H, s, y)
     assert abs(float(out[0, 0]) / 2.0**1013 - 1.0) <= 1e-12
     assert float(out[1, 1]) == 1.0 and float(out[0, 1]) == 0.0 == float(out[1, 0])
+
+
+@pytest.mark.parametrize("dtype, e_h, e_y", [(torch.float64, -999, 1000)])
+def test_inverse_update_is_exact_where_rho_squared_underflows(device, dtype, e_h, e_y):
+    """H = 2^e_h·I₂, s = e₁, y = 2^e_y·e₁: ρ = 2^-e_y, so ρ² underflows to 0 in the dtype, while the exact
+    update H⁺ = (I − ρsyᵀ)H(I − ρysᵀ) + ρssᵀ = diag(2^-e_y, 2^e_h) is representable (by hand: ρsᵀy = 1
+    removes H's first diagonal entry). (ρ·ρ)·yᵀHy gave −2^-e_y there: a finite, indefinite H⁺.
+    Float64 only: the float32 analogue (2^-74, 2^75) also needs the balancing factor's 2-norm not to
+    underflow (‖w‖ = 2^-76 squares below float32's range), which is still open."""
+    H = 2.0 ** e_h * torch.eye(2, dtype=dtype, device=device)
+    s = torch.tensor([1.0, 0.0], dtype=dtype, device=device)
+    y = torch.tensor([2.0 ** e_y, 0.0], dtype=dtype, device=device)
+    out = bfgs_inverse_update(H, s, y)
+    expected = torch.diag(torch.tensor([2.0 ** -e_y, 2.0 ** e_h], dtype=dtype, device=device))
+    torch.testing.assert_close(out, expected, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)

@@ -149,3 +149,69 @@ def test_give_up_when_no_damping_helps(device):
     with pytest.raises(InversionError, match="retries"):
         inverter.run()
     assert len(asked) == 4
+
+
+# ------------------------------------------------------------------------------ mutation-audit gaps
+def test_inverter_serves_several_runs_and_uses_its_method(device, monkeypatch):
+    """Requests after a run are served by the next run; an 'eigh' inverter factors with eigh."""
+    calls = {"eigh": 0}
+    eigh = torch.linalg.eigh
+
+    def count(*a, **k):
+        calls["eigh"] += 1
+        return eigh(*a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", count)
+    inv = BatchedInverter("eigh")
+    got = []
+    for lam in (1.0, 3.0):
+        inv.request(torch.eye(2, dtype=torch.float64, device=device), lam, got.append)
+        assert inv.run() == 1
+    assert calls["eigh"] == 2
+    torch.testing.assert_close(got[1].cpu(), torch.eye(2, dtype=torch.float64) / 4.0, rtol=1e-15, atol=0)
+
+
+def test_non_finite_damping_in_a_run_is_counted_and_named(device):
+    stats = InversionStats()
+    inv = BatchedInverter(stats=stats)
+    for _ in range(2):
+        for lam in (float("nan"), 1.0):
+            inv.request(torch.eye(3, dtype=torch.float64, device=device), lam, lambda t: None)
+        with pytest.raises(InversionError, match=r"^the damping \[nan, 1\.0\] is not finite$"):
+            inv.run()
+    assert stats.failures == 4 and stats.failed_shapes == [(2, 3, 3), (2, 3, 3)]
+    inv.request(torch.eye(3, dtype=torch.float64, device=device), float("inf"), lambda t: None)  # alone in its group
+    with pytest.raises(InversionError, match=r"^the damping \[inf\] is not finite$"):
+        inv.run()
+    assert stats.failed_shapes[-1] == (1, 3, 3)
+
+
+def test_recovery_counts_and_messages(device):
+    """Every recovery is counted; a retry's inversion is counted in the same stats; the messages say
+    what failed and whether a handler was missing; the default allows 8 retries."""
+    bad = -torch.eye(2, dtype=torch.float64, device=device)  # F + λI is not PD for λ < 1
+    stats = InversionStats()
+    inv = BatchedInverter(stats=stats)
+    got = []
+    inv.request(bad, 0.5, got.append, on_failure=lambda lam: 3.0)   # retried with λ = 3: (2I)^-1
+    inv.request(bad, 0.5, got.append, on_failure=lambda lam: None)  # keeps what it has
+    inv.request(bad, 0.5, got.append, on_failure=lambda lam: 3.0)
+    assert inv.run() == 2 and stats.recovered == 3
+    assert stats.calls == 5  # three in the batch, two retries
+    torch.testing.assert_close(got[0].cpu(), 0.5 * torch.eye(2, dtype=torch.float64), rtol=1e-15, atol=0)
+    with pytest.raises(InversionError, match=r"^damped factor of size 2 \(damping 0\.5\) is not finite or not positive "
+                                             r"definite even in float64; increase the damping$"):
+        strict = BatchedInverter(strict=True)
+        strict.request(bad, 0.5, got.append, on_failure=lambda lam: 3.0)
+        strict.run()
+    with pytest.raises(InversionError, match=r"increase the damping \(this request has no recovery handler\)$"):
+        plain = BatchedInverter()
+        plain.request(bad, 0.5, got.append)
+        plain.run()
+    tries = []
+    default = BatchedInverter()
+    assert default.max_retries == 8
+    default.request(bad, 0.5, got.append, on_failure=lambda lam: tries.append(lam) or 0.25)  # never enough
+    with pytest.raises(InversionError, match=r"could not be inverted even with damping 0\.25 after 8 retries"):
+        default.run()
+    assert len(tries) == 9

@@ -257,3 +257,145 @@ def test_batched_inverter_propagates_inversion_error(device):
 def test_orthogonal_helper_is_orthogonal():
     Q = orthogonal(5, 11)
     torch.testing.assert_close(Q.T @ Q, torch.eye(5, dtype=F64))
+
+
+# ------------------------------------------------------------------------------ mutation-audit gaps
+def test_finite_flag_contract(device):
+    """finite_flag: a 0-dim bool on the tensors' device, False iff some floating element is not finite;
+    non-floating tensors (and no tensors) count as finite; tensors of different dtypes are compared in
+    their promoted dtype (a float32 sum of 1e30 next to a float16 tensor is finite)."""
+    from curvature.linalg import all_finite, finite_flag
+
+    empty = finite_flag()
+    assert empty.dtype == torch.bool and empty.shape == () and bool(empty)
+    ints = finite_flag(torch.arange(3, device=device))
+    assert ints.dtype == torch.bool and ints.shape == () and ints.device == torch.device(device) and bool(ints)
+    ok = torch.ones(2, dtype=F64, device=device)
+    bad = torch.tensor([1.0, float("inf")], dtype=F64, device=device)
+    assert bool(finite_flag(ok)) and not bool(finite_flag(bad))
+    assert not bool(finite_flag(ok, bad)) and not bool(finite_flag(bad, ok)) and bool(finite_flag(ok, ok))
+    half = torch.ones(2, dtype=torch.float16, device=device)
+    big = torch.tensor([1e30], dtype=torch.float32, device=device)  # inf in float16
+    assert bool(finite_flag(half, big)) and bool(finite_flag(big, half))
+    # all_finite: no tensors -> True; a finite tensor whose sum overflows is confirmed finite exactly
+    assert all_finite() is True
+    assert all_finite(torch.tensor([1e308, 1e308], dtype=F64, device=device)) is True
+    assert all_finite(bad) is False
+
+
+def test_all_finite_reads_once_for_finite_tensors(device):
+    from benchmarks.syncs import SyncCounter
+    from curvature.linalg import all_finite
+
+    with SyncCounter() as counter:  # the fused flag of both tensors: one read, not one per tensor
+        assert all_finite(torch.ones(3, dtype=F64, device=device), torch.ones(2, dtype=F64, device=device))
+    assert counter.count == 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_requested_factorization_is_used(device, method, monkeypatch):
+    """method='cholesky' (the default of every entry point) factors with cholesky_ex, 'eigh' with eigh,
+    also on the float64 retry path."""
+    from curvature import linalg
+
+    calls = {"cholesky": 0, "eigh": 0}
+    chol, eigh = torch.linalg.cholesky_ex, torch.linalg.eigh
+
+    def count_chol(*a, **k):
+        calls["cholesky"] += 1
+        return chol(*a, **k)
+
+    def count_eigh(*a, **k):
+        calls["eigh"] += 1
+        return eigh(*a, **k)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", count_chol)
+    monkeypatch.setattr(torch.linalg, "eigh", count_eigh)
+    F = torch.eye(2, dtype=F64, device=device)
+    other = "eigh" if method == "cholesky" else "cholesky"
+    if method == "cholesky":  # the defaults
+        linalg.damped_inverse(F, 1.0)
+        linalg.damped_inverse_entries(F.unsqueeze(0), 1.0)
+        linalg.finish_inverses(p := linalg.launch_inverses(F.unsqueeze(0), 1.0), p.ok.tolist())
+        assert calls == {"cholesky": 3, "eigh": 0}
+    calls.update(cholesky=0, eigh=0)
+    linalg.damped_inverse(torch.ones(2, 2, dtype=torch.float32, device=device), 1e-9, method)  # float64 retry
+    assert calls[method] == 2 and calls[other] == 0
+
+
+def test_eigh_that_does_not_converge_fails_every_entry(device, monkeypatch):
+    """torch.linalg.eigh raising LinAlgError: every entry of the batch is reported failed (NaN inverse,
+    ok False) on the device, and the float64 retry is attempted; nothing is silently returned."""
+    from curvature.linalg import _inverse_once
+
+    def fail(*a, **k):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fail)
+    batch = torch.eye(3, dtype=F64, device=device).expand(2, 3, 3).clone()
+    inv, ok = _inverse_once(batch, "eigh")
+    assert inv.shape == batch.shape and inv.dtype == F64 and bool(torch.isnan(inv).all())
+    assert ok.shape == (2,) and ok.dtype == torch.bool and ok.device == batch.device and not bool(ok.any())
+    stats = InversionStats()
+    with pytest.raises(InversionError):
+        damped_inverse(batch, 1.0, "eigh", stats)
+    assert stats.float64_retries == 2 and stats.failures == 2
+
+
+def test_one_overflowing_inverse_does_not_fail_its_batch(device):
+    """F = diag(1e-310, 1), λ = 0: positive definite, but the inverse overflows (1e310): that entry
+    fails (also in float64), the identity next to it succeeds without a retry."""
+    from curvature.linalg import damped_inverse_entries
+
+    bad = torch.diag(torch.tensor([1e-310, 1.0], dtype=F64))
+    batch = torch.stack([bad, torch.eye(2, dtype=F64)]).to(device)
+    stats = InversionStats()
+    inv, ok = damped_inverse_entries(batch, 0.0, "cholesky", stats)
+    assert ok.tolist() == [False, True]
+    assert stats.calls == 2 and stats.float64_retries == 1 and stats.failures == 1
+    assert stats.failed_shapes == [(2, 2, 2)]
+    assert torch.equal(inv[1].cpu(), torch.eye(2, dtype=F64))
+    # the counters accumulate over calls
+    damped_inverse_entries(batch, 0.0, "cholesky", stats)
+    assert stats.calls == 4 and stats.float64_retries == 2 and stats.failures == 2
+    assert stats.failed_shapes == [(2, 2, 2), (2, 2, 2)]
+
+
+def test_a_non_finite_entry_is_inverted_as_zero(device):
+    """launch_inverses: a non-finite entry is replaced by zero before the factorization (so it cannot
+    disturb the batched call): its candidate inverse is I/λ, and it is marked not finite and failed."""
+    from curvature.linalg import launch_inverses
+
+    batch = torch.eye(2, dtype=F64, device=device).expand(2, 2, 2).clone()
+    batch[0, 0, 1] = float("nan")
+    pending = launch_inverses(batch, torch.tensor([2.0, 4.0], dtype=F64, device=device))
+    assert pending.finite.tolist() == [False, True] and pending.ok.tolist() == [False, True]
+    torch.testing.assert_close(pending.inverses[0].cpu(), 0.5 * torch.eye(2, dtype=F64), rtol=1e-15, atol=0)
+    torch.testing.assert_close(pending.inverses[1].cpu(), 0.2 * torch.eye(2, dtype=F64), rtol=1e-15, atol=0)
+    with pytest.raises(ValueError, match="^method must be 'cholesky' or 'eigh', got 'lu'$"):
+        launch_inverses(batch, 1.0, "lu")
+
+
+def test_a_0_dim_tensor_damping_reaches_the_float64_retry(device):
+    """A 0-dim tensor damping (like a float) is re-added in float64 on the retry path."""
+    F = torch.ones(2, 2, dtype=torch.float32, device=device)
+    stats = InversionStats()
+    inv = damped_inverse(F, torch.tensor(1e-9, dtype=F64, device=device), "cholesky", stats)
+    assert stats.float64_retries == 1
+    oracle = torch.linalg.inv(torch.ones(2, 2, dtype=F64) + 1e-9 * torch.eye(2, dtype=F64))
+    assert rel_err(inv, oracle) <= 1e-3
+
+
+def test_failure_messages_and_counts(device):
+    from curvature.linalg import damped_inverse_entries
+
+    stats = InversionStats()
+    batch = torch.eye(3, dtype=F64, device=device).expand(2, 3, 3)
+    with pytest.raises(InversionError, match=r"^the damping nan is not finite$"):
+        damped_inverse_entries(batch, float("nan"), "cholesky", stats)
+    with pytest.raises(InversionError):
+        damped_inverse_entries(batch, float("inf"), "cholesky", stats)
+    assert stats.failures == 4 and stats.failed_shapes == [(2, 3, 3), (2, 3, 3)]
+    with pytest.raises(InversionError, match=r"^damped factor of size 3 is not finite or not positive definite "
+                                             r"even in float64; increase the damping$"):
+        damped_inverse(-torch.eye(3, dtype=F64, device=device), 0.5)
