@@ -57,6 +57,9 @@ class Recovery:
     step_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        scale = self.step_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and 0.0 < scale <= 1.0):
+            raise ValueError(f"Recovery.step_scale (the current multiplier) must be a number in (0, 1], got {scale!r}")
         rise = self.max_loss_rise
         if rise is not None and (isinstance(rise, bool) or not isinstance(rise, (int, float))
                                  or not math.isfinite(rise) or not rise > 1.0):

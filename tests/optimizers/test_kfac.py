@@ -11,6 +11,7 @@ from torch import nn
 from curvature.blocks import vec_c
 from curvature.damping import FactoredPi, pi_split
 from optimizers import KFAC
+from optimizers.recovery import Recovery
 
 D = torch.float64
 
@@ -113,3 +114,61 @@ def test_kfac_lowers_the_loss_of_a_small_mnist_autoencoder(mnist_path, fisher):
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert opt.skipped_steps == 0
+
+
+# ------------------------------------------------------------------ the constructor (mutation audit of kfac.py)
+def _kfac_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(6, 2))
+
+
+def _settings(opt):
+    g = opt.param_groups[0]
+    block = opt.slots["0"].block
+    return {
+        "lr": g["lr"], "damping": g["damping"], "momentum": g["momentum"], "weight_decay": g["weight_decay"],
+        "fallback_lr": g["fallback_lr"], "fallback_betas": g["fallback_betas"], "fallback_eps": g["fallback_eps"],
+        "factor_decay": block.a_factor.decay, "g_decay": block.g_factor.decay, "approx": block.approx,
+        "curvature_update_freq": opt.curvature_update_freq, "inverse_update_freq": opt.inverse_update_freq,
+        "inverse_warmup_steps": opt.inverse_warmup_steps, "fisher": opt.fisher, "likelihood": opt.likelihood,
+        "kl_clip": opt.kl_clip, "fallback": opt.fallback, "loss_reduction": opt.loss_reduction,
+        "lag_factors": opt.lag_factors, "inverse_method": opt.inverse_method, "seed": opt._generator.initial_seed(),
+        "strict": opt.strict, "blocks": sorted(opt.slots), "recovery": opt.recovery,
+    }
+
+
+def test_kfac_defaults_are_the_documented_ones():
+    """The docstring's defaults: empirical Fisher with lr 0.1, λ 1; with a likelihood the Monte-Carlo
+    Fisher with lr 1, λ 3; EMA 0.9, momentum 0.9, τ 1e-5, T_cov 1, T_inv 20, warm-up 20, ..."""
+    got = _settings(KFAC(_kfac_model()))
+    assert got == {
+        "lr": 0.1, "damping": 1.0, "momentum": 0.9, "weight_decay": 1e-5, "fallback_lr": None,
+        "fallback_betas": None, "fallback_eps": 1e-8, "factor_decay": 0.9, "g_decay": 0.9, "approx": "expand",
+        "curvature_update_freq": 1, "inverse_update_freq": 20, "inverse_warmup_steps": 20, "fisher": "empirical",
+        "likelihood": None, "kl_clip": None, "fallback": "sgd", "loss_reduction": "mean", "lag_factors": False,
+        "inverse_method": "cholesky", "seed": 0, "strict": False, "blocks": ["0", "2", "4"], "recovery": Recovery(),
+    }
+    mc = _settings(KFAC(_kfac_model(), likelihood="bernoulli"))
+    assert (mc["fisher"], mc["likelihood"], mc["lr"], mc["damping"]) == ("mc", "bernoulli", 1.0, 3.0)
+
+
+def test_every_kfac_keyword_reaches_the_optimizer():
+    recovery = Recovery(step_shrink=0.5)
+    opt = KFAC(_kfac_model(), lr=0.7, damping=0.4, momentum=0.3, weight_decay=0.02, factor_decay=0.8,
+               curvature_update_freq=2, inverse_update_freq=6, inverse_warmup_steps=3, fisher="mc",
+               likelihood="gaussian", kl_clip=0.01, fallback="adam", fallback_lr=0.002, fallback_betas=(0.5, 0.9),
+               fallback_eps=1e-6, loss_reduction="sum", lag_factors=True, inverse_method="eigh",
+               layer_types=(nn.Linear,), approx="reduce", blocks={"4": None}, seed=7, recovery=recovery, strict=True)
+    got = _settings(opt)
+    assert got == {
+        "lr": 0.7, "damping": 0.4, "momentum": 0.3, "weight_decay": 0.02, "fallback_lr": 0.002,
+        "fallback_betas": (0.5, 0.9), "fallback_eps": 1e-6, "factor_decay": 0.8, "g_decay": 0.8, "approx": "reduce",
+        "curvature_update_freq": 2, "inverse_update_freq": 6, "inverse_warmup_steps": 3, "fisher": "mc",
+        "likelihood": "gaussian", "kl_clip": 0.01, "fallback": "adam", "loss_reduction": "sum", "lag_factors": True,
+        "inverse_method": "eigh", "seed": 7, "strict": True, "blocks": ["0"], "recovery": recovery,
+    }
+    assert got["recovery"] is recovery
+    # exclude and param_groups reach it too
+    model = _kfac_model()
+    excluded = KFAC(model, exclude=["0"], param_groups=[{"params": list(model.parameters()), "lr": 0.05}])
+    assert sorted(excluded.slots) == ["2", "4"] and excluded.param_groups[0]["lr"] == 0.05

@@ -342,3 +342,12 @@ def test_reset_secant_memory_resets_every_secant_factor_and_counts_them(device):
         torch.testing.assert_close(f.H, 2.0 * torch.eye(3, dtype=D, device=device), rtol=0, atol=0)
         assert not bool(f.s_avg.any()) and not bool(f.y_avg.any())
     assert reset_secant_memory([chunked]) == 3 and reset_secant_memory([]) == 0
+
+
+@pytest.mark.parametrize("bad", [5.0, 0.0, -0.5, float("nan"), True])
+def test_a_hand_built_step_scale_outside_0_1_is_rejected(bad):
+    """step_scale is the policy's state (1 after construction, shrunk after faults, relaxed back to at most 1):
+    a hand-built Recovery(step_scale=5) would multiply every step by 5."""
+    with pytest.raises(ValueError, match="step_scale"):
+        Recovery(step_scale=bad)
+    assert Recovery(step_scale=0.25).step_scale == 0.25
