@@ -11,7 +11,9 @@ from torch import nn
 from curvature.blocks import vec_c
 from curvature.damping import FactoredPi, pi_split
 from optimizers import KFAC
+from optimizers.communicator import LocalCommunicator
 from optimizers.recovery import Recovery
+from curvature.factors import OneHotCountFactor
 
 D = torch.float64
 
@@ -168,7 +170,19 @@ def test_every_kfac_keyword_reaches_the_optimizer():
         "inverse_method": "eigh", "seed": 7, "strict": True, "blocks": ["0"], "recovery": recovery,
     }
     assert got["recovery"] is recovery
-    # exclude and param_groups reach it too
+    # exclude, param_groups, the communicator and the layout reach it too
     model = _kfac_model()
     excluded = KFAC(model, exclude=["0"], param_groups=[{"params": list(model.parameters()), "lr": 0.05}])
     assert sorted(excluded.slots) == ["2", "4"] and excluded.param_groups[0]["lr"] == 0.05
+    comm = LocalCommunicator()
+    placed = KFAC(_kfac_model(), distributed=comm, distribute="layerwise")
+    assert placed.data_parallel.comm is comm and placed.data_parallel.distribute == "layerwise"
+
+
+def test_kfac_embeddings_get_the_one_hot_kfac_block_by_default():
+    """default_blocks' embedding recipe is KFAC's own (a diagonal one-hot A factor), not the fallback."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(8, 2))
+    opt = KFAC(model)
+    assert sorted(opt.slots) == ["0", "2"]
+    assert isinstance(opt.slots["0"].block.a_factor, OneHotCountFactor)
