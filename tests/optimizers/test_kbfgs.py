@@ -250,3 +250,88 @@ def test_300_steps_on_a_generated_regression_problem(device, cls):
     batches = [(x[i : i + 100], y[i : i + 100]) for i in range(0, 1200, 100)]
     losses = _train(opt, model, batches, _loss, 300)
     _assert_trains(losses, opt, 0.3)
+
+
+# ------------------------------------------------------------------ the constructors (mutation audit of kbfgs.py)
+from curvature.factors import BFGSFactor, LBFGSFactor, OneHotCountFactor  # noqa: E402
+from optimizers.communicator import LocalCommunicator  # noqa: E402
+from optimizers.recovery import Recovery  # noqa: E402
+
+
+def _kbfgs_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(7, 4), nn.Flatten(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 2))
+
+
+def _kbfgs_settings(opt):
+    g, block = opt.param_groups[0], opt.slots["2"].block
+    a, gf = block.a_factor, block.g_factor
+    return {
+        "lr": g["lr"], "damping": g["damping"], "momentum": g["momentum"], "weight_decay": g["weight_decay"],
+        "fallback_lr": g["fallback_lr"], "fallback_betas": g["fallback_betas"], "fallback_eps": g["fallback_eps"],
+        "a_decay": a.covariance.decay, "lambda_a": a.damping, "pair_decay": gf.pair_decay, "mu1": gf.damping.mu1,
+        "mu2": gf.damping.mu2, "variant": gf.damping.variant, "approx": block.approx,
+        "memory": gf.lbfgs.memory if isinstance(gf, LBFGSFactor) else None, "g_kind": type(gf).__name__,
+        "curvature_update_freq": opt.curvature_update_freq, "inverse_update_freq": opt.inverse_update_freq,
+        "fallback": opt.fallback, "loss_reduction": opt.loss_reduction, "lag_factors": opt.lag_factors,
+        "seed": opt._generator.initial_seed(), "strict": opt.strict, "require_closure": opt.require_closure,
+        "blocks": sorted(opt.slots), "recovery": opt.recovery,
+        "embedding_a": type(opt.slots["0"].block.a_factor).__name__ if "0" in opt.slots else None,
+        "embedding_decay": opt.slots["0"].block.a_factor.decay if "0" in opt.slots else None,
+    }
+
+
+@pytest.mark.parametrize("cls, g_kind, memory", [(KBFGS, "BFGSFactor", None), (KBFGSL, "LBFGSFactor", 100)])
+def test_kbfgs_defaults_are_the_documented_ones(cls, g_kind, memory):
+    """lr 0.3, λ 0.3, λ_A = μ2 = √λ, μ1 0.2, EMA 0.9 for A and the pairs, momentum 0.9, τ 1e-5, T_cov = T_inv = 1,
+    the authors' interpolating damping, p = 100 for K-BFGS(L); embeddings get KFAC's one-hot block (EMA 0.9)."""
+    got = _kbfgs_settings(cls(_kbfgs_model()))
+    root = math.sqrt(0.3)
+    assert got == {
+        "lr": 0.3, "damping": 0.3, "momentum": 0.9, "weight_decay": 1e-5, "fallback_lr": None, "fallback_betas": None,
+        "fallback_eps": 1e-8, "a_decay": 0.9, "lambda_a": root, "pair_decay": 0.9, "mu1": 0.2, "mu2": root,
+        "variant": "interpolate", "approx": "expand", "memory": memory, "g_kind": g_kind,
+        "curvature_update_freq": 1, "inverse_update_freq": 1, "fallback": "sgd", "loss_reduction": "mean",
+        "lag_factors": False, "seed": 0, "strict": False, "require_closure": True, "blocks": ["0", "2", "4"],
+        "recovery": Recovery(), "embedding_a": "OneHotCountFactor", "embedding_decay": 0.9,
+    }
+    assert _kbfgs_settings(cls(_kbfgs_model(), full_batch=True))["pair_decay"] == 0.0
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_every_kbfgs_keyword_reaches_the_optimizer(cls):
+    recovery, comm = Recovery(step_shrink=0.5), LocalCommunicator()
+    extra = {"memory": 7} if cls is KBFGSL else {}
+    opt = cls(_kbfgs_model(), lr=0.2, damping=0.5, momentum=0.3, weight_decay=0.02, a_decay=0.8, pair_decay=0.7,
+              mu1=0.1, mu2=0.6, lambda_a=0.4, damping_variant="lm", fallback="adam", fallback_lr=0.002,
+              fallback_betas=(0.5, 0.9), fallback_eps=1e-6, loss_reduction="sum", lag_factors=True, approx="reduce",
+              blocks={"4": None}, seed=7, recovery=recovery, strict=True, distributed=comm, distribute="layerwise",
+              **extra)
+    got = _kbfgs_settings(opt)
+    assert got == {
+        "lr": 0.2, "damping": 0.5, "momentum": 0.3, "weight_decay": 0.02, "fallback_lr": 0.002,
+        "fallback_betas": (0.5, 0.9), "fallback_eps": 1e-6, "a_decay": 0.8, "lambda_a": 0.4, "pair_decay": 0.7,
+        "mu1": 0.1, "mu2": 0.6, "variant": "lm", "approx": "reduce", "memory": 7 if cls is KBFGSL else None,
+        "g_kind": "LBFGSFactor" if cls is KBFGSL else "BFGSFactor", "curvature_update_freq": 1,
+        "inverse_update_freq": 1, "fallback": "adam", "loss_reduction": "sum", "lag_factors": True, "seed": 7,
+        "strict": True, "require_closure": True, "blocks": ["0", "2"], "recovery": recovery,
+        "embedding_a": "OneHotCountFactor", "embedding_decay": 0.8,
+    }
+    assert opt.recovery is recovery and opt.data_parallel.comm is comm and opt.data_parallel.distribute == "layerwise"
+    only = cls(_kbfgs_model(), layer_types=(nn.Linear,), exclude=["4"],
+               param_groups=None)
+    assert sorted(only.slots) == ["2"]
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "0.3", float("nan")])
+def test_kbfgs_damping_is_validated(bad):
+    with pytest.raises(ValueError, match="damping"):
+        KBFGS(_kbfgs_model(), damping=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True])
+def test_kbfgsl_memory_is_validated_and_kbfgs_takes_none(bad):
+    with pytest.raises(ValueError, match="memory must be an integer >= 1"):
+        KBFGSL(_kbfgs_model(), memory=bad)
+    with pytest.raises(ValueError, match="KBFGSL"):
+        KBFGS(_kbfgs_model(), memory=5)
