@@ -325,7 +325,7 @@ def test_every_kbfgs_keyword_reaches_the_optimizer(cls):
 
 @pytest.mark.parametrize("bad", [0, -1.0, True, "0.3", float("nan")])
 def test_kbfgs_damping_is_validated(bad):
-    with pytest.raises(ValueError, match="damping"):
+    with pytest.raises(ValueError, match=r"damping \(lambda\) must be a number > 0"):
         KBFGS(_kbfgs_model(), damping=bad)
 
 
@@ -333,5 +333,21 @@ def test_kbfgs_damping_is_validated(bad):
 def test_kbfgsl_memory_is_validated_and_kbfgs_takes_none(bad):
     with pytest.raises(ValueError, match="memory must be an integer >= 1"):
         KBFGSL(_kbfgs_model(), memory=bad)
-    with pytest.raises(ValueError, match="KBFGSL"):
+    with pytest.raises(ValueError, match=r"for limited memory use KBFGSL\(model, memory=\.\.\.\)"):
         KBFGS(_kbfgs_model(), memory=5)
+
+
+def test_kbfgsl_accepts_a_memory_of_one_pair():
+    opt = KBFGSL(_kbfgs_model(), memory=1)
+    assert opt.slots["2"].block.g_factor.lbfgs.memory == 1
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+def test_kbfgs_param_groups_reach_the_optimizer_and_a_closure_is_always_required(cls):
+    model = _kbfgs_model()
+    opt = cls(model, param_groups=[{"params": list(model.parameters()), "lr": 0.05}])
+    assert opt.param_groups[0]["lr"] == 0.05
+    bare = cls(_kbfgs_model(), exclude=["*"])  # no K-BFGS block at all: still the documented step(closure)
+    assert not bare.slots
+    with pytest.raises(RuntimeError, match=r"needs step\(closure\)"):
+        bare.step()
