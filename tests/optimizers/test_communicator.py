@@ -113,3 +113,30 @@ def test_kaisa_volume_hand_computed():
     assert kaisa_bytes_per_step(layers, 1)["total"] == 0
     with pytest.raises(ValueError, match="grad_worker_fraction"):
         kaisa_bytes_per_step(layers, 4, grad_worker_fraction=0.1)
+
+
+def test_kaisa_volume_every_option_by_hand():
+    """Each option of kaisa_bytes_per_step against a hand count (layers (3, 2) and (5, 4): gradients
+    6 + 20 = 26, factors 9 + 4 + 25 + 16 = 54, inverses 13 + 41 = 54 without eigenvalues, 68 with)."""
+    layers = [(3, 2), (5, 4)]
+    # the documented defaults: f = 1, T_cov = T_inv = 1, 4-byte elements, full factors, eigendecompositions
+    assert kaisa_bytes_per_step(layers, 4) == {"gradients": 104, "factors": 216, "inverses": 272.0,
+                                               "preconditioned_gradients": 0.0, "total": 104 + 216 + 272}
+    # inverses instead of eigendecompositions; factors every 2 steps
+    v = kaisa_bytes_per_step(layers, 4, eigen=False, factor_update_freq=2, dtype_bytes=2)
+    assert v == {"gradients": 52, "factors": 54.0, "inverses": 108.0, "preconditioned_gradients": 0.0,
+                 "total": 52 + 54 + 108}
+    # between COMM-OPT and MEM-OPT: f = 1/2 on 4 ranks sends both the inverses and the preconditioned gradients
+    mid = kaisa_bytes_per_step(layers, 4, grad_worker_fraction=0.5, dtype_bytes=4)
+    assert (mid["inverses"], mid["preconditioned_gradients"]) == (272.0, 104.0)
+    # two ranks, COMM-OPT (f·W = 2): the inverses are broadcast; MEM-OPT (f = 1/W): only the gradients
+    assert kaisa_bytes_per_step(layers, 2)["inverses"] == 272.0
+    mem = kaisa_bytes_per_step(layers, 2, grad_worker_fraction=0.5)
+    assert (mem["inverses"], mem["preconditioned_gradients"]) == (0.0, 104.0)
+    # one rank: nothing is communicated, every part reported as 0
+    assert kaisa_bytes_per_step(layers, 1) == {"gradients": 0.0, "factors": 0.0, "inverses": 0.0,
+                                               "preconditioned_gradients": 0.0, "total": 0.0}
+    with pytest.raises(ValueError, match=r"^world_size must be >= 1$"):
+        kaisa_bytes_per_step(layers, 0)
+    with pytest.raises(ValueError, match=r"grad_worker_fraction must be in \[1/W, 1\], got 1.5"):
+        kaisa_bytes_per_step(layers, 4, grad_worker_fraction=1.5)
