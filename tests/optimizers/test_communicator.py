@@ -140,3 +140,14 @@ def test_kaisa_volume_every_option_by_hand():
         kaisa_bytes_per_step(layers, 0)
     with pytest.raises(ValueError, match=r"grad_worker_fraction must be in \[1/W, 1\], got 1.5"):
         kaisa_bytes_per_step(layers, 4, grad_worker_fraction=1.5)
+
+
+def test_kaisa_volume_tolerances_at_their_edges():
+    """The documented interval [1/W, 1] is read with rounding tolerances: f = 1/W − 1e-12 is still accepted,
+    f·W = 1 + 1e-9 (W = 2: exact in binary) still counts as MEM-OPT (no inverses broadcast), and
+    f = 1 − 1e-12 still counts as COMM-OPT (no preconditioned gradients broadcast)."""
+    layers = [(3, 2), (5, 4)]
+    edge = kaisa_bytes_per_step(layers, 4, grad_worker_fraction=1.0 / 4 - 1e-12)
+    assert edge["inverses"] == 0.0 and edge["preconditioned_gradients"] == 104.0
+    assert kaisa_bytes_per_step(layers, 2, grad_worker_fraction=(1 + 1e-9) / 2)["inverses"] == 0.0
+    assert kaisa_bytes_per_step(layers, 4, grad_worker_fraction=1.0 - 1e-12)["preconditioned_gradients"] == 0.0
