@@ -86,6 +86,21 @@ def test_kbfgsl_block_keeps_a_limited_memory(device):
     assert block.kind == "kbfgsl" and isinstance(g, LBFGSFactor)
     assert (g.lbfgs.memory, g.lbfgs.gamma, g.pair_decay) == (7, 3.0, 0.4)
     assert kbfgsl_block()("fc", _linear(), _ctx(device)).g_factor.lbfgs.memory == 100
+    assert (g.damping.mu1, g.damping.mu2) == (0.2, pytest.approx(0.7))  # double damping, as the dense H_g
+    assert _on(g.s_avg, device) and _on(g.lbfgs.S, device)
+
+
+class _BareAdapter:
+    """A duck-typed adapter that declares nothing beyond its sizes (no ``one_hot_input``)."""
+
+    a_dim, g_dim = 4, 2
+
+
+def test_an_adapter_without_one_hot_input_counts_as_dense(device):
+    kfac = kfac_block()("x", _BareAdapter(), _ctx(device))
+    assert isinstance(kfac.a_factor, EMACovarianceFactor)
+    kbfgs = kbfgs_block()("x", _BareAdapter(), _ctx(device))
+    assert isinstance(kbfgs.a_factor, HessianActionFactor)
 
 
 def test_kbfgs_block_rejects_an_embedding_with_a_clear_error(device):
@@ -115,5 +130,5 @@ def test_default_blocks_mapping_and_override_order(device):
     over = default_blocks(kfac, emb, overrides={"head": None, nn.Conv1d: emb})
     assert list(over)[:2] == ["head", nn.Conv1d] and over["head"] is None and over[nn.Conv1d] is emb
     assert over[nn.Linear] is kfac
-    with pytest.raises(TypeError, match="blocks must be a mapping from module types or layer names"):
+    with pytest.raises(TypeError, match=r"^blocks must be a mapping from module types or layer names to recipes \(or None\)$"):
         default_blocks(kfac, emb, overrides=[nn.Linear])
