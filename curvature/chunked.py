@@ -26,6 +26,7 @@ from curvature.adapters import LayerAdapter
 from curvature.blocks import CurvatureBlock
 from curvature.damping import DampingPolicy
 from curvature.inverter import BatchedInverter
+from curvature.protocols import declares
 
 
 class ChunkedBlock(CurvatureBlock):
@@ -71,7 +72,7 @@ class ChunkedBlock(CurvatureBlock):
         self.needs_g = any(b.needs_g for b in blocks)
         self.needs_second_pass = any(b.needs_second_pass for b in blocks)
         self.has_quadratic_form = all(b.has_quadratic_form for b in blocks)
-        self.applies_cached_inverse = all(bool(getattr(b, "applies_cached_inverse", False)) for b in blocks)
+        self.applies_cached_inverse = all(declares(b, "applies_cached_inverse") for b in blocks)
         self.first_inverse_due = True
 
     def _parts(self, record: Any) -> Mapping[str, Any]:

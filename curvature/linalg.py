@@ -86,8 +86,7 @@ def accumulate_gram(target: torch.Tensor, rows: torch.Tensor, with_ones: bool, a
     if beta:
         view.mul_(beta).add_(block, alpha=alpha)
     else:
-        torch.mul(block, alpha, out=block)
-        view.copy_(block)
+        view.copy_(block.mul_(alpha))
     col = rows.sum(0)
     edge = target[d, :d] * beta if beta else torch.zeros_like(col)
     edge.add_(col, alpha=alpha)

@@ -55,8 +55,7 @@ from curvature.chunked import ChunkedBlock
 from curvature.damping import DampingPolicy, make_damping
 from curvature.inverter import BatchedInverter
 from curvature.linalg import InversionStats, all_finite, finite_flag, read_scalars
-from curvature.protocols import declares
-from curvature.protocols import BlockProtocol
+from curvature.protocols import BlockProtocol, declares
 from optimizers.communicator import Communicator, LocalCommunicator, TorchCommunicator
 from optimizers.data_parallel import DataParallel
 from optimizers.fallback import FALLBACK_RULES, fallback_update
@@ -279,6 +278,8 @@ def _check_blocks(model: nn.Module, blocks: Mapping[Any, Any]) -> None:
 #: Why a step is reverted when its update made a parameter non-finite.
 _BAD_NEW_POINT = "non-finite parameters after the update (step reverted)"
 _LOSS_ROSE = "loss rose by more than max_loss_rise at the new point (step reverted)"
+#: Why a first pass is skipped.
+_NONFINITE_LOSS, _NONFINITE_GRADIENT = "non-finite loss", "non-finite gradient"
 
 
 def loss_rose(before: torch.Tensor | float, after: torch.Tensor | float, factor: float) -> torch.Tensor | bool:
@@ -304,8 +305,19 @@ def first_pass_reason(values: list[float]) -> str | None:
     """The skip reason of a first pass from the values of :func:`first_pass_flags` (None when finite)."""
     loss_ok, grads_ok = values
     if not loss_ok:
-        return "non-finite loss"
-    return None if grads_ok else "non-finite gradient"
+        return _NONFINITE_LOSS
+    return None if grads_ok else _NONFINITE_GRADIENT
+
+
+def read_after_first_pass(first_flags: torch.Tensor | None, scalars: list[torch.Tensor]) -> list[float]:
+    """Read ``scalars`` in one host read, with the deferred first-pass flags (``first_flags``, from
+    :func:`first_pass_flags`) in front when given; raises :class:`_FirstPassNotFinite` when they say
+    the first pass was not finite, else returns the values of ``scalars``."""
+    flags = [] if first_flags is None else list(first_flags)
+    values = read_scalars(flags + scalars)
+    if flags and (reason := first_pass_reason(values[:len(flags)])) is not None:
+        raise _FirstPassNotFinite(reason)
+    return values[len(flags):]
 
 
 class _FirstPassNotFinite(Exception):
@@ -1035,13 +1047,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
         tensors = grads + ([loss] if isinstance(loss, torch.Tensor) else [])
         if loss is not None and not isinstance(loss, torch.Tensor) and not math.isfinite(float(loss)):
-            return "non-finite loss"
+            return _NONFINITE_LOSS
         if not tensors or bool(finite_flag(*tensors)):
             return None
         if isinstance(loss, torch.Tensor) and not math.isfinite(_as_float(loss)):
-            return "non-finite loss"
+            return _NONFINITE_LOSS
         if not all_finite(*grads):
-            return "non-finite gradient"
+            return _NONFINITE_GRADIENT
         return None
 
     def _skip(self, k: int, reason: str, loss) -> None:
@@ -1179,11 +1191,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if (self.data_parallel.active or self._precondition_hooks
                 or self.damping.needs_reduction_ratio
                 or (loss is not None and not isinstance(loss, torch.Tensor))
-                or (stats_due and self.fisher == "mc" and any(s.block.needs_g for s in self.slots.values()))):
+                or self._monte_carlo_due(stats_due)):
             return False
-        if guarded:
-            return True
-        return self.recovery.rollback and all(declares(s.block, "applies_cached_inverse") for s in self.slots.values())
+        return guarded or (self.recovery.rollback and self._directions_from_cached_inverses())
+
+    def _monte_carlo_due(self, stats_due: bool) -> bool:
+        """Whether this step runs the Monte-Carlo Fisher pass (at the current parameters, before the update)."""
+        return stats_due and self.fisher == "mc" and any(s.block.needs_g for s in self.slots.values())
+
+    def _directions_from_cached_inverses(self) -> bool:
+        """Whether every block's direction reads only what its last inverse refresh computed, so that
+        folding in the batch's statistics after the update gives the same step."""
+        return all(declares(s.block, "applies_cached_inverse") for s in self.slots.values())
 
     def _deferred_step(self, k, closure, loss, records, inputs, settings, stats_due, second_pass, guarded
                        ) -> StepInfo | str:
@@ -1205,7 +1224,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         inversions, recoveries = copy.deepcopy(vars(self.inversion_stats)), self.counters.get("inversion_recoveries")
 
         def undo() -> None:
-            self._restore(snapshot) if snapshot is not None else self._restore_light(point)
+            self._restore_step(snapshot, point)
             for p, g in grads:
                 p.grad = g
             vars(self.inversion_stats).update(inversions)  # an inversion of this batch's factors never happened
@@ -1241,12 +1260,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         finite (the caller restores).
         """
         grads = {name: slot.adapter.grad_matrix() for name, slot in self.slots.items()}
-        if stats_due and self.fisher == "mc" and any(s.block.needs_g for s in self.slots.values()):
+        monte_carlo = self._monte_carlo_due(stats_due)
+        if monte_carlo:
             self._monte_carlo_fisher_pass(records, inputs)
         # without a snapshot, blocks that precondition from cached inverses fold the batch in after the
         # new point is known to be finite, so a reverted step leaves every factor as it was
-        late_statistics = (snapshot is None and point is not None and not (stats_due and self.fisher == "mc")
-                           and all(declares(s.block, "applies_cached_inverse") for s in self.slots.values()))
+        late_statistics = (snapshot is None and point is not None and not monte_carlo
+                           and self._directions_from_cached_inverses())
         if stats_due and not self.lag_factors and not late_statistics:
             self._update_statistics(records, grads)
         if self._inverse_due(k):
@@ -1275,11 +1295,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             directions[name] = slot.block.precondition(g)
             for hook in list(self._precondition_hooks.values()):
                 hook(k, name, slot.block, g, directions[name])
-        if self.kl_clip is not None and first_flags is not None:  # read with the clip's inner products
-            scale = self._kl_scale(settings, pre, directions, first_flags) * self.recovery.step_scale
+        scale = self._kl_scale(settings, pre, directions, first_flags) * self.recovery.step_scale
+        if self.kl_clip is not None:  # the clip's read held the deferred first-pass flags
             first_flags = None
-        else:
-            scale = self._kl_scale(settings, pre, directions) * self.recovery.step_scale
 
         for name, slot in self.slots.items():
             d_w, d_b = slot.adapter.split_matrix(directions[name])
@@ -1300,10 +1318,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._second_pass(closure, records, loss, step_sizes, grads, directions, snapshot, info,
                               params if point is not None else [], first_flags)
         elif point is not None:  # one read: the new point, and the first pass when its check was deferred
-            flags = [] if first_flags is None else list(first_flags)
-            *first, point_ok = read_scalars(flags + [finite_flag(*params)])
-            if flags and (reason := first_pass_reason(first)) is not None:
-                raise _FirstPassNotFinite(reason)
+            (point_ok,) = read_after_first_pass(first_flags, [finite_flag(*params)])
             if not point_ok and not all_finite(*params):
                 self._revert_update(snapshot, point, info)
             elif late_statistics and stats_due:
@@ -1314,11 +1329,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """Undo a step whose new point is not finite. Everything is as before the step when the step kept a
         snapshot or folded its statistics in late; otherwise (a block whose direction may read the running
         statistics, on a step without a snapshot) the batch's finite statistics stay folded in."""
+        self._restore_step(snapshot, point)
+        self._count_revert(_BAD_NEW_POINT, info)
+
+    def _restore_step(self, snapshot: dict[str, Any] | None, point: dict[str, Any]) -> None:
+        """Put back what a step changed: from its full snapshot when it kept one, else from its light point."""
         if snapshot is not None:
             self._restore(snapshot)
         else:
             self._restore_light(point)
-        self._count_revert(_BAD_NEW_POINT, info)
 
     def _check_loss(self, loss: Any, what: str) -> None:
         """The closure's loss is a scalar tensor or a number (None only when no pass needs it)."""
@@ -1421,11 +1440,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             else:
                 (dw, db), (mw, mb) = slot.adapter.split_matrix(d), slot.adapter.split_matrix(m)
                 sums += [torch.sum(dw * mw), torch.sum(db * mb)]
-        flags = [] if first_flags is None else list(first_flags)
-        read = read_scalars(flags + sums)
-        if flags and (reason := first_pass_reason(read[:len(flags)])) is not None:
-            raise _FirstPassNotFinite(reason)
-        values = iter(read[len(flags):])
+        values = iter(read_after_first_pass(first_flags, sums))
         vg = 0.0
         for name in self.slots:  # the same Python arithmetic as one read per layer
             part = settings[name]
@@ -1561,7 +1576,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         info.loss_after = loss_after
         rows = [r.grad_rows for r in after.values() if r.grad_rows is not None]
         fused = params + rows + ([loss_after] if isinstance(loss_after, torch.Tensor) else [])
-        flags = [] if first_flags is None else list(first_flags)
         missing = [name for name, slot in self.slots.items() if slot.block.needs_second_pass
                    and (name not in after or name not in before or after[name].grad_rows is None)]
         rise = None if self.damping.needs_reduction_ratio else self.recovery.loss_rise_factor
@@ -1572,15 +1586,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         finish = None
         if one_process and not missing:  # candidates first, then one read for everything
             scalars, finish = self.data_parallel.prepare_second_pass(self.slots, before, after)
-            values = read_scalars(flags + [finite_flag(*fused)] + rose + scalars)
-            decisions = values[len(flags) + 1 + len(rose):]
+            values = read_after_first_pass(first_flags, [finite_flag(*fused)] + rose + scalars)
+            decisions = values[1 + len(rose):]
         else:
-            values = read_scalars(flags + [finite_flag(*fused)] + rose)
-        if flags and (reason := first_pass_reason(values[:len(flags)])) is not None:
-            raise _FirstPassNotFinite(reason)
-        blew_up = bool(rose) and bool(values[len(flags) + 1])
+            values = read_after_first_pass(first_flags, [finite_flag(*fused)] + rose)
+        blew_up = bool(rose) and bool(values[1])
         bad = bool(loss_after is not None and not isinstance(loss_after, torch.Tensor)
-                   and not math.isfinite(float(loss_after))) or not values[len(flags)]
+                   and not math.isfinite(float(loss_after))) or not values[0]
         if bad and params and not all_finite(*params):  # the update itself left the finite region
             self._restore(snapshot)
             self._count_revert(_BAD_NEW_POINT, info)

@@ -20,11 +20,12 @@ old behaviour (the step is reverted or skipped, nothing else changes).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 import torch
+
+from optimizers.validation import check_float
 
 
 @dataclass
@@ -57,20 +58,11 @@ class Recovery:
     step_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        scale = self.step_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and 0.0 < scale <= 1.0):
-            raise ValueError(f"Recovery.step_scale (the current multiplier) must be a number in (0, 1], got {scale!r}")
-        rise = self.max_loss_rise
-        if rise is not None and (isinstance(rise, bool) or not isinstance(rise, (int, float))
-                                 or not math.isfinite(rise) or not rise > 1.0):
-            raise ValueError(f"Recovery.max_loss_rise must be None or a finite number > 1, got {rise!r}")
-        for name, lo, hi in (("step_shrink", 0.0, 1.0), ("min_step_scale", 0.0, 1.0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v <= hi:
-                raise ValueError(f"Recovery.{name} must be a number in ({lo}, {hi}], got {v!r}")
-        if isinstance(self.relax, bool) or not isinstance(self.relax, (int, float)) or not (
-                math.isfinite(self.relax) and self.relax >= 1.0):
-            raise ValueError(f"Recovery.relax must be a finite number >= 1, got {self.relax!r}")
+        for name in ("step_shrink", "min_step_scale", "step_scale"):  # (0, 1]; step_scale is the current multiplier
+            check_float(f"Recovery.{name}", getattr(self, name), 0.0, 1.0, lo_open=True, hi_open=False)
+        check_float("Recovery.relax", self.relax, 1.0)
+        if self.max_loss_rise is not None:
+            check_float("Recovery.max_loss_rise (or None)", self.max_loss_rise, 1.0, lo_open=True)
 
     def after_fault(self) -> None:
         """Shrink the step multiplier (the caller resets the secant memory when ``reset_secant``)."""
