@@ -228,7 +228,7 @@ def test_kfac_has_no_new_point_loss_and_is_not_judged_by_it(device):
 
 @pytest.mark.parametrize("bad", [1.0, 0.5, float("inf"), float("nan"), True, "10"])
 def test_max_loss_rise_is_validated(bad):
-    with pytest.raises(ValueError, match="max_loss_rise"):
+    with pytest.raises(ValueError, match=r"^Recovery\.max_loss_rise \(or None\) must be a finite number in \(1\.0, inf\)"):
         Recovery(max_loss_rise=bad)
 
 
