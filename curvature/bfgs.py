@@ -127,10 +127,11 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
     w = (0.5 * a) * s - rho * u
     # α/√2 and 1/(α√2) with α = √‖w‖∞ / √‖s‖∞. Largest entries, not 2-norms: a 2-norm squares the entries and
     # under- or overflows (float32: below ~1e-19 or above ~1e19) where s, w and the update are representable.
-    # The square roots are taken before the division: the ratio cannot then under- or overflow where α itself is
-    # in range. A zero s or w (then the update is zero) gives finite scales.
+    # The square roots are taken before the division, so α does not underflow for w ≠ 0 (it is at least
+    # √(smallest subnormal) / √(largest float)): α = 0 means w = 0, where the update is zero and any α > 0 does
+    # (1 is taken). α is not finite only when s = 0 or s, w are not finite, and then neither is the update.
     alpha = torch.linalg.vector_norm(w, ord=math.inf).sqrt() / torch.linalg.vector_norm(s, ord=math.inf).sqrt()
-    alpha = torch.nan_to_num(alpha, nan=1.0, posinf=1.0).clamp_(min=torch.finfo(s.dtype).tiny ** 0.5)
+    alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
     s_hat, w_hat = (alpha * math.sqrt(0.5)) * s, w / (alpha * math.sqrt(2.0))
     p, q = s_hat + w_hat, s_hat - w_hat
     out = torch.outer(p, p)

@@ -363,6 +363,16 @@ def test_update_is_accurate_when_only_the_norm_of_w_overflows(device):
     assert float(out[1, 1]) == 1.0 and float(out[0, 1]) == 0.0 == float(out[1, 0])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_update_with_w_zero_returns_H_exactly(device, dtype):
+    """H = I, y = s: u = s, ρ = 1/sᵀs, a = 2ρ, so w = (a/2)s − ρu = 0 and H⁺ = H + swᵀ + wsᵀ = I exactly
+    (the secant equation H⁺y = s already holds for H). The balancing factor √‖w‖∞/√‖s‖∞ is 0 there and
+    must be replaced by a positive one (0 would give ŵ = 0/0 = NaN)."""
+    H = torch.eye(3, dtype=dtype, device=device)
+    s = torch.tensor([1.0, 2.0, 4.0], dtype=dtype, device=device)
+    assert torch.equal(bfgs_inverse_update(H, s, s.clone()), H)
+
+
 @pytest.mark.parametrize("dtype, e_h, e_y", [(torch.float64, -999, 1000), (torch.float32, -74, 75)])
 def test_inverse_update_is_exact_where_rho_squared_underflows(device, dtype, e_h, e_y):
     """H = 2^e_h·I₂, s = e₁, y = 2^e_y·e₁: ρ = 2^-e_y, so ρ² underflows to 0 in the dtype, while the exact
