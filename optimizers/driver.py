@@ -296,7 +296,11 @@ def first_pass_flags(loss: torch.Tensor | None, grads: list[torch.Tensor]) -> to
     """Two exact on-device flags, ``[loss finite, every gradient element finite]`` (no host read)."""
     device = grads[0].device if grads else (loss.device if loss is not None else None)
     loss_ok = torch.isfinite(loss.detach()).all() if loss is not None else torch.ones((), dtype=torch.bool, device=device)
-    grads_ok = (torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all() if grads
+    # exact and one reduction per gradient: NaN propagates into both extremes, ±inf is one of them (an
+    # elementwise isfinite would write and reduce a boolean copy of every gradient)
+    extremes = [e.to(device) for g in grads if g.numel()
+                for e in torch.aminmax((torch.view_as_real(g) if g.is_complex() else g).detach())]
+    grads_ok = (torch.isfinite(torch.stack(extremes)).all() if extremes
                 else torch.ones((), dtype=torch.bool, device=device))
     return torch.stack([loss_ok, grads_ok.to(loss_ok.device)])
 
