@@ -366,7 +366,7 @@ class SecantFactor(Factor):
         splittable = draft is not None or self.damping is None
         candidate = (draft.s1, draft.y2) if draft is not None else (s_ema, y_ema)
         inc = self._prepare_incorporate(*candidate, reference_norm) if splittable and _splits(type(self)) else None
-        scalars = [finite_flag(s, y).double()] + (draft.scalars if draft is not None else []) + (inc[0] if inc else [])
+        scalars = [finite_flag(s, y)] + (draft.scalars if draft is not None else []) + (inc[0] if inc else [])
 
         def finish(values: list[float]) -> DampedPair:
             return self._finish_pair(s, y, s_ema, y_ema, draft, candidate, inc, values, reference_norm)
