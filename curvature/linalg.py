@@ -41,28 +41,36 @@ def finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
 
 
 def read_scalars(scalars: list[torch.Tensor]) -> list[float]:
-    """The values of 0-dim tensors on the host, as Python floats: one read (``tolist``) per device among them."""
+    """The values of 0-dim tensors on the host, as Python floats: one read (``tolist``) per device among them.
+
+    The tensors are stacked per dtype (a stack of mixed dtypes casts every element on its own), each
+    stack cast to float64 once (exact for bool, every floating dtype and integers up to 2**53), and
+    the stacks concatenated for the one read."""
     if not scalars:
         return []
     devices = {t.device for t in scalars}
     if len(devices) == 1:
-        return _stack_exact(scalars).tolist()
+        return _read_one_device(scalars)
     out: list[float] = [0.0] * len(scalars)
     for device in devices:
         index = [i for i, t in enumerate(scalars) if t.device == device]
-        for i, v in zip(index, _stack_exact([scalars[i] for i in index]).tolist()):
+        for i, v in zip(index, _read_one_device([scalars[i] for i in index])):
             out[i] = v
     return out
 
 
-def _stack_exact(scalars: list[torch.Tensor]) -> torch.Tensor:
-    """The 0-dim tensors stacked into one floating vector that holds every value exactly: bool and
-    floating tensors stack in their promoted dtype (the widest floating dtype among them holds every
-    value of the others, and 0 / 1), in one kernel; any other dtype is cast to float64 first."""
-    if all(t.dtype.is_floating_point or t.dtype == torch.bool for t in scalars):
-        out = torch.stack(scalars)
-        return out if out.dtype.is_floating_point else out.double()
-    return torch.stack([t.double() for t in scalars])
+def _read_one_device(scalars: list[torch.Tensor]) -> list[float]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(scalars):
+        groups.setdefault(t.dtype, []).append(i)
+    if len(groups) == 1:
+        return torch.stack(scalars).double().tolist()
+    order = [i for index in groups.values() for i in index]
+    values = torch.cat([torch.stack([scalars[i] for i in index]).double() for index in groups.values()]).tolist()
+    out: list[float] = [0.0] * len(scalars)
+    for i, v in zip(order, values):
+        out[i] = v
+    return out
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:
