@@ -399,3 +399,24 @@ def test_failure_messages_and_counts(device):
     with pytest.raises(InversionError, match=r"^damped factor of size 3 is not finite or not positive definite "
                                              r"even in float64; increase the damping$"):
         damped_inverse(-torch.eye(3, dtype=F64, device=device), 0.5)
+
+
+def test_read_scalars_mixed_dtypes_in_order_exact_one_read(monkeypatch):
+    """read_scalars: every value of bool, half, bfloat16, float32, float64 and integer (up to 2**53)
+    0-dim tensors, in the given order, as Python floats equal to a float64 cast of each, in one read."""
+    from curvature.linalg import read_scalars
+
+    scalars = [torch.tensor(True), torch.tensor(1.0 / 3.0, dtype=torch.float32), torch.tensor(False),
+               torch.tensor(1.0 / 3.0, dtype=F64), torch.tensor(2**53, dtype=torch.int64),
+               torch.tensor(0.1, dtype=torch.float16), torch.tensor(float("nan")), torch.tensor(-float("inf"), dtype=F64),
+               torch.tensor(0.1, dtype=torch.bfloat16), torch.tensor(1e-40, dtype=torch.float32), torch.tensor(7, dtype=torch.int32)]
+    expected = [t.double().item() for t in scalars]
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or original(self))
+    values = read_scalars(scalars)
+    assert len(reads) == 1
+    assert all(type(v) is float for v in values)
+    assert [repr(v) for v in values] == [repr(v) for v in expected]  # NaN and signed values compared too
+    assert read_scalars([]) == [] and read_scalars([torch.tensor(True)]) == [1.0]
+    assert read_scalars([torch.tensor(2.5, dtype=torch.float16)] * 3) == [2.5] * 3
