@@ -306,3 +306,111 @@ def test_init_process_group_from_env(monkeypatch, tmp_path):
         assert calls == [("gloo", timedelta(seconds=600.0), {})]
     finally:
         dist.destroy_process_group()
+
+
+def test_broadcast_from_owners_unflattens_several_tensors_per_buffer_and_skips_ranks_owning_nothing():
+    owners = [2, 2, 2]  # ranks 0 and 1 own nothing; rank 2's three float64 tensors travel in one buffer
+
+    def fn(c):
+        r = float(c.rank)
+        ts = [torch.full((2,), 10 + r, dtype=F64), torch.full((3,), 20 + r, dtype=F64), torch.full((1,), 30 + r, dtype=F64)]
+        c.broadcast_from_owners(ts, owners)
+        return ts
+
+    results, world = _run(3, fn)
+    for ts in results:
+        assert [t.tolist() for t in ts] == [[12.0, 12.0], [22.0, 22.0, 22.0], [32.0]]
+    assert world.log == [("broadcast", 2, F64, 6)]
+
+
+def test_weighted_mean_accepts_weights_summing_below_one():
+    def fn(c):
+        x = torch.tensor([4.0, -8.0], dtype=F64) * (c.rank + 1)
+        (m,) = c.weighted_mean([(x, 0.25)])
+        return m
+
+    results, _ = _run(2, fn)
+    for m in results:
+        assert torch.equal(m, torch.tensor([6.0, -12.0], dtype=F64))  # (0.25·x + 0.25·2x) / 0.5
+
+
+def test_local_weighted_mean_is_the_exact_copy_whatever_the_weight():
+    """One process: the statistic itself, not x·w/w (which rounds: 0.1·3/3 ≠ 0.1) and no check of w."""
+    x = torch.tensor([0.1, 0.7], dtype=F64)
+    assert (x * 3.0 / 3.0)[0] != x[0]
+    for w in (3.0, 0.0):
+        (m,) = LocalCommunicator().weighted_mean([(x, w)])
+        assert torch.equal(m, x) and m.data_ptr() != x.data_ptr()
+
+
+class _Spy:
+    def __init__(self):
+        self.calls = []
+
+    def fn(self, name, result=None):
+        def call(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            return result(*args, **kwargs) if callable(result) else result
+        return call
+
+
+def test_torch_communicator_hands_its_group_and_sources_to_torch_distributed(monkeypatch):
+    """Which group, source rank and op reach torch.distributed (a group whose ranks differ from the
+    global ones cannot be built in one process: the calls are recorded instead)."""
+    spy, group = _Spy(), object()
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", spy.fn("get_rank", lambda g=None: 3 if g is group else 0))
+    monkeypatch.setattr(dist, "get_world_size", spy.fn("get_world_size", lambda g=None: 5 if g is group else 1))
+    monkeypatch.setattr(dist, "get_backend", spy.fn("get_backend", lambda g=None: "gloo" if g is group else "mpi"))
+    monkeypatch.setattr(dist, "get_global_rank", spy.fn("get_global_rank", lambda g, r: r + 10))
+    monkeypatch.setattr(dist, "all_reduce", spy.fn("all_reduce"))
+    monkeypatch.setattr(dist, "broadcast", spy.fn("broadcast"))
+
+    def bol(box, src=None, group=None, device=None):
+        box[0] = ("from", src)
+    monkeypatch.setattr(dist, "broadcast_object_list", spy.fn("broadcast_object_list", bol))
+
+    comm = TorchCommunicator(group)
+    assert (comm.rank, comm.world_size, comm.backend, comm.group) == (3, 5, "gloo", group)
+    spy.calls.clear()
+    flat = torch.zeros(2)
+    comm._all_reduce_flat(flat)
+    comm._broadcast_flat(flat, 2)
+    assert comm._broadcast_object("mine", 1) == ("from", 11)
+    assert spy.calls[0] == ("all_reduce", (flat,), {"op": dist.ReduceOp.SUM, "group": group})
+    assert spy.calls[1] == ("get_global_rank", (group, 2), {})
+    assert spy.calls[2] == ("broadcast", (flat,), {"src": 12, "group": group})
+    assert spy.calls[3] == ("get_global_rank", (group, 1), {})
+    name, args, kwargs = spy.calls[4]
+    assert name == "broadcast_object_list" and kwargs["src"] == 11 and kwargs["group"] is group
+    # the default group: global ranks are the group's, no translation
+    default = TorchCommunicator()
+    assert (default.rank, default.world_size, default.backend) == (0, 1, "mpi")
+    assert default._global(4) == 4
+
+
+def test_init_process_group_from_env_on_cuda_picks_nccl_and_the_local_device(monkeypatch, tmp_path):
+    """The NCCL branch with the CUDA calls recorded (no GPU here): the backend defaults to NCCL when
+    CUDA is available, and the process binds to LOCAL_RANK's device (0 when unset) before initializing."""
+    events = []
+    real_init = dist.init_process_group
+
+    def fake_init(backend=None, timeout=None, **kw):
+        events.append(("init", backend))
+        real_init("gloo", store=dist.FileStore(str(tmp_path / f"s{len(events)}"), 1), rank=0, world_size=1)
+
+    monkeypatch.setattr(dist, "init_process_group", fake_init)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: events.append(("set_device", d)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for local, want in ((None, 0), ("3", 3)):
+        if local is not None:
+            monkeypatch.setenv("LOCAL_RANK", local)
+        events.clear()
+        try:
+            assert type(cm.init_process_group_from_env()) is TorchCommunicator
+        finally:
+            dist.destroy_process_group()
+        assert events == [("set_device", want), ("init", "nccl")]
