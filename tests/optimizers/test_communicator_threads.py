@@ -390,7 +390,7 @@ def test_torch_communicator_hands_its_group_and_sources_to_torch_distributed(mon
     assert default._global(4) == 4
 
 
-def test_init_process_group_from_env_on_cuda_picks_nccl_and_the_local_device(monkeypatch, tmp_path):
+def test_init_process_group_from_env_picks_nccl_and_the_local_device_when_a_gpu_is_seen(monkeypatch, tmp_path):
     """The NCCL branch with the CUDA calls recorded (no GPU here): the backend defaults to NCCL when
     CUDA is available, and the process binds to LOCAL_RANK's device (0 when unset) before initializing."""
     events = []
