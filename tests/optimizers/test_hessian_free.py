@@ -170,3 +170,52 @@ def test_preconditioner_settings_are_validated():
         HessianFree(model, F.mse_loss, preconditioner="jacobi")
     with pytest.raises(ValueError, match="preconditioner_exponent"):
         HessianFree(model, F.mse_loss, preconditioner="martens", preconditioner_exponent=0.0)
+
+
+# ------------------------------------------------------------------ mutation audit of optimizers/hessian_free.py
+def test_hessian_free_defaults_and_keywords():
+    model = nn.Linear(2, 2).double()
+    opt = HessianFree(model, F.mse_loss)
+    got = (opt.curvature, opt.max_cg_iters, opt.cg_decay, opt.progress_eps, opt.cg_tol, opt.backtrack, opt.line_search,
+           opt.armijo_c, opt.line_search_shrink, opt.max_line_search, opt.weight_decay, opt.targets_are_inputs,
+           opt.preconditioner, opt.preconditioner_exponent, opt.param_groups[0]["lr"])
+    assert got == ("ggn", 250, 0.95, 5e-4, 0.0, True, True, 1e-2, 0.8, 20, 0.0, False, None, 0.75, 1.0)
+    assert type(opt.damping) is AdaptiveLM and opt.damping.damping == 1.0
+    assert opt.damping.omega == 2.0 / 3.0 and opt.damping.use_pi is False
+    policy = Tikhonov(0.2)
+    opt = HessianFree(model, F.mse_loss, 0.5, policy, curvature="hessian", max_cg_iters=7, cg_decay=0.5,
+                      progress_eps=None, cg_tol=1e-6, backtrack=0, line_search=0, armijo_c=0.3, line_search_shrink=0.5,
+                      max_line_search=3, weight_decay=0.1, targets_are_inputs=True, preconditioner="martens",
+                      preconditioner_exponent=1.0)
+    got = (opt.curvature, opt.max_cg_iters, opt.cg_decay, opt.progress_eps, opt.cg_tol, opt.backtrack, opt.line_search,
+           opt.armijo_c, opt.line_search_shrink, opt.max_line_search, opt.weight_decay, opt.targets_are_inputs,
+           opt.preconditioner, opt.preconditioner_exponent, opt.param_groups[0]["lr"])
+    assert got == ("hessian", 7, 0.5, None, 1e-6, False, False, 0.3, 0.5, 3, 0.1, True, "martens", 1.0, 0.5)
+    assert opt.damping is policy
+    edges = HessianFree(model, F.mse_loss, damping=3.0, max_cg_iters=1, cg_decay=1.0, max_line_search=1,
+                        progress_eps=1e-12)
+    assert (edges.max_cg_iters, edges.cg_decay, edges.max_line_search, edges.progress_eps) == (1, 1.0, 1, 1e-12)
+    assert edges.damping.damping == 3.0 and HessianFree(model, F.mse_loss, cg_decay=0.0).cg_decay == 0.0
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"preconditioner": "jacobi"}, "preconditioner must be None or 'martens', got 'jacobi'"),
+    ({"preconditioner_exponent": 0.0}, "preconditioner_exponent must be a finite number in (0.0, 1.0], got 0.0"),
+    ({"preconditioner_exponent": 1.5}, "preconditioner_exponent must be a finite number in (0.0, 1.0], got 1.5"),
+    ({"curvature": "fisher"}, "curvature must be 'ggn' or 'hessian', got 'fisher'"),
+    ({"max_cg_iters": 0}, "max_cg_iters must be an integer >= 1, got 0"),
+    ({"cg_decay": 1.5}, "cg_decay must be a finite number in [0.0, 1.0], got 1.5"),
+    ({"cg_decay": -0.5}, "cg_decay must be a finite number in [0.0, 1.0], got -0.5"),
+    ({"progress_eps": 0.0}, "progress_eps must be a finite number in (0.0, inf), got 0.0"),
+    ({"cg_tol": -1.0}, "cg_tol must be a finite number in [0.0, inf), got -1.0"),
+    ({"armijo_c": 1.0}, "armijo_c must be a finite number in (0.0, 1.0), got 1.0"),
+    ({"armijo_c": 0.0}, "armijo_c must be a finite number in (0.0, 1.0), got 0.0"),
+    ({"line_search_shrink": 1.0}, "line_search_shrink must be a finite number in (0.0, 1.0), got 1.0"),
+    ({"line_search_shrink": 0.0}, "line_search_shrink must be a finite number in (0.0, 1.0), got 0.0"),
+    ({"max_line_search": 0}, "max_line_search must be an integer >= 1, got 0"),
+    ({"damping": 0.0}, "damping must be a finite number in (0.0, inf), got 0.0"),
+])
+def test_hessian_free_validation_messages(kw, message):
+    with pytest.raises(ValueError) as err:
+        HessianFree(nn.Linear(2, 2).double(), F.mse_loss, **kw)
+    assert str(err.value) == message
