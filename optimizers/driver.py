@@ -1282,12 +1282,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             g = grads[name]
             part = settings[name]
             if part.wd_w or part.wd_b:
-                if part.wd_w == part.wd_b:
-                    g = g + part.wd_w * slot.adapter.weight_matrix()
-                else:
-                    w = slot.weight.detach()
-                    b = slot.bias.detach() if slot.adapter.has_bias else None
-                    g = g + slot.adapter.to_matrix(part.wd_w * w, None if b is None else part.wd_b * b)
+                w = slot.weight.detach()
+                b = slot.bias.detach() if slot.adapter.has_bias else None
+                # [λ_w W | λ_b b] is a fresh tensor (the products, or their concatenation): the gradient is
+                # added into it in place (x + g == g + x exactly), one full-size temporary instead of three
+                g = slot.adapter.to_matrix(part.wd_w * w, None if b is None else part.wd_b * b).add_(g)
             state = self.state[slot.weight]
             if part.momentum > 0:
                 buf = state.get("momentum_matrix")
