@@ -88,7 +88,7 @@ def test_bad_arguments_raise(device):
         per_example_gradients(fl, chunk=0)
 
 
-# ------------------------------------------------------------------------------ mutation run of per_example.py at 1b39dc0 (tests above this line: earlier)
+# ------------------------------------------------------------------------------ mutation run of per_example.py at 1b39dc0
 def _loop_oracle(model, loss_fn, x, t):
     """Per-example gradients by an explicit loop of autograd calls on batches of one example."""
     rows = []
