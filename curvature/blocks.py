@@ -30,6 +30,13 @@ from curvature.linalg import accumulate_gram, read_scalars, symmetric_eigenvalue
 APPROXIMATIONS = ("expand", "reduce")
 
 
+def revert_state(obj: Any) -> dict[str, Any]:
+    """``obj.revert_state()`` (a state for undoing a step, which may reference the tensors a step only
+    replaces; see :meth:`curvature.factors.Factor.revert_state`) when ``obj`` has one, else ``obj.state_dict()``."""
+    method = getattr(obj, "revert_state", None)
+    return method() if method is not None else obj.state_dict()
+
+
 def check_approx(approx: str) -> str:
     """``approx`` if it is "expand" or "reduce", else a ValueError."""
     if approx not in APPROXIMATIONS:
@@ -311,6 +318,11 @@ class KroneckerBlock(CurvatureBlock):
 
     def state_dict(self) -> dict[str, Any]:
         return {"a": self.a_factor.state_dict(), "g": self.g_factor.state_dict()}
+
+    def revert_state(self) -> dict[str, Any]:
+        """What :meth:`load_state_dict` needs to undo a step: each factor's ``revert_state`` (references to
+        the tensors a step replaces, copies of those it mutates in place) or, without one, its state_dict."""
+        return {"a": revert_state(self.a_factor), "g": revert_state(self.g_factor)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.a_factor.load_state_dict(state["a"])

@@ -87,6 +87,13 @@ class Factor:
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def revert_state(self) -> dict[str, Any]:
+        """What :meth:`load_state_dict` needs to undo a step (the optimizer's revert snapshot). It may hold
+        references instead of copies to the tensors that a step *replaces* (assigns a new tensor to) and
+        never mutates in place, since :meth:`load_state_dict` copies what it loads; every tensor that a
+        step mutates in place must be a copy. Default: :meth:`state_dict` (copies of everything)."""
+        return self.state_dict()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
 
@@ -210,9 +217,18 @@ class EMACovarianceFactor(Factor):
             raise RuntimeError("EMACovarianceFactor has no inverse yet")
         return self.inverse
 
+    _STATE = ("F", "inverse", "initialized", "updates", "decay", "inverse_damping", "refreshes", "damping_boost",
+              "inversion_failures", "statistic_resets")
+
     def state_dict(self) -> dict[str, Any]:
-        return _tensor_state(self, ("F", "inverse", "initialized", "updates", "decay", "inverse_damping", "refreshes",
-                                    "damping_boost", "inversion_failures", "statistic_resets"))
+        return _tensor_state(self, self._STATE)
+
+    def revert_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` with the inverse by reference: it is only ever replaced (``_set_inverse``,
+        :meth:`load_state_dict`), while ``F`` is updated in place (copied)."""
+        state = _tensor_state(self, self._STATE[:1] + self._STATE[2:])
+        state["inverse"] = self.inverse
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.F = state["F"].to(self.F, copy=True)
@@ -350,7 +366,7 @@ class SecantFactor(Factor):
         splittable = draft is not None or self.damping is None
         candidate = (draft.s1, draft.y2) if draft is not None else (s_ema, y_ema)
         inc = self._prepare_incorporate(*candidate, reference_norm) if splittable and _splits(type(self)) else None
-        scalars = [finite_flag(s, y).double()] + (draft.scalars if draft is not None else []) + (inc[0] if inc else [])
+        scalars = [finite_flag(s, y)] + (draft.scalars if draft is not None else []) + (inc[0] if inc else [])
 
         def finish(values: list[float]) -> DampedPair:
             return self._finish_pair(s, y, s_ema, y_ema, draft, candidate, inc, values, reference_norm)
@@ -462,6 +478,11 @@ class BFGSFactor(SecantFactor):
     def state_dict(self) -> dict[str, Any]:
         return {"H": self.H.clone(), **self._secant_state()}
 
+    def revert_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` with ``H`` by reference: the BFGS update and :meth:`_reset_h` replace it
+        (never in place); the pair EMA is copied (updated in place)."""
+        return {"H": self.H, **self._secant_state()}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.H = state["H"].to(self.H, copy=True)
         self._load_secant_state(state)
@@ -504,6 +525,10 @@ class LBFGSFactor(SecantFactor):
 
     def state_dict(self) -> dict[str, Any]:
         return {"lbfgs": self.lbfgs.state_dict(), **self._secant_state()}
+
+    def revert_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` with the pair memory by reference (:meth:`CompactLBFGS.revert_state`)."""
+        return {"lbfgs": self.lbfgs.revert_state(), **self._secant_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lbfgs.load_state_dict(state["lbfgs"])
@@ -640,7 +665,15 @@ class HessianActionFactor(Factor):
 
     def state_dict(self) -> dict[str, Any]:
         return {"covariance": self.covariance.state_dict(), "H": None if self.H is None else self.H.clone(),
-                "damping": self.damping, "updates": self.updates, "skips": dict(self.skips),
+                **self._scalar_state()}
+
+    def revert_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` with ``H`` by reference (the initial inversion and the Hessian-action update
+        replace it, never in place) and the covariance's :meth:`EMACovarianceFactor.revert_state`."""
+        return {"covariance": self.covariance.revert_state(), "H": self.H, **self._scalar_state()}
+
+    def _scalar_state(self) -> dict[str, Any]:
+        return {"damping": self.damping, "updates": self.updates, "skips": dict(self.skips),
                 "warm_started": self.warm_started, "inversion_failures": self.inversion_failures}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -111,6 +111,11 @@ class CompactLBFGS:
         return {"S": self.S.clone(), "Y": self.Y.clone(), "SY": self.SY.clone(), "YY": self.YY.clone(),
                 "gamma": self.gamma, "memory": self.memory}
 
+    def revert_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` by reference: :meth:`append` builds new ``S``, ``Y``, ``SY``, ``YY`` (``torch.cat``)
+        and nothing writes into them in place; :meth:`load_state_dict` copies."""
+        return {"S": self.S, "Y": self.Y, "SY": self.SY, "YY": self.YY, "gamma": self.gamma, "memory": self.memory}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["S"].shape[1:] != (self.dim,):
             raise ValueError(f"L-BFGS state of dimension {state['S'].shape[1:]} does not match dim {self.dim}")

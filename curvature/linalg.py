@@ -25,34 +25,51 @@ def finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
     """A 0-dim boolean tensor, on the tensors' device, that is False when some element is not finite.
 
     No host synchronization: one fused reduction per tensor (the sum is non-finite whenever an
-    element is NaN or inf) and one over the sums. It is conservative: a finite tensor whose sum
-    overflows also reads False, so a False must be confirmed with :func:`all_finite` (which runs
+    element is NaN or inf), the sums added up (0-dim operands: the usual dtype promotion; no stack,
+    no casts) and one finiteness test of the total. It is conservative: a finite tensor whose sum overflows also reads False, so a False must be confirmed with :func:`all_finite` (which runs
     the exact elementwise test only then). Non-floating tensors count as finite.
     """
-    sums = [t.detach().sum() for t in tensors if t.is_floating_point()]
-    if not sums:
+    total = None
+    for t in tensors:
+        if t.is_floating_point():
+            part = (t.detach() if t.requires_grad else t).sum()
+            total = part if total is None else total + part
+    if total is None:
         device = tensors[0].device if tensors else None
         return torch.ones((), dtype=torch.bool, device=device)
-    if len(sums) == 1:
-        return torch.isfinite(sums[0])
-    dtype = sums[0].dtype
-    for s in sums[1:]:
-        dtype = torch.promote_types(dtype, s.dtype)
-    return torch.isfinite(torch.stack([s.to(dtype) for s in sums]).sum())
+    return (total - total).eq(0)  # isfinite of a scalar: inf - inf and NaN - NaN are NaN (2 kernels, not 4)
 
 
 def read_scalars(scalars: list[torch.Tensor]) -> list[float]:
-    """The values of 0-dim tensors on the host: one read (``tolist``) per device among them."""
+    """The values of 0-dim tensors on the host, as Python floats: one read (``tolist``) per device among them.
+
+    The tensors are stacked per dtype (a stack of mixed dtypes casts every element on its own), each
+    stack cast to float64 once (exact for bool, every floating dtype and integers up to 2**53), and
+    the stacks concatenated for the one read."""
     if not scalars:
         return []
     devices = {t.device for t in scalars}
     if len(devices) == 1:
-        return torch.stack([t.double() for t in scalars]).tolist()
+        return _read_one_device(scalars)
     out: list[float] = [0.0] * len(scalars)
     for device in devices:
         index = [i for i, t in enumerate(scalars) if t.device == device]
-        for i, v in zip(index, torch.stack([scalars[i].double() for i in index]).tolist()):
+        for i, v in zip(index, _read_one_device([scalars[i] for i in index])):
             out[i] = v
+    return out
+
+
+def _read_one_device(scalars: list[torch.Tensor]) -> list[float]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(scalars):
+        groups.setdefault(t.dtype, []).append(i)
+    if len(groups) == 1:
+        return torch.stack(scalars).double().tolist()
+    order = [i for index in groups.values() for i in index]
+    values = torch.cat([torch.stack([scalars[i] for i in index]).double() for index in groups.values()]).tolist()
+    out: list[float] = [0.0] * len(scalars)
+    for i, v in zip(order, values):
+        out[i] = v
     return out
 
 

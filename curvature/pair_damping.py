@@ -153,16 +153,17 @@ class DoubleDamping:
         """Every candidate of the damping on the device, without a host synchronization.
 
         ``draft.s1, draft.y2`` are the damped pair the branches select (valid when :meth:`finish`
-        accepts it); ``draft.scalars`` (float64 0-dim tensors) are what :meth:`finish` decides from.
+        accepts it); ``draft.scalars`` (0-dim bool or floating tensors, read exactly by
+        :func:`~curvature.linalg.read_scalars`) are what :meth:`finish` decides from.
         """
         Hy = apply_H(y)
         s1, theta1_t, active1_t = _powell_h(s, y, Hy, self.mu1, self.powell_sign)
         ss = torch.dot(s1, s1)
         s1y = torch.dot(s1, y)
-        no = torch.zeros((), dtype=torch.bool, device=ss.device)
         denom = ss - s1y
         theta2_t = (1.0 - self.mu2) * ss / denom
         if self.variant == "lm":
+            no = torch.zeros((), dtype=torch.bool, device=ss.device)
             y2, active2_t, interpolate_t = y + self.mu2 * s1, ~no, no
         else:
             active2_t = s1y < self.mu2 * ss
@@ -170,9 +171,9 @@ class DoubleDamping:
             y_interp = theta2_t * y + (1.0 - theta2_t.double()).to(y.dtype) * s1  # (1 - θ2) rounded as a Python float
             y_guard = y + ((self.mu2 * ss - s1y) / ss) * s1  # only reachable with mu2 >= 1: s̃ᵀỹ = μ2‖s̃‖² exactly
             y2 = torch.where(active2_t, torch.where(interpolate_t, y_interp, y_guard), y)
-        scalars = [finite_flag(s, y).double(), torch.linalg.vector_norm(s).double(), torch.linalg.vector_norm(y).double(),
-                   active1_t.double(), theta1_t.double(), ss.sqrt().double(), active2_t.double(), interpolate_t.double(),
-                   theta2_t.double(), finite_flag(s1, y2).double()]
+        # in their own dtypes (bool or floating): read_scalars stacks them exactly, with no cast per scalar
+        scalars = [finite_flag(s, y), torch.linalg.vector_norm(s), torch.linalg.vector_norm(y), active1_t, theta1_t,
+                   ss.sqrt(), active2_t, interpolate_t, theta2_t, finite_flag(s1, y2)]
         return DampingDraft(s, y, s1, y2, scalars)
 
     def finish(self, draft: "DampingDraft", values: list[float], counters: DampingCounters | None = None) -> DampedPair:
@@ -209,7 +210,7 @@ class DoubleDamping:
 @dataclass
 class DampingDraft:
     """:meth:`DoubleDamping.prepare`'s device-side result: the raw pair, the candidate damped pair,
-    and the scalars (0-dim float64 tensors) its decisions need."""
+    and the scalars (0-dim bool or floating tensors) its decisions need."""
 
     s: torch.Tensor
     y: torch.Tensor

@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 from torch.utils.hooks import RemovableHandle
 
 from curvature.adapters import ADAPTERS, LayerAdapter, UnsupportedLayerError, adapter_for, contextual_adapters
-from curvature.blocks import CurvatureBlock, a_statistic, g_statistic
+from curvature.blocks import CurvatureBlock, a_statistic, g_statistic, revert_state
 from curvature.capture import InertOnCopy, LayerCapture, LayerRecord, frozen_parameters
 from curvature.chunked import ChunkedBlock
 from curvature.damping import DampingPolicy, make_damping
@@ -296,7 +296,11 @@ def first_pass_flags(loss: torch.Tensor | None, grads: list[torch.Tensor]) -> to
     """Two exact on-device flags, ``[loss finite, every gradient element finite]`` (no host read)."""
     device = grads[0].device if grads else (loss.device if loss is not None else None)
     loss_ok = torch.isfinite(loss.detach()).all() if loss is not None else torch.ones((), dtype=torch.bool, device=device)
-    grads_ok = (torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all() if grads
+    # exact and one reduction per gradient: NaN propagates into both extremes, ±inf is one of them (an
+    # elementwise isfinite would write and reduce a boolean copy of every gradient)
+    extremes = [e.to(device) for g in grads if g.numel()
+                for e in torch.aminmax((torch.view_as_real(g) if g.is_complex() else g).detach())]
+    grads_ok = (torch.isfinite(torch.stack(extremes)).all() if extremes
                 else torch.ones((), dtype=torch.bool, device=device))
     return torch.stack([loss_ok, grads_ok.to(loss_ok.device)])
 
@@ -1278,12 +1282,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             g = grads[name]
             part = settings[name]
             if part.wd_w or part.wd_b:
-                if part.wd_w == part.wd_b:
-                    g = g + part.wd_w * slot.adapter.weight_matrix()
-                else:
-                    w = slot.weight.detach()
-                    b = slot.bias.detach() if slot.adapter.has_bias else None
-                    g = g + slot.adapter.to_matrix(part.wd_w * w, None if b is None else part.wd_b * b)
+                w = slot.weight.detach()
+                b = slot.bias.detach() if slot.adapter.has_bias else None
+                # [λ_w W | λ_b b] is a fresh tensor (the products, or their concatenation): the gradient is
+                # added into it in place (x + g == g + x exactly), one full-size temporary instead of three
+                g = slot.adapter.to_matrix(part.wd_w * w, None if b is None else part.wd_b * b).add_(g)
             state = self.state[slot.weight]
             if part.momentum > 0:
                 buf = state.get("momentum_matrix")
@@ -1468,12 +1471,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _snapshot(self) -> dict[str, Any]:
         """Copies of everything a step mutates apart from the counters: parameters, per-parameter
-        state (momentum, fallback moments), every block's factors, the damping policy and the sampler."""
+        state (momentum, fallback moments), every block's factors (by ``revert_state``: references to
+        the tensors a step replaces), the damping policy and the sampler."""
         return {
             "params": [(p, p.detach().clone()) for g in self.param_groups for p in g["params"]],
             "state": {p: {k: (v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in s.items()}
                       for p, s in self.state.items()},
-            "blocks": {name: slot.block.state_dict() for name, slot in self.slots.items()},
+            # a block's revert_state may reference the tensors a step replaces instead of mutating in
+            # place (load_state_dict copies); see curvature.factors.Factor.revert_state
+            "blocks": {name: revert_state(slot.block) for name, slot in self.slots.items()},
             "damping": copy.deepcopy(self.damping.state_dict()),
             "groups_damping": [g["damping"] for g in self.param_groups],
             "generator": self._generator.get_state(),

@@ -399,3 +399,66 @@ def test_failure_messages_and_counts(device):
     with pytest.raises(InversionError, match=r"^damped factor of size 3 is not finite or not positive definite "
                                              r"even in float64; increase the damping$"):
         damped_inverse(-torch.eye(3, dtype=F64, device=device), 0.5)
+
+
+def test_read_scalars_mixed_dtypes_in_order_exact_one_read(monkeypatch):
+    """read_scalars: every value of bool, half, bfloat16, float32, float64 and integer (up to 2**53)
+    0-dim tensors, in the given order, as Python floats equal to a float64 cast of each, in one read."""
+    from curvature.linalg import read_scalars
+
+    scalars = [torch.tensor(True), torch.tensor(1.0 / 3.0, dtype=torch.float32), torch.tensor(False),
+               torch.tensor(1.0 / 3.0, dtype=F64), torch.tensor(2**53, dtype=torch.int64),
+               torch.tensor(0.1, dtype=torch.float16), torch.tensor(float("nan")), torch.tensor(-float("inf"), dtype=F64),
+               torch.tensor(0.1, dtype=torch.bfloat16), torch.tensor(1e-40, dtype=torch.float32), torch.tensor(7, dtype=torch.int32)]
+    expected = [t.double().item() for t in scalars]
+    reads = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or original(self))
+    values = read_scalars(scalars)
+    assert len(reads) == 1
+    assert all(type(v) is float for v in values)
+    assert [repr(v) for v in values] == [repr(v) for v in expected]  # NaN and signed values compared too
+    assert read_scalars([]) == [] and read_scalars([torch.tensor(True)]) == [1.0]
+    assert read_scalars([torch.tensor(2.5, dtype=torch.float16)] * 3) == [2.5] * 3
+
+
+# ------------------------------------------------------------------------------ mutation run of linalg.py at b5a1b6e
+def test_finite_flag_adds_the_sums(device):
+    """finite_flag adds the per-tensor sums: two finite tensors whose sums cancel read True (their
+    difference, 6e38, would overflow float32), and a sum that does overflow reads False (conservative)."""
+    from curvature.linalg import finite_flag
+
+    a = torch.tensor([3e38], dtype=torch.float32, device=device)
+    assert bool(finite_flag(a, -a)) and bool(finite_flag(-a, a))
+    assert not bool(finite_flag(a, a))
+
+
+def test_read_scalars_two_dtypes_without_float64_exact():
+    """read_scalars keeps each dtype apart: an int64 2**24 + 1 next to a float32 scalar reads exactly
+    (one stack of both would promote to float32, where it rounds to 2**24)."""
+    from curvature.linalg import read_scalars
+
+    scalars = [torch.tensor(2**24 + 1), torch.tensor(0.5, dtype=torch.float32), torch.tensor(-(2**24) - 3)]
+    assert read_scalars(scalars) == [16777217.0, 0.5, -16777219.0]
+    assert read_scalars(scalars[::-1]) == [-16777219.0, 0.5, 16777217.0]
+
+
+@pytest.mark.parametrize("with_ones", [True, False])
+def test_accumulate_gram_beta_zero_ignores_nan_target(device, with_ones):
+    """accumulate_gram with beta = 0 overwrites the target (a NaN-filled one included): the result is
+    alpha * [X 1]^T [X 1] (or alpha * X^T X), formed densely in float64 as the oracle; with beta != 0
+    it is beta * T + alpha * [X 1]^T [X 1]."""
+    from curvature.linalg import accumulate_gram
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(7, 4, generator=g, dtype=F64).to(device)
+    Xh = torch.cat([X, torch.ones(7, 1, dtype=F64, device=device)], dim=1) if with_ones else X
+    n = Xh.shape[1]
+    target = torch.full((n, n), float("nan"), dtype=F64, device=device)
+    accumulate_gram(target, X, with_ones, alpha=0.25, beta=0.0)
+    torch.testing.assert_close(target, 0.25 * (Xh.T @ Xh), rtol=1e-12, atol=1e-12)
+    T0 = torch.randn(n, n, generator=g, dtype=F64).to(device)
+    T0 = T0 + T0.T
+    target = T0.clone()
+    accumulate_gram(target, X, with_ones, alpha=0.5, beta=0.9)
+    torch.testing.assert_close(target, 0.9 * T0 + 0.5 * (Xh.T @ Xh), rtol=1e-12, atol=1e-12)

@@ -86,3 +86,68 @@ def test_bad_arguments_raise(device):
         gauss_newton_diagonal(fl, samples=0)
     with pytest.raises(ValueError, match="chunk"):
         per_example_gradients(fl, chunk=0)
+
+
+# ------------------------------------------------------------------------------ mutation run of per_example.py at 1b39dc0
+def _loop_oracle(model, loss_fn, x, t):
+    """Per-example gradients by an explicit loop of autograd calls on batches of one example."""
+    rows = []
+    for i in range(x.shape[0]):
+        model.zero_grad()
+        g = torch.autograd.grad(loss_fn(model(x[i:i + 1]), t), list(model.parameters()))
+        rows.append(torch.cat([gi.reshape(-1) for gi in g]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_non_tensor_targets_are_passed_whole_and_chunk_one_is_valid(device, chunk):
+    """Targets that are not a tensor (a Python float here) reach every example's loss unchanged (not
+    sliced, not unsqueezed, not vmapped); chunk = 1 is a valid chunk size."""
+    model = _mlp(device)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(5), dtype=F64).to(device)
+
+    def loss_fn(out, t):
+        return t * 0.5 * out.pow(2).sum()
+
+    oracle = _loop_oracle(model, loss_fn, x, 2.5)
+    fl = make_functional(model, loss_fn, x, 2.5)
+    torch.testing.assert_close(per_example_gradients(fl, chunk=chunk), oracle, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(squared_gradient_diagonal(fl, chunk=chunk), oracle.pow(2).sum(0) / 6, rtol=1e-12,
+                               atol=1e-15)
+
+
+def test_monte_carlo_diagonal_exact_against_the_same_rademacher_draws(device):
+    """samples = k: the mean over k draws v in {+-1}^O of (J_i^T v)^2, averaged over the examples, with
+    the draws taken from ``generator`` chunk by chunk (k draws of shape (chunk, O) per chunk). The
+    oracle replays those draws on dense per-example Jacobians; 7 examples in chunks of 3 (last chunk 1)."""
+    model = _mlp(device)
+    x = torch.randn(7, 4, generator=torch.Generator().manual_seed(6), dtype=F64).to(device)
+    fl = make_functional(model, F.mse_loss, x, torch.zeros(7, 3, dtype=F64, device=device))
+    J = _dense_jacobian(model, x).reshape(7, 3, -1)  # (N, O, n)
+    replay = torch.Generator().manual_seed(11)
+    expected = torch.zeros(J.shape[2], dtype=F64, device=device)
+    for start in range(0, 7, 3):
+        Jc = J[start:start + 3]
+        for _ in range(2):
+            v = (torch.randint(0, 2, (Jc.shape[0], 3), generator=replay) * 2 - 1).to(device=device, dtype=F64)
+            expected += torch.einsum("co,con->cn", v, Jc).pow(2).sum(0) / 2
+    expected /= 7
+    got = gauss_newton_diagonal(fl, samples=2, generator=torch.Generator().manual_seed(11), chunk=3)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-15)
+
+
+def test_bad_inputs_and_flags_raise_exact_messages(device):
+    """A non-tensor or 0-dim input batch raises TypeError naming its type; a bool chunk or samples is
+    rejected like any non-integer."""
+    model = _mlp(device)
+    x = torch.randn(5, 4, dtype=F64, device=device)
+    fl = make_functional(model, F.mse_loss, x, torch.zeros(5, 3, dtype=F64, device=device))
+    msg = r"^per-example gradients need a single tensor input batch \(examples along dim 0\), got "
+    with pytest.raises(TypeError, match=msg + "tuple$"):
+        per_example_gradients(make_functional(model, F.mse_loss, (x,), torch.zeros(5, 3, dtype=F64, device=device)))
+    with pytest.raises(TypeError, match=msg + "Tensor$"):
+        per_example_gradients(make_functional(model, F.mse_loss, torch.tensor(1.0, dtype=F64, device=device), None))
+    with pytest.raises(ValueError, match=r"^chunk must be an integer >= 1, got True$"):
+        per_example_gradients(fl, chunk=True)
+    with pytest.raises(ValueError, match=r"^samples must be None \(exact\) or an integer >= 1, got True$"):
+        gauss_newton_diagonal(fl, samples=True)

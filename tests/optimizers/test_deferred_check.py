@@ -195,3 +195,23 @@ def test_a_deferred_skip_reads_no_more_than_the_checked_one_needs(device, name):
     with SyncCounter() as skipped:
         opt.step(_closure(opt, model, x, y, "nan-input"))
     assert opt.counters["skipped_steps"] == 1 and skipped.count <= 4, dict(skipped.sites)
+
+
+def test_first_pass_flags_are_exact():
+    """first_pass_flags: exact per element (NaN, +inf, -inf in any gradient; finite gradients whose sum
+    overflows read finite), empty and complex gradients handled, mixed dtypes, no host read."""
+    from optimizers.driver import first_pass_flags
+
+    big = torch.tensor([3e38, 3e38, -1.0])  # the sum overflows; every element is finite
+    ok = [torch.randn(3, 4), big, torch.zeros(0), torch.randn(5, dtype=torch.float64)]
+    assert first_pass_flags(torch.tensor(1.0), ok).tolist() == [True, True]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        g = torch.randn(3, 4)
+        g[2, 1] = bad
+        assert first_pass_flags(torch.tensor(1.0), ok + [g]).tolist() == [True, False]
+        assert first_pass_flags(torch.tensor(bad), ok).tolist() == [False, True]
+        c = torch.randn(3, dtype=torch.complex64)
+        c[1] = complex(1.0, bad)
+        assert first_pass_flags(None, [c]).tolist() == [True, False]
+    assert first_pass_flags(None, [torch.randn(2, dtype=torch.complex64)]).tolist() == [True, True]
+    assert first_pass_flags(None, []).tolist() == [True, True]

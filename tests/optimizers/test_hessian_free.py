@@ -170,3 +170,196 @@ def test_preconditioner_settings_are_validated():
         HessianFree(model, F.mse_loss, preconditioner="jacobi")
     with pytest.raises(ValueError, match="preconditioner_exponent"):
         HessianFree(model, F.mse_loss, preconditioner="martens", preconditioner_exponent=0.0)
+
+
+# ------------------------------------------------------------------ mutation audit of optimizers/hessian_free.py
+def test_hessian_free_defaults_and_keywords():
+    model = nn.Linear(2, 2).double()
+    opt = HessianFree(model, F.mse_loss)
+    got = (opt.curvature, opt.max_cg_iters, opt.cg_decay, opt.progress_eps, opt.cg_tol, opt.backtrack, opt.line_search,
+           opt.armijo_c, opt.line_search_shrink, opt.max_line_search, opt.weight_decay, opt.targets_are_inputs,
+           opt.preconditioner, opt.preconditioner_exponent, opt.param_groups[0]["lr"])
+    assert got == ("ggn", 250, 0.95, 5e-4, 0.0, True, True, 1e-2, 0.8, 20, 0.0, False, None, 0.75, 1.0)
+    assert type(opt.damping) is AdaptiveLM and opt.damping.damping == 1.0
+    assert opt.damping.omega == 2.0 / 3.0 and opt.damping.use_pi is False
+    policy = Tikhonov(0.2)
+    opt = HessianFree(model, F.mse_loss, 0.5, policy, curvature="hessian", max_cg_iters=7, cg_decay=0.5,
+                      progress_eps=None, cg_tol=1e-6, backtrack=0, line_search=0, armijo_c=0.3, line_search_shrink=0.5,
+                      max_line_search=3, weight_decay=0.1, targets_are_inputs=True, preconditioner="martens",
+                      preconditioner_exponent=1.0)
+    got = (opt.curvature, opt.max_cg_iters, opt.cg_decay, opt.progress_eps, opt.cg_tol, opt.backtrack, opt.line_search,
+           opt.armijo_c, opt.line_search_shrink, opt.max_line_search, opt.weight_decay, opt.targets_are_inputs,
+           opt.preconditioner, opt.preconditioner_exponent, opt.param_groups[0]["lr"])
+    assert got == ("hessian", 7, 0.5, None, 1e-6, False, False, 0.3, 0.5, 3, 0.1, True, "martens", 1.0, 0.5)
+    assert opt.damping is policy
+    edges = HessianFree(model, F.mse_loss, damping=3.0, max_cg_iters=1, cg_decay=1.0, max_line_search=1,
+                        progress_eps=1e-12)
+    assert (edges.max_cg_iters, edges.cg_decay, edges.max_line_search, edges.progress_eps) == (1, 1.0, 1, 1e-12)
+    assert edges.damping.damping == 3.0 and HessianFree(model, F.mse_loss, cg_decay=0.0).cg_decay == 0.0
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"preconditioner": "jacobi"}, "preconditioner must be None or 'martens', got 'jacobi'"),
+    ({"preconditioner_exponent": 0.0}, "preconditioner_exponent must be a finite number in (0.0, 1.0], got 0.0"),
+    ({"preconditioner_exponent": 1.5}, "preconditioner_exponent must be a finite number in (0.0, 1.0], got 1.5"),
+    ({"curvature": "fisher"}, "curvature must be 'ggn' or 'hessian', got 'fisher'"),
+    ({"max_cg_iters": 0}, "max_cg_iters must be an integer >= 1, got 0"),
+    ({"cg_decay": 1.5}, "cg_decay must be a finite number in [0.0, 1.0], got 1.5"),
+    ({"cg_decay": -0.5}, "cg_decay must be a finite number in [0.0, 1.0], got -0.5"),
+    ({"progress_eps": 0.0}, "progress_eps must be a finite number in (0.0, inf), got 0.0"),
+    ({"cg_tol": -1.0}, "cg_tol must be a finite number in [0.0, inf), got -1.0"),
+    ({"armijo_c": 1.0}, "armijo_c must be a finite number in (0.0, 1.0), got 1.0"),
+    ({"armijo_c": 0.0}, "armijo_c must be a finite number in (0.0, 1.0), got 0.0"),
+    ({"line_search_shrink": 1.0}, "line_search_shrink must be a finite number in (0.0, 1.0), got 1.0"),
+    ({"line_search_shrink": 0.0}, "line_search_shrink must be a finite number in (0.0, 1.0), got 0.0"),
+    ({"max_line_search": 0}, "max_line_search must be an integer >= 1, got 0"),
+    ({"damping": 0.0}, "damping must be a finite number in (0.0, inf), got 0.0"),
+])
+def test_hessian_free_validation_messages(kw, message):
+    with pytest.raises(ValueError) as err:
+        HessianFree(nn.Linear(2, 2).double(), F.mse_loss, **kw)
+    assert str(err.value) == message
+
+
+def _square_setup(w0, **kw):
+    """F(w) = ½(w² − 1)² (one sample x = y = 1): G = 4w², g = 2w(w² − 1); every CG solve is exact in 1-D."""
+    half_sse = lambda o, t: 0.5 * ((o - t) ** 2).sum()  # noqa: E731
+    model = Square(w0)
+    x = torch.ones(1, dtype=F64)
+    opt = HessianFree(model, half_sse, **kw)
+    return model, opt, _closure(opt, model, half_sse, x, x), x
+
+
+def _square_f(w):
+    return 0.5 * (w * w - 1.0) ** 2
+
+
+def test_reduction_ratio_and_step_on_the_square_model_by_hand():
+    w, lam = 0.6, 0.3
+    model, opt, closure, x = _square_setup(w, damping=Tikhonov(lam), line_search=False, backtrack=False, progress_eps=None)
+    g, gn = 2 * w * (w * w - 1), 4 * w * w
+    p = -g / (gn + lam)
+    rho = (_square_f(w + p) - _square_f(w)) / (g * p + 0.5 * gn * p * p)
+    opt.step(closure, targets=x)
+    info = opt.last_step
+    assert info.accepted and info.step_scale == 1.0 and info.loss_evals == 1
+    assert float(model.w.detach()) == pytest.approx(w + p, rel=1e-13)
+    assert info.reduction_ratio == pytest.approx(rho, rel=1e-10)
+    assert info.loss_after == pytest.approx(_square_f(w + p), rel=1e-12)
+    assert info.details["backtracked_to"] == info.details["cg_iterations"]  # backtrack off: the last iterate
+    assert info.details["cg_warm_start"] is False
+
+
+def test_lr_below_one_scales_the_step_with_one_more_evaluation():
+    w, lam = 0.6, 0.3
+    model, opt, closure, x = _square_setup(w, lr=0.5, damping=Tikhonov(lam), line_search=False, backtrack=False,
+                                           progress_eps=None)
+    p = -(2 * w * (w * w - 1)) / (4 * w * w + lam)
+    opt.step(closure, targets=x)
+    info = opt.last_step
+    assert float(model.w.detach()) == pytest.approx(w + 0.5 * p, rel=1e-13)
+    assert info.step_scale == 0.5 and info.loss_evals == 2
+    assert info.loss_after == pytest.approx(_square_f(w + 0.5 * p), rel=1e-12)
+
+
+def test_armijo_line_search_by_hand():
+    """From w = 0.1 the Gauss–Newton step overshoots to w ≈ 5: α shrinks by 0.8 until
+    F(w + αp) ≤ F(w) + c α g p, counted by hand; with too few tries the step is rejected."""
+    w, lam, c, shrink = 0.1, 1e-4, 1e-2, 0.8
+    g, gn = 2 * w * (w * w - 1), 4 * w * w
+    p = -g / (gn + lam)
+    alpha, tries = 1.0, 1
+    while not _square_f(w + alpha * p) <= _square_f(w) + c * alpha * g * p:
+        alpha *= shrink
+        tries += 1
+    assert tries >= 4
+    model, opt, closure, x = _square_setup(w, damping=Tikhonov(lam), backtrack=False, progress_eps=None)
+    opt.step(closure, targets=x)
+    info = opt.last_step
+    assert info.accepted and info.step_scale == pytest.approx(alpha, rel=1e-12)
+    assert float(model.w.detach()) == pytest.approx(w + alpha * p, rel=1e-12)
+    assert info.loss_evals == tries and info.loss_after == pytest.approx(_square_f(w + alpha * p), rel=1e-12)
+    # one try fewer than needed: rejected, w unchanged
+    model, opt, closure, x = _square_setup(w, damping=Tikhonov(lam), backtrack=False, progress_eps=None,
+                                           max_line_search=tries - 1)
+    opt.step(closure, targets=x)
+    info = opt.last_step
+    assert not info.accepted and info.details["reason"] == "no Armijo step found"
+    assert float(model.w.detach()) == w and info.loss_evals == tries - 1 and opt.counters["rejected_steps"] == 1
+    # exactly enough tries: accepted
+    model, opt, closure, x = _square_setup(w, damping=Tikhonov(lam), backtrack=False, progress_eps=None,
+                                           max_line_search=tries)
+    opt.step(closure, targets=x)
+    assert opt.last_step.accepted and opt.last_step.step_scale == pytest.approx(alpha, rel=1e-12)
+    # a different Armijo constant and shrink factor, by hand again
+    c2, shrink2 = 0.4, 0.5
+    alpha2, tries2 = 1.0, 1
+    while not _square_f(w + alpha2 * p) <= _square_f(w) + c2 * alpha2 * g * p:
+        alpha2 *= shrink2
+        tries2 += 1
+    model, opt, closure, x = _square_setup(w, damping=Tikhonov(lam), backtrack=False, progress_eps=None, armijo_c=c2,
+                                           line_search_shrink=shrink2)
+    opt.step(closure, targets=x)
+    assert opt.last_step.step_scale == alpha2 and opt.last_step.loss_evals == tries2
+
+
+def test_warm_start_is_cg_decay_times_the_previous_solution():
+    """Two steps with one CG iteration each on F = ½‖Xθ − y‖²: the second CG starts from ζ p₁, by hand."""
+    half_sse = lambda o, t: 0.5 * ((o - t) ** 2).sum()  # noqa: E731
+    xs = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=F64)
+    ys = torch.tensor([[1.0], [-1.0], [0.5]], dtype=F64)
+    lam, zeta = 0.1, 0.6
+    a = xs.T @ xs + lam * torch.eye(2, dtype=F64)
+
+    def one_cg(theta, x0):
+        g = xs.T @ (xs @ theta - ys[:, 0])
+        x = torch.zeros(2, dtype=F64) if x0 is None else x0
+        r = -g - a @ x
+        return x + (r @ r) / (r @ a @ r) * r
+
+    for decay in (zeta, 0.0):
+        lin = nn.Linear(2, 1, bias=False).double()
+        with torch.no_grad():
+            lin.weight.copy_(torch.tensor([[0.3, -0.7]], dtype=F64))
+        theta = lin.weight.detach()[0].clone()
+        opt = HessianFree(lin, half_sse, damping=Tikhonov(lam), max_cg_iters=1, cg_decay=decay, progress_eps=None,
+                          backtrack=False, line_search=False)
+        closure = _closure(opt, lin, half_sse, xs, ys)
+        p1 = one_cg(theta, None)
+        opt.step(closure, targets=ys)
+        assert opt.last_step.details["cg_warm_start"] is False
+        torch.testing.assert_close(lin.weight.detach()[0], theta + p1, rtol=1e-13, atol=1e-15)
+        torch.testing.assert_close(opt._get_vector("cg_solution"), p1, rtol=1e-13, atol=1e-15)
+        p2 = one_cg(theta + p1, decay * p1 if decay > 0 else None)
+        opt.step(closure, targets=ys)
+        assert opt.last_step.details["cg_warm_start"] is (decay > 0)
+        torch.testing.assert_close(lin.weight.detach()[0], theta + p1 + p2, rtol=1e-12, atol=1e-14)
+
+
+def test_cg_backtracking_walks_back_while_the_objective_decreases():
+    """The saved CG iterates of a dense solve (⌈1.3^j⌉), walked back from the last by hand with the
+    batch loss; the step is the best one found before the first increase."""
+    model, loss_fn, x, y = _problem("cpu")
+    lam = 1e-4
+    ggn, g = dense_ggn(model, loss_fn, x, y)
+    a = ggn + lam * torch.eye(ggn.shape[0], dtype=F64)
+    dense = truncated_cg(lambda v: a @ v, -g, max_iters=24, progress_eps=None, save_gamma=1.3)
+    functional = make_functional(model, loss_fn, x, y)
+    theta = functional.theta.clone()
+    loss = lambda t: float(functional.loss_at(t))  # noqa: E731
+    best_i, best_p = dense.saved[-1]
+    best_f = loss(theta + best_p)
+    walked = 1
+    for i, p in reversed(dense.saved[:-1]):
+        f = loss(theta + p)
+        walked += 1
+        if not f < best_f:
+            break
+        best_i, best_p, best_f = i, p, f
+    assert (best_i, walked) == (5, 8)  # 24 → 18 → ... → 5, stopped by the rise at 4
+    opt = HessianFree(model, loss_fn, damping=Tikhonov(lam), max_cg_iters=24, progress_eps=None, line_search=False)
+    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    info = opt.last_step
+    assert info.details["backtracked_to"] == best_i and info.loss_evals == walked
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(after, theta + best_p, rtol=1e-7, atol=1e-9)

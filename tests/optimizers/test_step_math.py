@@ -131,6 +131,36 @@ def test_weight_decay_is_added_with_a_plus_sign_and_the_update_is_minus_lr_p(dev
         torch.testing.assert_close(vec_c(delta), expected, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_weight_decay_input_is_bit_exact_and_leaves_gradients_and_weights_alone(device, split):
+    """The preconditioner input with weight decay is exactly grad + [λ_w W | λ_b b] (bit for bit, on the
+    deferred one-read path: no precondition hook), built in a fresh tensor: the gradients (info.grads and
+    p.grad) and the parameters before the update are not written into."""
+    model, x, y = _problem(device)
+    if split:  # λ_b ≠ λ_w: the biases in a group of their own
+        linears = [m for m in model if isinstance(m, nn.Linear)]
+        groups = [{"params": [m.weight for m in linears], "weight_decay": 0.1},
+                  {"params": [m.bias for m in linears], "weight_decay": 0.03}]
+        opt = KFAC(model, lr=0.3, damping=0.5, momentum=0.0, inverse_update_freq=1, param_groups=groups)
+        lam_b = 0.03
+    else:
+        opt = KFAC(model, lr=0.3, damping=0.5, momentum=0.0, weight_decay=0.1, inverse_update_freq=1)
+        lam_b = 0.1
+    infos = []
+    opt.register_step_hook(infos.append)
+    weights = {n: (s.weight.detach().clone(), s.bias.detach().clone()) for n, s in opt.slots.items()}
+    closure = _closure(opt, model, x, y)
+    opt.step(closure)
+    (info,) = infos
+    for name, slot in opt.slots.items():
+        w, b = weights[name]
+        grad = info.grads[name]
+        expected = grad + torch.cat([0.1 * w, (lam_b * b).reshape(-1, 1)], 1)
+        assert torch.equal(info.inputs[name], expected)
+        assert info.inputs[name].data_ptr() != grad.data_ptr()
+        assert torch.equal(grad, torch.cat([slot.weight.grad, slot.bias.grad.reshape(-1, 1)], 1))
+
+
 def test_kl_clip_factor_is_the_square_root_of_c_over_the_quadratic(device):
     r"""ν = min(1, √(c / v)), v = lr² Σ_layers vec(m)ᵀ P vec(m), computed from the dense operator."""
     model, x, y = _problem(device)
