@@ -314,3 +314,43 @@ def test_damping_matrix_settings_are_validated():
         LevenbergMarquardt(model, _mse_mean, damping_matrix="diag")
     with pytest.raises(ValueError, match="diagonal_samples"):
         LevenbergMarquardt(model, _mse_mean, damping_matrix="max_diagonal", diagonal_samples=0)
+
+
+# ------------------------------------------------------------------ mutation audit of optimizers/levenberg_marquardt.py
+def _lm_settings(opt):
+    return (opt.param_groups[0]["lr"], opt.momentum, opt.uphill, opt.uphill_power, opt.max_line_search, opt.max_cg_iters,
+            opt.cg_tol, opt.weight_decay, opt.targets_are_inputs, opt.damping_matrix, opt.diagonal_samples,
+            opt.diagonal_floor, opt.seed)
+
+
+def test_lm_defaults_and_keywords():
+    model = nn.Linear(2, 2).double()
+    opt = LevenbergMarquardt(model, _mse_mean)
+    assert _lm_settings(opt) == (1.0, False, False, 2.0, 5, 200, 1e-10, 0.0, False, "identity", None, 1e-6, 0)
+    assert type(opt.damping) is DelayedGratification and opt.damping.damping == 1e-3
+    policy = DelayedGratification(0.5)
+    opt = LevenbergMarquardt(model, _mse_mean, 0.5, policy, momentum=1, uphill=1, uphill_power=3.0, max_line_search=0,
+                             max_cg_iters=1, cg_tol=0.0, weight_decay=0.1, targets_are_inputs=True,
+                             damping_matrix="max_diagonal", diagonal_samples=1, diagonal_floor=0.5, seed=0)
+    assert _lm_settings(opt) == (0.5, True, True, 3.0, 0, 1, 0.0, 0.1, True, "max_diagonal", 1, 0.5, 0)
+    assert opt.damping is policy
+    opt = LevenbergMarquardt(model, _mse_mean, damping=2.0, diagonal_floor=0.0, seed=9, diagonal_samples=4)
+    assert (opt.damping.damping, opt.diagonal_floor, opt.seed, opt.diagonal_samples) == (2.0, 0.0, 9, 4)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"damping_matrix": "diag"}, "damping_matrix must be 'identity' or 'max_diagonal', got 'diag'"),
+    ({"diagonal_samples": 0}, "diagonal_samples must be an integer >= 1, got 0"),
+    ({"diagonal_floor": 1.5}, "diagonal_floor must be a finite number in [0.0, 1.0), got 1.5"),
+    ({"diagonal_floor": -0.1}, "diagonal_floor must be a finite number in [0.0, 1.0), got -0.1"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"uphill_power": 0.0}, "uphill_power must be a finite number in (0.0, inf), got 0.0"),
+    ({"max_line_search": -1}, "max_line_search must be an integer >= 0, got -1"),
+    ({"max_cg_iters": 0}, "max_cg_iters must be an integer >= 1, got 0"),
+    ({"cg_tol": -1.0}, "cg_tol must be a finite number in [0.0, inf), got -1.0"),
+    ({"damping": 0.0}, "damping must be a finite number in (0.0, inf), got 0.0"),
+])
+def test_lm_validation_messages(kw, message):
+    with pytest.raises(ValueError) as err:
+        LevenbergMarquardt(nn.Linear(2, 2).double(), _mse_mean, **kw)
+    assert str(err.value) == message

@@ -256,3 +256,61 @@ def test_saddle_free_k_above_the_dimension_uses_the_dimension():
     assert opt.last_step.accepted and opt.last_step.details["lanczos_steps"] == 3 and opt.last_step.products == 3
     torch.testing.assert_close(model.theta.detach(), theta0 - 0.5 * (q @ torch.diag(1 / eigs.abs()) @ q.T) @ (h @ theta0),
                                rtol=1e-9, atol=1e-11)
+
+
+def _diag_landscape(eigs, theta0):
+    h = torch.diag(torch.tensor(eigs, dtype=F64))
+    t0 = torch.tensor(theta0, dtype=F64)
+    return Landscape(h, torch.zeros(len(eigs), dtype=F64), t0), h, t0
+
+
+def test_ratio_is_minus_inf_when_the_model_predicts_no_decrease():
+    """1-D, h = −1, θ₀ = −1 (g = 1), λ = 0.5·2 = 1: |h| + λ = 2 and lr 2 give s = −1 and the model change
+    g s + ½ s (|h| + λ) s = −1 + 1 = 0 exactly: ρ = −inf; the step is still taken (F: −0.5 → −2)."""
+    model, h, t0 = _diag_landscape([-1.0], [-1.0])
+    opt = SaddleFreeNewton(model, _identity_loss, 2.0, 0.5, k=1, eigenvalue_floor=0.0, damping_grid=(2.0,),
+                           targets_are_inputs=True)
+    opt.step(_closure(opt, model))
+    info = opt.last_step
+    assert info.accepted and info.details["chosen_damping"] == 1.0 and opt.damping.damping == 1.0
+    assert model.theta.detach().tolist() == [-2.0]
+    assert info.reduction_ratio == float("-inf") and info.loss_after == -2.0
+
+
+def test_a_candidate_with_a_non_finite_direction_is_skipped_for_the_next():
+    """H = diag(−1, 1), θ₀ = (1, 1): g = (−1, 1) and the one Ritz value gᵀHg/gᵀg is exactly 0. With the
+    subnormal λ_c = 1e-309 the direction overflows to inf and is skipped; λ_c = 1e-309·1e308 (≈ 0.1) gives the
+    step −g/λ_c, F = −2t with t = lr/λ_c (by hand: θ = (1 + t, 1 − t))."""
+    model, h, t0 = _diag_landscape([-1.0, 1.0], [1.0, 1.0])
+    lam = 1e-309
+    opt = SaddleFreeNewton(model, _identity_loss, 1.0, lam, k=1, eigenvalue_floor=0.0, damping_grid=(1.0, 1e308),
+                           min_damping=1e-310, targets_are_inputs=True)
+    opt.step(_closure(opt, model))
+    info = opt.last_step
+    lam_c = lam * 1e308
+    t = 1.0 / lam_c
+    assert info.accepted and info.details["chosen_damping"] == lam_c and info.details["ritz_max"] == 0.0
+    torch.testing.assert_close(model.theta.detach(), torch.tensor([1 + t, 1 - t], dtype=F64), rtol=1e-12, atol=0)
+    assert info.loss_evals == 1 and info.loss_after == pytest.approx(-2 * t, rel=1e-12)
+
+
+def test_equal_losses_keep_the_first_candidate_and_a_tie_with_the_current_loss_is_rejected():
+    """The loss clamped from below: two candidates that both land under the clamp tie, and the first
+    (grid order) is kept; clamped at the current loss itself, no candidate decreases it: rejected."""
+    model, h, t0 = _diag_landscape([-1.0, 2.0], [0.5, 0.3])
+    f0 = float(0.5 * t0 @ h @ t0)  # −0.035
+    clamp_low = lambda out, target: out.clamp(min=-0.5)  # noqa: E731
+    opt = SaddleFreeNewton(model, clamp_low, 2.0, 0.01, k=2, eigenvalue_floor=0.0, damping_grid=(0.1, 1.0),
+                           targets_are_inputs=True)
+    opt.step(_closure(opt, model))
+    info = opt.last_step
+    assert info.accepted and info.loss_after == -0.5 and info.details["chosen_damping"] == 0.01 * 0.1
+    model, h, t0 = _diag_landscape([-1.0, 2.0], [0.5, 0.3])
+    clamp_here = lambda out, target: out.clamp(min=f0)  # noqa: E731
+    opt = SaddleFreeNewton(model, clamp_here, 2.0, 0.01, k=2, eigenvalue_floor=0.0, damping_grid=(0.1, 1.0),
+                           targets_are_inputs=True)
+    opt.step(_closure(opt, model))
+    info = opt.last_step
+    assert info.loss == f0 and not info.accepted
+    assert info.details["reason"] == "no damping candidate decreased the objective"
+    assert torch.equal(model.theta.detach(), t0) and opt.damping.damping == 0.01
