@@ -106,10 +106,10 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
     r"""Return the inverse BFGS update :math:`H^+` of ``H`` with the pair ``(s, y)``, exactly symmetric.
 
     With :math:`u = Hy`, :math:`a = \rho^2 y^\top H y + \rho` and :math:`w = \tfrac a2 s - \rho u`,
-    :math:`H^+ = H + s w^\top + w s^\top`. Rescaled to equal norms, :math:`\hat s = \alpha s`,
-    :math:`\hat w = w/\alpha` (:math:`\alpha = \sqrt{\|w\|/\|s\|}`, so no cancellation beyond
-    a factor 2 of :math:`\|s\|\|w\|`), and with :math:`p = (\hat s + \hat w)/\sqrt2`,
-    :math:`q = (\hat s - \hat w)/\sqrt2`:
+    :math:`H^+ = H + s w^\top + w s^\top`. Rescaled to equal largest entries, :math:`\hat s = \alpha s`,
+    :math:`\hat w = w/\alpha` (:math:`\alpha = \sqrt{\|w\|_\infty}/\sqrt{\|s\|_\infty}`, so no
+    cancellation beyond a factor 2 of :math:`\|s\|_\infty\|w\|_\infty`, the largest entry of
+    :math:`s w^\top`), and with :math:`p = (\hat s + \hat w)/\sqrt2`, :math:`q = (\hat s - \hat w)/\sqrt2`:
 
     .. math:: H^+ = H + p p^\top - q q^\top .
 
@@ -125,9 +125,13 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
     u = H @ y
     a = rho * (rho * torch.dot(y, u)) + rho  # not (ρ·ρ)·yᵀu: ρ² underflows to 0 once sᵀy > ~2^537 (float64)
     w = (0.5 * a) * s - rho * u
-    # α/√2 and 1/(α√2) with α = √(‖w‖/‖s‖); a zero s or w (then the update is zero) gives finite scales
-    alpha = torch.sqrt(torch.linalg.vector_norm(w) / torch.linalg.vector_norm(s))
-    alpha = torch.nan_to_num(alpha, nan=1.0, posinf=1.0).clamp_(min=torch.finfo(s.dtype).tiny ** 0.5)
+    # α/√2 and 1/(α√2) with α = √‖w‖∞ / √‖s‖∞. Largest entries, not 2-norms: a 2-norm squares the entries and
+    # under- or overflows (float32: below ~1e-19 or above ~1e19) where s, w and the update are representable.
+    # The square roots are taken before the division, so α does not underflow for w ≠ 0 (it is at least
+    # √(smallest subnormal) / √(largest float)): α = 0 means w = 0, where the update is zero and any α > 0 does
+    # (1 is taken). α is not finite only when s = 0 or s, w are not finite, and then neither is the update.
+    alpha = torch.linalg.vector_norm(w, ord=math.inf).sqrt() / torch.linalg.vector_norm(s, ord=math.inf).sqrt()
+    alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
     s_hat, w_hat = (alpha * math.sqrt(0.5)) * s, w / (alpha * math.sqrt(2.0))
     p, q = s_hat + w_hat, s_hat - w_hat
     out = torch.outer(p, p)

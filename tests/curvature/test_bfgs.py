@@ -321,9 +321,9 @@ def test_a_finite_pair_is_decided_with_one_host_read(device):
 # ------------------------------------------------------------------------------ extreme exponents
 def test_update_is_accurate_when_the_norm_of_s_overflows(device):
     """H = 2⁻¹⁸⁰·I, s = (2⁵¹³, 0), y = (2⁴⁸⁶, 0): the pair lives in span(e₁), so the secant equation
-    alone fixes H⁺ = diag(s₁/y₁, H₂₂) = diag(2²⁷, 2⁻¹⁸⁰) (exact). ‖s‖ overflows (s₁² = 2¹⁰²⁶) while
-    w = (2⁻⁴⁸⁷, 0) is small, so α = √(‖w‖/‖s‖) = 0 and is clamped to √tiny = 2⁻⁵¹¹, which keeps
-    ŝ = 2²·e₁/√2 and ŵ = 2²⁴·e₁/√2 in range; a smaller clamp overflows ŵ."""
+    alone fixes H⁺ = diag(s₁/y₁, H₂₂) = diag(2²⁷, 2⁻¹⁸⁰) (exact). ‖s‖₂ overflows (s₁² = 2¹⁰²⁶) while
+    w = (2⁻⁴⁸⁷, 0) is small: a balancing factor from 2-norms would be 0 (then clamped, inaccurate);
+    from the largest entries it is α = √(2⁻⁴⁸⁷)/√(2⁵¹³) = 2⁻⁵⁰⁰, and ŝ = ŵ = 2¹³·e₁/√2."""
     H = torch.eye(2, dtype=F64, device=device) * 2.0**-180
     s = torch.tensor([2.0**513, 0.0], dtype=F64, device=device)
     y = torch.tensor([2.0**486, 0.0], dtype=F64, device=device)
@@ -337,9 +337,8 @@ def test_update_is_accurate_when_the_norms_of_s_and_w_overflow(device):
     """n = 512, H = I, s = σ·1 (σ = 1.5·2⁵¹¹), y = η·1 (η = 2⁻⁵¹⁸): every entry and the exact
     H⁺ = I - ρ(s uᵀ + u sᵀ) + (ρ² yᵀHy + ρ) s sᵀ are finite (ρ = 1/(nση) = 1/6, so
     H⁺ = I - (1/6)·2·ση·11ᵀ + (1/6 + n η²/36)·σ²·11ᵀ, i.e. σ²/6 = 1.5·2¹⁰²⁰ in every entry to
-    float64 precision), but ‖s‖ and ‖w‖ (w = σ/12·1 = 2⁵⁰⁸·1) overflow to inf. α is then inf/inf = NaN;
-    the fallback α = 1 keeps p, q = (ŝ ± ŵ)/√2 in range (both norms overflowing means s and w are
-    within a factor √n of each other), any other choice overflows p."""
+    float64 precision), but ‖s‖₂ and ‖w‖₂ (w = σ/12·1) overflow to inf, so 2-norms would give α = NaN;
+    the largest entries give α = √(1/12) and keep p, q = (ŝ ± ŵ)/√2 in range."""
     n, sigma, eta = 512, 1.5 * 2.0**511, 2.0**-518
     H = torch.eye(n, dtype=F64, device=device)
     s = torch.full((n,), sigma, dtype=F64, device=device)
@@ -353,9 +352,9 @@ def test_update_is_accurate_when_the_norms_of_s_and_w_overflow(device):
 
 def test_update_is_accurate_when_only_the_norm_of_w_overflows(device):
     """H = I, s = (2⁵⁰⁰, 0), y = (2⁻⁵¹³, 0): H⁺ = diag(s₁/y₁, 1) = diag(2¹⁰¹³, 1) (exact, the pair lives
-    in span(e₁)). Here w = (2⁵¹², 0) (ρ = 2¹³, a = 2¹³ + 2⁻¹⁰⁰⁰), so ‖w‖ overflows (w₁² = 2¹⁰²⁴) while
-    ‖s‖ is finite: α = +inf, and the fallback α = 1 keeps p, q = (ŝ ± ŵ)/√2 in range (p₁² ≈ 2¹⁰²³);
-    replacing it by the largest float overflows ŝ."""
+    in span(e₁)). Here w = (2⁵¹², 0) (ρ = 2¹³, a = 2¹³ + 2⁻¹⁰⁰⁰), so ‖w‖₂ overflows (w₁² = 2¹⁰²⁴) while
+    ‖s‖₂ is finite (2-norms would give α = +inf); the largest entries give α = 2⁶ and
+    ŝ = ŵ = 2⁵⁰⁶·e₁/√2, so p₁² = 2¹⁰¹³ is in range."""
     H = torch.eye(2, dtype=F64, device=device)
     s = torch.tensor([2.0**500, 0.0], dtype=F64, device=device)
     y = torch.tensor([2.0**-513, 0.0], dtype=F64, device=device)
@@ -364,13 +363,23 @@ def test_update_is_accurate_when_only_the_norm_of_w_overflows(device):
     assert float(out[1, 1]) == 1.0 and float(out[0, 1]) == 0.0 == float(out[1, 0])
 
 
-@pytest.mark.parametrize("dtype, e_h, e_y", [(torch.float64, -999, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_update_with_w_zero_returns_H_exactly(device, dtype):
+    """H = I, y = s: u = s, ρ = 1/sᵀs, a = 2ρ, so w = (a/2)s − ρu = 0 and H⁺ = H + swᵀ + wsᵀ = I exactly
+    (the secant equation H⁺y = s already holds for H). The balancing factor √‖w‖∞/√‖s‖∞ is 0 there and
+    must be replaced by a positive one (0 would give ŵ = 0/0 = NaN)."""
+    H = torch.eye(3, dtype=dtype, device=device)
+    s = torch.tensor([1.0, 2.0, 4.0], dtype=dtype, device=device)
+    assert torch.equal(bfgs_inverse_update(H, s, s.clone()), H)
+
+
+@pytest.mark.parametrize("dtype, e_h, e_y", [(torch.float64, -999, 1000), (torch.float32, -74, 75)])
 def test_inverse_update_is_exact_where_rho_squared_underflows(device, dtype, e_h, e_y):
     """H = 2^e_h·I₂, s = e₁, y = 2^e_y·e₁: ρ = 2^-e_y, so ρ² underflows to 0 in the dtype, while the exact
     update H⁺ = (I − ρsyᵀ)H(I − ρysᵀ) + ρssᵀ = diag(2^-e_y, 2^e_h) is representable (by hand: ρsᵀy = 1
     removes H's first diagonal entry). (ρ·ρ)·yᵀHy gave −2^-e_y there: a finite, indefinite H⁺.
-    Float64 only: the float32 analogue (2^-74, 2^75) also needs the balancing factor's 2-norm not to
-    underflow (‖w‖ = 2^-76 squares below float32's range), which is still open."""
+    The float32 case also needs the balancing factor from largest entries: w = −2^-76·e₁, whose 2-norm
+    squares below float32's range (the balancing factor was then clamped and H⁺₁₁ came out wrong)."""
     H = 2.0 ** e_h * torch.eye(2, dtype=dtype, device=device)
     s = torch.tensor([1.0, 0.0], dtype=dtype, device=device)
     y = torch.tensor([2.0 ** e_y, 0.0], dtype=dtype, device=device)
