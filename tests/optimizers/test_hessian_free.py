@@ -363,3 +363,146 @@ def test_cg_backtracking_walks_back_while_the_objective_decreases():
     assert info.details["backtracked_to"] == best_i and info.loss_evals == walked
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(after, theta + best_p, rtol=1e-7, atol=1e-9)
+
+
+def test_step_hooks_see_the_uncounted_ggn_and_the_damping_shift():
+    model, loss_fn, x, y = _problem("cpu")
+    lam, tau = 0.2, 0.01
+    ggn, _ = dense_ggn(model, loss_fn, x, y)
+    opt = HessianFree(model, loss_fn, damping=Tikhonov(lam), weight_decay=tau, max_cg_iters=3)
+    seen = []
+    v = torch.linspace(-1.0, 1.0, ggn.shape[0], dtype=F64)
+    opt.register_step_hook(lambda info: seen.append((info.operator(v), info.operator_shift.clone(), info.products)))
+    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    cv, shift, products = seen[0]
+    torch.testing.assert_close(cv, ggn @ v, rtol=1e-10, atol=1e-12)
+    assert torch.equal(shift, torch.full_like(v, lam + tau)) and opt.last_step.products == products
+
+
+def test_one_preconditioned_cg_iteration_by_hand():
+    """max_cg_iters = 1 with Martens's preconditioner: x₁ = (rᵀz / zᵀAz) z with r = −g, z = M⁻¹r."""
+    model, loss_fn, x, y = _problem("cpu")
+    lam = 0.1
+    ggn, g = dense_ggn(model, loss_fn, x, y)
+    a = ggn + lam * torch.eye(ggn.shape[0], dtype=F64)
+    m_inv = ((_per_example_oracle(model, loss_fn, x, y) + lam) ** 0.75).reciprocal()
+    r = -g
+    z = m_inv * r
+    x1 = (r @ z) / (z @ a @ z) * z
+    before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+    opt = HessianFree(model, loss_fn, damping=Tikhonov(lam), max_cg_iters=1, progress_eps=None, backtrack=False,
+                      line_search=False, preconditioner="martens")
+    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(after - before, x1, rtol=1e-10, atol=1e-12)
+
+
+def test_progress_stop_and_its_reason_are_those_of_cg_on_the_dense_system():
+    model, loss_fn, x, y = _problem("cpu")
+    lam = 1e-3
+    ggn, g = dense_ggn(model, loss_fn, x, y)
+    a = ggn + lam * torch.eye(ggn.shape[0], dtype=F64)
+    dense = truncated_cg(lambda v: a @ v, -g, max_iters=60, progress_eps=0.05, save_gamma=None)
+    assert dense.stop_reason == "progress" and dense.iterations < 60
+    opt = HessianFree(model, loss_fn, damping=Tikhonov(lam), max_cg_iters=60, progress_eps=0.05, line_search=False)
+    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    d = opt.last_step.details
+    assert (d["cg_iterations"], d["cg_stop"]) == (dense.iterations, "progress")
+
+
+def test_a_non_finite_cg_solution_is_rejected_and_raises_the_damping():
+    """A loss linear in the output has a zero GGN: with a subnormal λ the first CG step 1/(λ‖r‖²) overflows."""
+    lin = nn.Linear(2, 1).double()
+    x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=F64)
+    linear_loss = lambda o, t: o.sum()  # noqa: E731
+    opt = HessianFree(lin, linear_loss, damping=1e-320, targets_are_inputs=True)
+    before = [p.detach().clone() for p in lin.parameters()]
+    opt.step(_closure(opt, lin, linear_loss, x, x))
+    info = opt.last_step
+    assert not info.accepted and info.details["reason"] == "non-finite CG solution" and info.loss_evals == 0
+    assert all(torch.equal(p.detach(), b) for p, b in zip(lin.parameters(), before))
+    assert opt.damping.damping == 1e-8  # ρ = −inf raised λ, to AdaptiveLM's floor min_damping
+
+
+def test_backtracking_stops_at_the_first_iterate_that_is_not_better():
+    """1-D: every CG iterate after the first is the exact solution, so the walk back finds equal losses
+    and keeps the last iterate."""
+    model, opt, closure, x = _square_setup(0.6, damping=Tikhonov(0.3), line_search=False, progress_eps=None)
+    opt.step(closure, targets=x)
+    d = opt.last_step.details
+    assert d["cg_iterations"] > 1 and d["backtracked_to"] == d["cg_iterations"] and opt.last_step.loss_evals == 2
+
+
+def test_reduction_ratio_is_minus_inf_without_a_predicted_decrease_or_at_a_nan_loss():
+    # negative curvature (curvature="hessian", F = −w², λ 1): CG stops at once, p = 0, q(p) − q(0) = 0
+    lin = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    x = torch.ones(1, 1, dtype=F64)
+    concave = lambda o, t: -(o**2).sum()  # noqa: E731
+    opt = HessianFree(lin, concave, damping=Tikhonov(1.0), curvature="hessian", line_search=False,
+                      targets_are_inputs=True)
+    opt.step(_closure(opt, lin, concave, x, x))
+    assert opt.last_step.details["cg_stop"] == "negative_curvature"
+    assert opt.last_step.reduction_ratio == float("-inf")
+    # a NaN loss at the CG point (sqrt of a negative output): ρ = −inf, λ × 3/2
+    lin = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    t = torch.full((1, 1), -3.0, dtype=F64)
+    nan_below_zero = lambda o, tt: 0.5 * ((o - tt) ** 2).sum() + 0.0 * torch.sqrt(o).sum()  # noqa: E731
+    opt = HessianFree(lin, nan_below_zero, damping=1e-3, progress_eps=None)
+    opt.step(_closure(opt, lin, nan_below_zero, x, t), targets=t)
+    assert opt.last_step.reduction_ratio == float("-inf") and opt.damping.damping == 1e-3 * 1.5
+    # without the line search, a NaN or +inf objective at the new point rejects the step
+    for bad in (lambda o, tt: 0.5 * ((o - tt) ** 2).sum() + 0.0 * torch.sqrt(o).sum(),
+                lambda o, tt: 0.5 * ((o - tt) ** 2).sum() - torch.log(o.clamp(min=0.0)).sum() * 1e-30):
+        lin = nn.Linear(1, 1, bias=False).double()
+        with torch.no_grad():
+            lin.weight.fill_(1.0)
+        opt = HessianFree(lin, bad, damping=Tikhonov(1e-3), progress_eps=None, line_search=False, backtrack=False)
+        opt.step(_closure(opt, lin, bad, x, t), targets=t)
+        info = opt.last_step
+        assert not info.accepted and info.details["reason"] == "non-finite objective at the new point"
+        assert lin.weight.item() == 1.0
+
+
+def _hand_armijo(w, lam, c, shrink, max_tries):
+    """The Armijo loop of the module docstring on F(w) = ½(w² − 1)², by hand: (α, tries) or None."""
+    g, gn = 2 * w * (w * w - 1), 4 * w * w
+    p = -g / (gn + lam)
+    f0, slope = _square_f(w), g * p
+    alpha, tries = 1.0, 1
+    while not _square_f(w + alpha * p) <= f0 + c * alpha * slope and tries < max_tries:
+        alpha *= shrink
+        tries += 1
+    return (alpha, tries) if _square_f(w + alpha * p) <= f0 + c * alpha * slope else None
+
+
+@pytest.mark.parametrize("w, lam, c, shrink, max_tries", [
+    (0.1, 1e-3, 0.6, 0.8, 20), (0.1, 0.05, 0.6, 0.3, 3), (0.1, 0.05, 0.6, 0.3, 2), (0.3, 1e-3, 0.6, 0.8, 3),
+])
+def test_armijo_condition_against_the_hand_loop(w, lam, c, shrink, max_tries):
+    expected = _hand_armijo(w, lam, c, shrink, max_tries)
+    model, opt, closure, x = _square_setup(w, damping=Tikhonov(lam), backtrack=False, progress_eps=None, armijo_c=c,
+                                           line_search_shrink=shrink, max_line_search=max_tries)
+    opt.step(closure, targets=x)
+    info = opt.last_step
+    if expected is None:
+        assert not info.accepted and info.details["reason"] == "no Armijo step found"
+    else:
+        assert info.accepted and (info.step_scale, info.loss_evals) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_zero_step_passes_the_armijo_condition_at_once():
+    """Negative curvature stops CG at p = 0: F(θ + αp) = F(θ) with slope 0 satisfies F ≤ F + 0 (≤, not <)
+    on the first try."""
+    lin = nn.Linear(1, 1, bias=False).double()
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    x = torch.ones(1, 1, dtype=F64)
+    concave = lambda o, t: -(o**2).sum()  # noqa: E731
+    opt = HessianFree(lin, concave, damping=Tikhonov(1.0), curvature="hessian", targets_are_inputs=True)
+    opt.step(_closure(opt, lin, concave, x, x))
+    info = opt.last_step
+    assert info.accepted and info.step_scale == 1.0 and info.loss_evals == 1 and lin.weight.item() == 1.0
