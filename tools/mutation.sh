@@ -16,6 +16,12 @@ cd "$(dirname "$0")/.."
 # mutmut runs each mutant in a process forked from one that already ran torch: an OpenMP thread pool
 # does not survive fork(), and every mutant then hangs until its timeout. One thread avoids that.
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# The run writes its settings into pyproject.toml and restores the file on exit: refuse to start over uncommitted
+# edits of it (another run in this checkout, or changes that a commit would then mix with the temporary lines).
+if git rev-parse --git-dir >/dev/null 2>&1 && ! git diff --quiet -- pyproject.toml; then
+  echo "tools/mutation.sh: pyproject.toml has uncommitted changes (is another mutation run going in this checkout?); commit or undo them first" >&2
+  exit 2
+fi
 python -c "import mutmut" 2>/dev/null || python -m pip install -q "mutmut==3.8.1"
 rm -rf mutants
 ORIG=$(mktemp)
