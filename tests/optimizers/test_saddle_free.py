@@ -36,15 +36,7 @@ def _identity_loss(out, target):
 def _step(model, **kw):
     opt = SaddleFreeNewton(model, _identity_loss, damping=Tikhonov(1e-14), damping_grid=(1.0,), eigenvalue_floor=0.0,
                            k=model.theta.numel(), targets_are_inputs=True, min_damping=1e-15, **kw)
-    x = torch.zeros(1, dtype=F64, device=model.theta.device)
-
-    def closure():
-        opt.zero_grad()
-        loss = model(x)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
+    opt.step(_closure(opt, model))
     return opt
 
 
