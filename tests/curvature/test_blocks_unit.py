@@ -491,3 +491,26 @@ def test_diagonal_empirical_fisher_statistic_by_hand():
         b.batch_statistic(LayerRecord(batch_size=1, g_rows=torch.ones(1, 1)), None)
     with pytest.raises(RuntimeError, match=r"^no captured 'g' rows"):
         b.batch_statistic(LayerRecord(batch_size=1, a_rows=torch.ones(1, 2)), None)
+
+
+def test_second_pass_expand_means_are_over_rows_not_groups():
+    """expand: the means are over rows, whatever the weight-sharing groups (here of unequal sizes)."""
+    before, after = _second_pass_records()
+    before.input_rows = None
+    before.h_rows = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0], [3.0, 4.0, 5.0]], dtype=D)
+    before.grad_rows = torch.tensor([[3.0, 0.0, 4.0], [3.0, 0.0, 4.0], [3.0, 0.0, 4.0]], dtype=D)
+    after.h_rows = torch.tensor([[2.0, 2.0, 5.0], [4.0, 6.0, 5.0], [4.0, 6.0, 5.0]], dtype=D)
+    after.grad_rows = torch.tensor([[4.0, 1.0, 4.0], [6.0, 1.0, 6.0], [5.0, 1.0, 5.0]], dtype=D)
+    for r in (before, after):  # groups of 1 and 2 rows: group means of h differ from the row means
+        r.groups, r.group_rows = 2, [(1, 1), (1, 2)]
+    g = SecantFactor(_eye(3), uses_secant_pairs=True)
+    KroneckerBlock("l", _adapter(3, 3), Factor(_eye(3)), g).update_after_step(before, after)
+    (_, s, y, r), = g.calls
+    torch.testing.assert_close(s, torch.tensor([1.0, 4.0 / 3, 2.0 / 3], dtype=D))  # (10/3, 14/3, 5) − (7/3, 10/3, 13/3)
+    torch.testing.assert_close(y, torch.tensor([2.0, 1.0, 1.0], dtype=D))  # (5, 1, 5) − (3, 0, 4)
+    torch.testing.assert_close(r, torch.tensor(5.0, dtype=D))
+    a = SecantFactor(_eye(3), uses_matrix_action=True)
+    before.input_rows = torch.tensor([[1.0, 3.0], [3.0, 5.0], [3.0, 5.0]], dtype=D)  # group means (1, 3), (3, 5)
+    KroneckerBlock("l", _adapter(3, 3), a, Factor(_eye(3))).update_after_step(before, after)
+    (_, m), = a.calls
+    torch.testing.assert_close(m, torch.tensor([7.0 / 3, 13.0 / 3, 1.0], dtype=D))  # the row mean, not (2, 4, 1)
