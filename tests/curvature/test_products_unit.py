@@ -149,10 +149,10 @@ def test_functional_loss_errors():
         fl.flatten(wrong)
 
 
-def test_products_cast_a_float32_vector_to_the_model_dtype():
-    model, x, y = _mlp("cpu")
+def test_products_cast_a_float32_vector_to_the_model_dtype(device):
+    model, x, y = _mlp(device)
     fl = make_functional(model, _tanh_loss, x, y)
-    v32 = torch.linspace(-1.0, 1.0, fl.n, dtype=torch.float32)
+    v32 = torch.linspace(-1.0, 1.0, fl.n, dtype=torch.float32, device=device)
     v64 = v32.to(F64)
     for product in (fl.hvp_forward_over_reverse, fl.hvp_double_backprop, fl.ggn_vector_product,
                     fl.prepared_product("ggn"), fl.prepared_product("hessian")):
@@ -189,24 +189,26 @@ K = torch.tensor([2.0, -1.0], dtype=F64)
 
 def _odd_loss(out, t):
     z, c = out
-    return ((z - t) ** 2).sum() + (K * c).sum()
+    return ((z - t) ** 2).sum() + (K.to(c) * c).sum()
 
 
-def test_double_backprop_with_a_constant_gradient_first_and_an_unused_parameter():
+def test_double_backprop_with_a_constant_gradient_first_and_an_unused_parameter(device):
     """The c and unused blocks of H are zero; the w block is the Hessian of the hand-written loss in w."""
     model = _ConstantUnusedUsed()
     x = torch.randn(6, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
     t = torch.randn(6, generator=torch.Generator().manual_seed(4), dtype=F64)
-    fl = make_functional(model, _odd_loss, x, t)
-    assert fl.names == ("c", "unused", "w") and fl.n == 8
-    h_w = torch.func.hessian(lambda w: ((torch.tanh(x @ w) - t) ** 2).sum())(model.w.detach())
+    h_w = torch.func.hessian(lambda w: ((torch.tanh(x @ w) - t) ** 2).sum())(model.w.detach())  # on the CPU
     dense = torch.zeros(8, 8, dtype=F64)
     dense[5:, 5:] = h_w
+    model.to(device)
+    x, t = x.to(device), t.to(device)
+    fl = make_functional(model, _odd_loss, x, t)
+    assert fl.names == ("c", "unused", "w") and fl.n == 8
     v = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 0.7, -0.3, 1.1], dtype=F64)
-    torch.testing.assert_close(fl.hvp_double_backprop(v), dense @ v, rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(fl.hvp_forward_over_reverse(v), dense @ v, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fl.hvp_double_backprop(v.to(device)).cpu(), dense @ v, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fl.hvp_forward_over_reverse(v.to(device)).cpu(), dense @ v, rtol=1e-12, atol=1e-14)
     hv = HessianOperator(model, _odd_loss, x, t, method="double_backprop").to_dense()
-    torch.testing.assert_close(hv, dense, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(hv.cpu(), dense, rtol=1e-12, atol=1e-14)
 
 
 def test_double_backprop_of_a_loss_linear_in_every_parameter_is_zero():
@@ -228,10 +230,10 @@ def test_forward_ad_unsupported_recognizes_only_the_forward_mode_messages():
     assert not _forward_ad_unsupported(RuntimeError("mat1 and mat2 shapes cannot be multiplied (5x3 and 2x2)"))
 
 
-def test_hessian_operator_routes_its_two_methods():
+def test_hessian_operator_routes_its_two_methods(device):
     """Only forward-over-reverse tries ``jvp`` and records the split form for ``F.mse_loss``; both give H v."""
-    model, x, y = _mlp("cpu")
-    v = torch.linspace(-1.0, 1.0, 14, dtype=F64)  # n = 3*2 + 2 + 2*2 + 2
+    model, x, y = _mlp(device)
+    v = torch.linspace(-1.0, 1.0, 14, dtype=F64, device=device)  # n = 3*2 + 2 + 2*2 + 2
     fwd = HessianOperator(model, F.mse_loss, x, y)
     bwd = HessianOperator(model, F.mse_loss, x, y, method="double_backprop")
     assert (fwd.method, bwd.method) == ("forward_over_reverse", "double_backprop")
@@ -241,10 +243,10 @@ def test_hessian_operator_routes_its_two_methods():
         HessianOperator(model, F.mse_loss, x, y, method="exact")
 
 
-def test_operators_take_the_model_dtype_and_device():
-    model, x, y = _mlp("cpu", dtype=torch.float32)
+def test_operators_take_the_model_dtype_and_device(device):
+    model, x, y = _mlp(device, dtype=torch.float32)
     for op in (HessianOperator(model, _tanh_loss, x, y), GGNOperator(model, _tanh_loss, x, y)):
-        assert (op.n, op.dtype, op.device) == (14, torch.float32, torch.device("cpu"))
+        assert (op.n, op.dtype, op.device.type) == (14, torch.float32, torch.device(device).type)
 
 
 # ------------------------------------------------------------------------------------- as_matvec
