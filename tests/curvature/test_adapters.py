@@ -30,16 +30,6 @@ class Gadget(nn.Module):
         self.weight = nn.Parameter(nn.init.zeros_(nn.Linear(2, 2).weight.detach().clone()))
 
 
-@pytest.fixture
-def clean_registry():
-    saved = registered_adapters()
-    yield
-    for module_type in set(registered_adapters()) - set(saved):
-        unregister_adapter(module_type)
-    for module_type, adapter in saved.items():
-        register_adapter(module_type, adapter, replace=True)
-
-
 def test_shipped_adapters_are_registered_and_follow_the_protocol():
     assert registered_adapters()[nn.Linear] is LinearAdapter and registered_adapters()[nn.Conv2d] is Conv2dAdapter
     assert isinstance(adapter_for(nn.Linear(2, 3)), AdapterProtocol)

@@ -24,7 +24,6 @@ from curvature.adapters import (
     UnsupportedLayerError,
     contextual_adapters,
     register_adapter,
-    registered_adapters,
     unregister_adapter,
 )
 
@@ -33,16 +32,6 @@ class Gadget(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(2, 2))
-
-
-@pytest.fixture
-def clean_registry():
-    saved = registered_adapters()
-    yield
-    for module_type in set(registered_adapters()) - set(saved):
-        unregister_adapter(module_type)
-    for module_type, adapter in saved.items():
-        register_adapter(module_type, adapter, replace=True)
 
 
 # ------------------------------------------------------------------------------ LayerAdapter defaults
