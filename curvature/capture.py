@@ -301,7 +301,7 @@ class LayerCapture:
                 sub = f"{name}[{chunk}]"
                 self._chunks[name].append((chunk, sub))
                 handles.extend(watch_functional_linear(
-                    adapter.hook_module, weight, self._make_forward_hook(sub, chunk_adapter, chunked=True),
+                    adapter.hook_module, weight, self._make_forward_hook(sub, chunk_adapter),
                     rows=chunk_adapter.weight_rows()))
 
     def add_layer(self, name: str, adapter: LayerAdapter) -> None:
@@ -411,10 +411,10 @@ class LayerCapture:
             record.rows_per_sample = r // batch if r % batch == 0 else r / batch
         return record
 
-    def _make_forward_hook(self, name: str, adapter: LayerAdapter, chunked: bool = False):
-        """The hook recording one call of layer ``name``; ``chunked``: it is called as
-        ``hook(None, (x,), output, columns)`` for an ``F.linear`` on a row view of a watched weight,
-        and the layer's output (and gradient) rows are ``output[..., columns]``."""
+    def _make_forward_hook(self, name: str, adapter: LayerAdapter):
+        """The hook recording one call of layer ``name``. For a chunk of a watched weight it is called as
+        ``hook(None, (x,), output, columns)`` for an ``F.linear`` on a row view of that weight, and the
+        layer's output (and gradient) rows are ``output[..., columns]``."""
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor, columns: slice | None = None):
             cfg = self.config
             if not cfg.active or not torch.is_grad_enabled():

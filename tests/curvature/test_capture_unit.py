@@ -5,14 +5,16 @@ curvature/capture.py, issue 17)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from curvature import capture
-from curvature.adapters import AttentionInProjAdapter, LinearAdapter
-from curvature.capture import ChunkedRecord, LayerCapture, LayerRecord, watch_functional_linear
+from curvature.adapters import AttentionInProjAdapter, Conv2dAdapter, LinearAdapter
+from curvature.capture import CaptureConfig, ChunkedRecord, LayerCapture, LayerRecord, watch_functional_linear
 
 
 # ------------------------------------------------------------------------------ LayerRecord
@@ -177,7 +179,8 @@ class _Outer(nn.Module):
         self.inner, self.w_outer = inner, w_outer
 
     def forward(self, x):
-        return F.linear(self.inner(x), self.w_outer)
+        h = self.inner(x)  # before F.linear is looked up: the outer call must still be watched after inner's exit
+        return F.linear(h, self.w_outer)
 
 
 class _RowUser(nn.Module):
@@ -260,3 +263,230 @@ def test_the_watch_ends_when_the_forward_raises():
     assert calls == [None] and _restored()
     for h in handles:
         h.remove()
+
+
+def test_the_same_weight_watched_by_an_outer_and_an_inner_module():
+    weight = torch.randn(4, 4)
+    inner = _RowUser(weight, lambda w: w)
+    outer = _Outer(inner, weight)
+    inner_calls, outer_calls = [], []
+    handles = watch_functional_linear(outer, weight, _counting(outer_calls))
+    handles += watch_functional_linear(inner, weight, _counting(inner_calls))
+    outer(torch.randn(3, 4))
+    # the inner call is seen by both watches; the outer call after inner's exit by the outer one only
+    assert inner_calls == [None] and outer_calls == [None, None] and _restored()
+    for h in handles:
+        h.remove()
+
+
+def test_a_call_that_fails_before_the_forward_leaves_no_trace():
+    weight = torch.randn(2, 4)
+    user = _RowUser(weight, lambda w: w)
+
+    def refuse(args, kwargs):
+        raise ValueError("not this call")
+
+    handles = watch_functional_linear(user, weight, _counting([]), on_enter=refuse)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="not this call"):
+            user(torch.randn(3, 4))
+    assert [str(w.message) for w in caught] == [] and _restored()  # the exit hook itself raised nothing
+    for h in handles:
+        h.remove()
+
+
+# ------------------------------------------------------------------------------ how calls become a record
+def test_a_capture_configured_at_construction_records_from_the_first_call():
+    layer = nn.Linear(2, 3)
+    cap = LayerCapture({"l": LinearAdapter(layer)}, config=CaptureConfig(a=True))
+    x = torch.randn(4, 2)
+    layer(x)
+    record = cap.records["l"]
+    assert torch.equal(record.input_rows, x) and (record.batch_size, record.groups, record.calls) == (4, 4, 1)
+    cap.remove()
+
+
+class _DuckAdapter:
+    """The required adapter members only: no num_samples/num_groups, functional_weight, observe_call."""
+
+    one_hot_input = False
+
+    def __init__(self, module):
+        self.module, self.has_bias = module, True
+
+    def input_rows(self, x):
+        return x.reshape(-1, x.shape[-1])
+
+    output_rows = input_rows
+
+
+def test_an_adapter_without_the_optional_members_counts_the_leading_dimension():
+    layer = nn.Linear(5, 2)
+    cap = LayerCapture({"l": _DuckAdapter(layer)})
+    cap.set(a=True)
+    layer(torch.randn(3, 5))
+    record = cap.records["l"]
+    assert (record.batch_size, record.groups, record.group_rows) == (3, 3, [(3, 1)])
+    cap.remove()
+
+
+class _FunctionalDuck(_DuckAdapter):
+    """A functionally applied weight without observe_call."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.hook_module, self.functional_weight = module, module.weight
+
+
+def test_a_functional_adapter_without_observe_call_is_watched():
+    user = _RowUser(torch.randn(2, 5), lambda w: w)
+    user.weight = nn.Parameter(user.weight)
+    user.bias = None
+    cap = LayerCapture({"u": _FunctionalDuck(user)})
+    cap.set(a=True)
+    x = torch.randn(3, 5)
+    user(x)
+    assert torch.equal(cap.records["u"].input_rows, x) and _restored()
+    cap.remove()
+
+
+def test_version_cache_after_clear_and_after_backward():
+    layer = nn.Linear(2, 2)
+    cap = LayerCapture({"l": LinearAdapter(layer)})
+    cap.set(a=True)
+    x1, x2 = torch.randn(3, 2), torch.randn(3, 2)
+    layer(x1)
+    assert torch.equal(cap.records["l"].input_rows, x1)
+    cap.clear()
+    layer(x2)
+    assert torch.equal(cap.records["l"].input_rows, x2)  # not the cache from before the clear
+    cap.set(g=True)
+    assert cap.records == {}
+    layer(x1).sum().backward()
+    record = cap.records["l"]  # the backward's rows (∂L/∂h = 1), scaled by N = 3 for a mean loss
+    assert torch.equal(record.grad_rows, torch.ones(3, 2)) and torch.equal(record.g_rows, torch.full((3, 2), 3.0))
+    cap.remove()
+
+
+def test_two_calls_in_one_pass_are_joined_group_major_with_their_counts():
+    layer = nn.Linear(2, 2)
+    cap = LayerCapture({"l": LinearAdapter(layer)})
+    cap.set(a=True)
+    x1 = torch.arange(12.0).reshape(2, 3, 2)  # [B = 2 sequences, S = 3, D = 2]
+    x2 = 100 + x1
+    layer(x1), layer(x2)
+    record = cap.records["l"]
+    expected = torch.cat([x1[0], x2[0], x1[1], x2[1]])  # group 0's rows of both calls, then group 1's
+    assert torch.equal(record.input_rows, expected)
+    assert (record.batch_size, record.groups, record.group_rows, record.calls) == (6, 2, [(2, 6)], 2)
+    assert record.sample_major is False and record.rows_per_sample == 2  # 12 rows over 6 samples
+    cap.clear()
+    layer(x1[0]), layer(x2[0])  # 2-D inputs: one row per sample in each call
+    record = cap.records["l"]
+    assert record.sample_major is True and record.group_rows == [(3, 2)]
+    assert torch.equal(record.input_rows, torch.stack([x1[0], x2[0]], 1).reshape(6, 2))
+    cap.remove()
+
+
+def test_different_batch_sizes_within_one_pass_are_refused_with_both_sizes():
+    layer = nn.Linear(2, 2)
+    cap = LayerCapture({"l": LinearAdapter(layer)})
+    cap.set(a=True)
+    layer(torch.randn(2, 2)), layer(torch.randn(3, 2))
+    with pytest.raises(RuntimeError, match=r"^layer 'l': a layer was called with different batch sizes \(2 and 3\) "
+                                           r"within one forward pass; every call of a layer in one forward must see "
+                                           r"the same samples$"):
+        cap.records
+    cap.remove()
+
+
+def test_a_forward_without_backward_records_no_rows_and_its_counts():
+    layer = nn.Linear(2, 2)
+    cap = LayerCapture({"l": LinearAdapter(layer)})
+    cap.set(g=True)
+    layer(torch.randn(1, 2))
+    record = cap.records["l"]
+    assert record.grad_rows is None and record.missing_grads == 1 and record.has_bias is False
+    assert (record.batch_size, record.group_rows, record.rows_per_sample) == (1, [(1, 0)], 1)
+    cap.remove()
+
+
+def test_an_empty_batch_and_the_bias_flag_without_input_rows():
+    layer = nn.Linear(2, 2)
+    cap = LayerCapture({"l": LinearAdapter(layer)})
+    cap.set(a=True)
+    layer(torch.zeros(0, 2))
+    record = cap.records["l"]
+    assert (record.batch_size, record.groups, record.group_rows, record.rows_per_sample) == (0, 0, [(0, 0)], 1)
+    cap.set(h=True)
+    layer(torch.randn(2, 2))
+    assert cap.records["l"].has_bias is False  # no input rows: no homogeneous coordinate either
+    cap.set(a=True)
+    layer(torch.randn(2, 2))
+    assert cap.records["l"].has_bias is True
+    cap.remove()
+
+
+@pytest.mark.parametrize("reduction, scales", [("mean", (4.0, 2.0)), ("sum", (1.0, 1.0))])
+def test_per_sample_and_per_group_scales(reduction, scales):
+    layer = nn.Linear(2, 2)
+    cap = LayerCapture({"l": LinearAdapter(layer)}, loss_reduction=reduction)
+    cap.set(g=True)
+    layer(torch.randn(2, 2, 2)).sum().backward()  # 2 groups of 2 rows: 4 samples
+    record = cap.records["l"]
+    assert (record.grad_scale, record.reduce_scale) == scales
+    cap.remove()
+
+
+def test_rows_per_sample_of_one_image_and_of_unequal_images():
+    conv = nn.Conv2d(1, 1, 2)
+    cap = LayerCapture({"c": Conv2dAdapter(conv)})
+    cap.set(a=True)
+    conv(torch.randn(1, 1, 3, 3))  # one image, 2x2 = 4 locations
+    assert cap.records["c"].rows_per_sample == 4
+    cap.begin_pass()
+    conv(torch.randn(1, 1, 4, 4))  # a second pass: one image, 3x3 = 9 locations
+    record = cap.records["c"]
+    assert record.batch_size == 2 and record.rows_per_sample == 6.5 and record.group_rows == [(1, 4), (1, 9)]
+    cap.remove()
+
+
+def test_half_precision_rows_are_widened_to_the_weight_dtype():
+    layer = nn.Linear(3, 2)
+    cap = LayerCapture({"l": LinearAdapter(layer)})
+    cap.set(a=True, h=True, g=True)
+    x = torch.randn(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    record = cap.records["l"]
+    assert record.input_rows.dtype == record.h_rows.dtype == record.grad_rows.dtype == torch.float32
+    assert torch.equal(record.h_rows, out.detach().float())
+    cap.remove()
+
+
+# ------------------------------------------------------------------------------ group means
+def test_group_index_and_means_with_one_group_and_with_an_empty_group():
+    record = LayerRecord(batch_size=1)
+    record.input_rows = torch.arange(8.0).reshape(4, 2)
+    record.has_bias = True
+    assert torch.equal(record.group_index(), torch.zeros(4, dtype=torch.long))
+    assert torch.equal(record.a_mean(), torch.tensor([3.0, 4.0, 1.0]))
+    record.groups, record.group_rows = 3, [(2, 2), (1, 0)]  # the third group has no rows
+    assert torch.equal(record.group_index(), torch.tensor([0, 0, 1, 1]))
+    means = record.group_mean(record.input_rows)
+    assert torch.equal(means[:2], torch.tensor([[1.0, 2.0], [5.0, 6.0]])) and bool(means[2].isnan().all())
+
+
+def test_expand_is_the_default_and_reduce_averages_group_means():
+    record = LayerRecord(batch_size=2)
+    record.groups, record.group_rows = 2, [(1, 1), (1, 3)]  # unequal groups: the two means differ
+    record.input_rows = torch.tensor([[0.0], [4.0], [4.0], [4.0]])
+    record.h_rows = 2 * record.input_rows
+    record.grad_rows, record.grad_scale, record.reduce_scale = record.input_rows.clone(), 2.0, 3.0
+    assert torch.equal(record.a_mean(), torch.tensor([3.0])) and torch.equal(record.a_mean("reduce"), torch.tensor([2.0]))
+    assert torch.equal(record.h_mean(), torch.tensor([6.0])) and torch.equal(record.h_mean("reduce"), torch.tensor([4.0]))
+    assert torch.equal(record.g_mean(), torch.tensor([6.0]))
+    assert torch.equal(record.g_mean("reduce"), torch.tensor([18.0]))  # sums 0 and 12, their mean 6, times 3
