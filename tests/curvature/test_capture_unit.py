@@ -453,17 +453,17 @@ def test_rows_per_sample_of_one_image_and_of_unequal_images():
 
 
 def test_half_precision_rows_are_widened_to_the_weight_dtype():
-    layer = nn.Linear(3, 2)
+    first, layer = nn.Linear(3, 3), nn.Linear(3, 2)
     cap = LayerCapture({"l": LinearAdapter(layer)})
     cap.set(a=True, h=True, g=True)
-    x = torch.randn(4, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = first(torch.randn(4, 3))  # bfloat16: the captured layer's input rows need widening too
         out = layer(x)
-    assert out.dtype == torch.bfloat16
+    assert x.dtype == out.dtype == torch.bfloat16
     out.float().sum().backward()
     record = cap.records["l"]
     assert record.input_rows.dtype == record.h_rows.dtype == record.grad_rows.dtype == torch.float32
-    assert torch.equal(record.h_rows, out.detach().float())
+    assert torch.equal(record.input_rows, x.detach().float()) and torch.equal(record.h_rows, out.detach().float())
     cap.remove()
 
 
