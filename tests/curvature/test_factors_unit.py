@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from curvature.factors import BFGSFactor, EMACovarianceFactor, Factor, HessianActionFactor, LBFGSFactor, OneHotCountFactor
+from curvature.factors import (BFGSFactor, EMACovarianceFactor, Factor, HessianActionFactor, LBFGSFactor, OneHotCountFactor,
+                               SecantFactor)
 from curvature.pair_damping import DampedPair
 
 F64 = torch.float64
@@ -485,3 +486,76 @@ def test_ema_observe_gram_counts_updates_and_casts_the_rows(device, with_ones):
         f.observe_gram(rows32, with_ones, 0.25)
         assert f.updates == k and f.F.dtype == F64
         torch.testing.assert_close(f.F.cpu(), stat, rtol=1e-15, atol=1e-15)  # a constant statistic is its own EMA
+
+
+def test_fresh_factors_state_and_messages():
+    e = EMACovarianceFactor(2, dtype=F64)
+    assert e.inverse is None and e.inverse_damping is None and e.refreshes == 0 and e.updates == 0
+    assert e.initialized is False and e.damping_boost == 1.0 and e.inversion_failures == 0 and e.statistic_resets == 0
+    with pytest.raises(RuntimeError, match=r"^EMACovarianceFactor.apply called before its inverse was computed$"):
+        e.apply(torch.ones(2, 1, dtype=F64))
+    with pytest.raises(RuntimeError, match=r"^EMACovarianceFactor has no inverse yet$"):
+        e.to_dense()
+    h = HessianActionFactor(2, 1.0, dtype=F64)
+    assert h.H is None and h.warm_started is False and h.last_pair is None and h.updates == 0 and h.skips == {}
+    with pytest.raises(RuntimeError, match=r"^HessianActionFactor.hessian_action_update called before H was initialized$"):
+        h.hessian_action_update(torch.ones(2, dtype=F64))
+    for f in (BFGSFactor(2, None), LBFGSFactor(2, None)):
+        assert f.last_pair is None and f.last_raw_pair is None and f.updates == 0
+
+
+def test_statistic_factors_on_their_device():
+    e = EMACovarianceFactor(2, dtype=F64, device="meta")
+    h = HessianActionFactor(2, 1.0, dtype=F64, device="meta")
+    assert e.F.device.type == "meta" and h.statistic.device.type == "meta" and h.statistic.dtype == F64
+
+
+def test_secant_factor_base_defaults():
+    """A strategy built on SecantFactor without passing the EMA decay or threshold gets 0.9 and 1e-4."""
+
+    class Minimal(SecantFactor):
+        def apply(self, V):
+            return V
+
+    f = Minimal(2, None)
+    assert f.pair_decay == 0.9 and f.curvature_threshold == 1e-4 and f.s_avg.dtype == torch.float32
+
+
+def _identity_action_factor(device, threshold, lam=0.5):
+    """A = I (warm start), λ_A = lam: M = (1 + lam) I, H = M⁻¹, s = H v, y = M s = v."""
+    from curvature.inverter import BatchedInverter
+
+    f = HessianActionFactor(2, lam, curvature_threshold=threshold, dtype=F64, device=device)
+    f.set_statistic(torch.eye(2, dtype=F64, device=device))
+    inverter = BatchedInverter()
+    f.request_inverse(inverter)
+    inverter.run()
+    return f
+
+
+def test_hessian_action_relative_threshold_uses_the_activation_norm(device):
+    """v = (3, 0): s = v/1.5, sᵀy = 1.5‖s‖², ‖v‖ = 3. Threshold 1: 1.5‖s‖² <= 3‖s‖², skipped (twice, counted);
+    threshold 0 (falsy, still a number): never skipped; None: no relative rule."""
+    v = torch.tensor([3.0, 0.0], dtype=F64, device=device)
+    f = _identity_action_factor(device, 1.0)
+    H = f.H
+    reason = "s^T y below the relative curvature threshold"
+    assert f.hessian_action_update(v) == reason and f.hessian_action_update(v) == reason
+    assert f.H is H and f.skips == {reason: 2} and f.updates == 0
+    for threshold in (0.0, None):
+        g = _identity_action_factor(device, threshold)
+        assert g.hessian_action_update(v) is None and g.updates == 1
+        # s = (2, 0), y = (3, 0): the BFGS update of (1/1.5) I by hand
+        torch.testing.assert_close(g.H.cpu(), _bfgs_by_hand(torch.eye(2, dtype=F64) / 1.5, torch.tensor([2.0, 0.0], dtype=F64),
+                                                            torch.tensor([3.0, 0.0], dtype=F64)), rtol=1e-14, atol=1e-15)
+
+
+def test_hessian_action_update_casts_the_activation_and_survives_an_overflowing_flag(device):
+    f = _identity_action_factor(device, None, lam=1.0)  # M = 2 I, H = I / 2
+    assert f.hessian_action_update(torch.tensor([2.0, 0.0], dtype=torch.float32, device=device)) is None
+    assert f.last_pair[0].dtype == F64
+    g = _identity_action_factor(device, 1e-4, lam=1.0)
+    H = g.H
+    big = torch.tensor([1e308, 1e308], dtype=F64, device=device)  # finite; the fused finiteness sum overflows
+    reason = g.hessian_action_update(big)
+    assert reason is not None and reason != "non-finite pair" and g.H is H and g.skips == {reason: 1}
