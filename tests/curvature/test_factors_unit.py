@@ -83,8 +83,10 @@ def test_one_hot_factor_warm_start_from_a_vector_or_a_diagonal_matrix(device):
 
 def test_one_hot_factor_inverse_apply_dense_and_bounds(device):
     f = OneHotCountFactor(3, dtype=F64, device=device)
-    for call in (lambda: f.apply(torch.ones(3, 2, dtype=F64, device=device)), f.to_dense, f.eigenvalue_bounds):
-        with pytest.raises(RuntimeError, match="OneHotCountFactor"):
+    with pytest.raises(RuntimeError, match=r"^OneHotCountFactor.apply called before its inverse was computed$"):
+        f.apply(torch.ones(3, 2, dtype=F64, device=device))
+    for call in (f.to_dense, f.eigenvalue_bounds):
+        with pytest.raises(RuntimeError, match=r"^OneHotCountFactor has no inverse yet$"):
             call()
     f.set_statistic(torch.tensor([1.0, 3.0, 0.0], dtype=F64, device=device))
     f.request_inverse(None, 1.0)
@@ -507,7 +509,9 @@ def test_fresh_factors_state_and_messages():
 def test_statistic_factors_on_their_device():
     e = EMACovarianceFactor(2, dtype=F64, device="meta")
     h = HessianActionFactor(2, 1.0, dtype=F64, device="meta")
+    o = OneHotCountFactor(2, dtype=F64, device="meta")
     assert e.F.device.type == "meta" and h.statistic.device.type == "meta" and h.statistic.dtype == F64
+    assert o.counts.device.type == "meta" and o.counts.dtype == F64
 
 
 def test_secant_factor_base_defaults():
