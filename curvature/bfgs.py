@@ -113,9 +113,8 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
 
     .. math:: H^+ = H + p p^\top - q q^\top .
 
-    Every kernel is one IEEE operation per element on symmetric operands (``outer(p, p)``,
-    ``outer(q, q)``, their difference, the sum with ``H``), so :math:`H^+_{ij} = H^+_{ji}` bit for
-    bit when ``H`` is symmetric: no symmetrization pass (a transposed read of the matrix) is needed.
+    :func:`symmetric_rank2_update` forms it in two elementwise passes with :math:`H^+_{ij} = H^+_{ji}` bit
+    for bit when ``H`` is symmetric: no symmetrization pass (a transposed read of the matrix) is needed.
 
     The caller is responsible for :math:`s^\top y > 0` (see :func:`check_pair`); the formula is
     applied as written otherwise, which is what the property tests use to show that
@@ -128,15 +127,30 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
     # α/√2 and 1/(α√2) with α = √‖w‖∞ / √‖s‖∞. Largest entries, not 2-norms: a 2-norm squares the entries and
     # under- or overflows (float32: below ~1e-19 or above ~1e19) where s, w and the update are representable.
     # The square roots are taken before the division, so α does not underflow for w ≠ 0 (it is at least
-    # √(smallest subnormal) / √(largest float)): α = 0 means w = 0, where the update is zero and any α > 0 does
-    # (1 is taken). α is not finite only when s = 0 or s, w are not finite, and then neither is the update.
+    # √(smallest subnormal) / √(largest float)): α = 0 means w = 0 (for finite s), where the update is zero:
+    # then ŝ = 0 and ŵ = w / √2 = 0 (1 stands in for α in the division), so p = q = 0 and H⁺ = H exactly (with
+    # any α > 0, H + ppᵀ would round before − qqᵀ took it back). α is not finite only when s = 0 or s, w are
+    # not finite, and then neither is the update.
     alpha = torch.linalg.vector_norm(w, ord=math.inf).sqrt() / torch.linalg.vector_norm(s, ord=math.inf).sqrt()
-    alpha = torch.where(alpha > 0, alpha, torch.ones_like(alpha))
-    s_hat, w_hat = (alpha * math.sqrt(0.5)) * s, w / (alpha * math.sqrt(2.0))
-    p, q = s_hat + w_hat, s_hat - w_hat
-    out = torch.outer(p, p)
-    out.sub_(torch.outer(q, q))
-    return out.add_(H)
+    s_hat = (alpha * math.sqrt(0.5)) * s
+    w_hat = w / (torch.where(alpha > 0, alpha, torch.ones_like(alpha)) * math.sqrt(2.0))
+    return symmetric_rank2_update(H, s_hat + w_hat, s_hat - w_hat)
+
+
+def symmetric_rank2_update(H: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    r"""Return :math:`H + pp^\top - qq^\top` in a new tensor, exactly symmetric when ``H`` is.
+
+    Two elementwise passes, ``addcmul(H, p[:, None], p[None, :])`` then ``addcmul_(q[:, None], q[None, :],
+    value=-1)``: element :math:`(i, j)` is :math:`(h_{ij} + p_i p_j) - q_i q_j` by the same scalar expression
+    as :math:`(j, i)` with the two factors of each product swapped, and a product (rounded, or exact inside
+    a fused multiply-add) does not depend on the order of its factors, so :math:`H^+_{ij} = H^+_{ji}` bit for
+    bit. This needs every element of one call to be computed by the same instruction sequence, which
+    ``tests/curvature/test_bfgs.py`` checks at every size 1-70 and at sizes around the vector widths, on
+    each device. The four-pass form (``outer(p, p)``, ``outer(q, q)``, their difference, the sum with ``H``)
+    is symmetric for the same reason and 1.4-2.4× slower at d = 785-1000 (one CPU thread); ``addr`` and a
+    rank-2 ``addmm`` are as fast but not bit-symmetric (``python -m benchmarks.rank2_forms``, README).
+    """
+    return torch.addcmul(H, p[:, None], p[None, :]).addcmul_(q[:, None], q[None, :], value=-1)
 
 
 def bfgs_direct_update(B: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from curvature.bfgs import (
     bfgs_inverse_update,
     check_pair,
     guarded_bfgs_inverse_update,
+    symmetric_rank2_update,
 )
 from tests.curvature.strategies import (
     F64,
@@ -89,6 +90,44 @@ def test_direct_update_matches_formula_and_is_symmetric(device, data):
     assert torch.equal(Bp, Bp.T)
     expected = bfgs_direct_oracle(H64, s64, y64)
     assert float((f64(Bp) - expected).norm()) <= 100 * n * eps_for(device) * _direct_scale(H64, s64, y64) * n**0.5
+
+
+# Every size 1-70 (each remainder of the vector widths, 2-16 elements per register for float32/float64 on
+# CPU vector units) and sizes around powers of two and the benchmark nets' widths.
+RANK2_SIZES = list(range(1, 71)) + [127, 128, 129, 255, 256, 257, 400, 401, 511, 512, 513, 784, 785]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_symmetric_rank2_update_is_bit_symmetric_and_accurate_at_every_size(device, dtype):
+    """H + ppᵀ − qqᵀ against the float64 sum, elementwise within two roundings of its terms' magnitudes, and
+    exactly symmetric for an exactly symmetric H (H = (L + Lᵀ) built symmetric, so no BLAS product's rounding)."""
+    generator = torch.Generator().manual_seed(7)
+    eps = torch.finfo(dtype).eps
+    for n in RANK2_SIZES:
+        lower = torch.randn(n, n, dtype=torch.float64, generator=generator).tril()
+        H64 = lower + lower.T  # exactly symmetric, indefinite: the update needs no definiteness
+        p64, q64 = torch.randn(n, dtype=torch.float64, generator=generator), torch.randn(n, dtype=torch.float64, generator=generator)
+        H, p, q = (t.to(device=device, dtype=dtype) for t in (H64, p64, q64))
+        out = symmetric_rank2_update(H, p, q)
+        assert out.dtype == dtype and out.shape == (n, n)
+        assert torch.equal(out, out.T), f"not bit-symmetric at n = {n}"
+        H64, p64, q64 = (t.double().cpu() for t in (H, p, q))  # the inputs as rounded to dtype
+        exact = H64 + torch.outer(p64, p64) - torch.outer(q64, q64)
+        scale = H64.abs() + torch.outer(p64, p64).abs() + torch.outer(q64, q64).abs()
+        assert bool(((out.double().cpu() - exact).abs() <= 2 * eps * scale).all()), f"inaccurate at n = {n}"
+        assert torch.equal(H.double().cpu(), H64)  # H untouched
+
+
+def test_symmetric_rank2_update_leaves_its_inputs_alone(device):
+    """The result is a new tensor (the revert snapshot references H, see test_revert_snapshot.py)."""
+    H = torch.eye(3, device=device)
+    p, q = torch.tensor([1.0, 2.0, 3.0], device=device), torch.tensor([0.5, 0.0, -1.0], device=device)
+    before = H.clone(), p.clone(), q.clone()
+    out = symmetric_rank2_update(H, p, q)
+    assert out.data_ptr() != H.data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip((H, p, q), before))
+    expected = torch.tensor([[1.75, 2.0, 3.5], [2.0, 5.0, 6.0], [3.5, 6.0, 9.0]], device=device)  # by hand
+    assert torch.equal(out, expected)
 
 
 # ------------------------------------------------------------------------------ P5 secant
@@ -366,8 +405,9 @@ def test_update_is_accurate_when_only_the_norm_of_w_overflows(device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_update_with_w_zero_returns_H_exactly(device, dtype):
     """H = I, y = s: u = s, ρ = 1/sᵀs, a = 2ρ, so w = (a/2)s − ρu = 0 and H⁺ = H + swᵀ + wsᵀ = I exactly
-    (the secant equation H⁺y = s already holds for H). The balancing factor √‖w‖∞/√‖s‖∞ is 0 there and
-    must be replaced by a positive one (0 would give ŵ = 0/0 = NaN)."""
+    (the secant equation H⁺y = s already holds for H). The balancing factor √‖w‖∞/√‖s‖∞ is 0 there: the
+    division w/α must use a positive stand-in (0 would give ŵ = 0/0 = NaN), and ŝ = αs must stay 0 (with a
+    stand-in α = 1, H + ppᵀ rounds before − qqᵀ takes it back: off-diagonal entries of ~1e-16)."""
     H = torch.eye(3, dtype=dtype, device=device)
     s = torch.tensor([1.0, 2.0, 4.0], dtype=dtype, device=device)
     assert torch.equal(bfgs_inverse_update(H, s, s.clone()), H)
