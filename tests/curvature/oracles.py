@@ -15,3 +15,15 @@ def loop_gradients(model, loss_fn, x, y) -> torch.Tensor:
         rows.append(torch.cat([p.grad.detach().reshape(-1).clone() for p in model.parameters()]))
     model.zero_grad()
     return torch.stack(rows)
+
+
+def spectrum_matrix(eigs, seed: int, device) -> torch.Tensor:
+    """U diag(eigs) Uᵀ (float64) with a seeded random orthogonal U: a symmetric matrix of known spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=torch.float64))
+    return (q @ torch.diag(torch.tensor(eigs, dtype=torch.float64)) @ q.T).to(device)
+
+
+def seeded_vector(n: int, seed: int, device) -> torch.Tensor:
+    """A seeded standard normal float64 vector of length n."""
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(device)

@@ -8,19 +8,9 @@ import pytest
 import torch
 
 from curvature.krylov import backtracking_schedule, saddle_free_operator, truncated_cg
+from tests.curvature.oracles import seeded_vector as _vec, spectrum_matrix as _spectrum_matrix
 
 F64 = torch.float64
-
-
-def _spectrum_matrix(eigs, seed: int, device) -> torch.Tensor:
-    """U diag(eigs) U^T with a seeded random orthogonal U."""
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=F64))
-    return (q @ torch.diag(torch.tensor(eigs, dtype=F64)) @ q.T).to(device)
-
-
-def _vec(n: int, seed: int, device) -> torch.Tensor:
-    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=F64).to(device)
 
 
 def test_cg_solves_spd_system_and_a_norm_error_is_monotone(device):

@@ -11,18 +11,9 @@ import torch
 
 from curvature.krylov import backtracking_schedule, lanczos, saddle_free_operator, truncated_cg
 from curvature.products import MatvecOperator
+from tests.curvature.oracles import seeded_vector as _vec, spectrum_matrix as _spd
 
 F64 = torch.float64
-
-
-def _spd(eigs, seed: int, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=g, dtype=F64))
-    return (q @ torch.diag(torch.tensor(eigs, dtype=F64)) @ q.T).to(device)
-
-
-def _vec(n: int, seed: int, device) -> torch.Tensor:
-    return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=F64).to(device)
 
 
 def _raises(message: str):
