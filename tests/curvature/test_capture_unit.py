@@ -198,6 +198,11 @@ def _counting(calls: list):
     return hook
 
 
+def _unwatch(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+
+
 def test_an_outer_watch_survives_the_end_of_an_inner_row_watch():
     w_inner, w_outer = torch.randn(6, 4), torch.randn(2, 6)
     inner = _RowUser(w_inner, lambda w: w[:])  # a row view of all rows
@@ -208,8 +213,7 @@ def test_an_outer_watch_survives_the_end_of_an_inner_row_watch():
     outer(torch.randn(3, 4))
     assert inner_calls == [slice(0, 2)] and outer_calls == [None]
     assert _restored()
-    for h in handles:
-        h.remove()
+    _unwatch(handles)
 
 
 @pytest.mark.parametrize("view, expected", [
@@ -227,8 +231,7 @@ def test_row_views_are_matched_by_offset_and_strides(view, expected):
     x = torch.randn(3, view(weight).shape[1])
     user(x)
     assert calls == expected and _restored()
-    for h in handles:
-        h.remove()
+    _unwatch(handles)
 
 
 def test_a_view_of_an_unwatched_tensor_inside_a_watched_forward_is_ignored():
@@ -243,8 +246,7 @@ def test_a_view_of_an_unwatched_tensor_inside_a_watched_forward_is_ignored():
     handles = watch_functional_linear(module, weight, _counting(calls))
     module(torch.randn(3, 4))
     assert calls == [None] and _restored()
-    for h in handles:
-        h.remove()
+    _unwatch(handles)
 
 
 def test_the_watch_ends_when_the_forward_raises():
@@ -261,8 +263,7 @@ def test_the_watch_ends_when_the_forward_raises():
     with pytest.raises(RuntimeError, match="boom"):
         module(torch.randn(3, 4))
     assert calls == [None] and _restored()
-    for h in handles:
-        h.remove()
+    _unwatch(handles)
 
 
 def test_the_same_weight_watched_by_an_outer_and_an_inner_module():
@@ -275,8 +276,7 @@ def test_the_same_weight_watched_by_an_outer_and_an_inner_module():
     outer(torch.randn(3, 4))
     # the inner call is seen by both watches; the outer call after inner's exit by the outer one only
     assert inner_calls == [None] and outer_calls == [None, None] and _restored()
-    for h in handles:
-        h.remove()
+    _unwatch(handles)
 
 
 def test_a_call_that_fails_before_the_forward_leaves_no_trace():
@@ -292,11 +292,18 @@ def test_a_call_that_fails_before_the_forward_leaves_no_trace():
         with pytest.raises(ValueError, match="not this call"):
             user(torch.randn(3, 4))
     assert [str(w.message) for w in caught] == [] and _restored()  # the exit hook itself raised nothing
-    for h in handles:
-        h.remove()
+    _unwatch(handles)
 
 
 # ------------------------------------------------------------------------------ how calls become a record
+def _linear_capture(loss_reduction: str = "mean", **flags: bool) -> tuple[nn.Linear, LayerCapture]:
+    """A ``Linear(2, 2)`` captured as layer "l", with ``flags`` set."""
+    layer = nn.Linear(2, 2)
+    cap = LayerCapture({"l": LinearAdapter(layer)}, loss_reduction=loss_reduction)
+    cap.set(**flags)
+    return layer, cap
+
+
 def test_a_capture_configured_at_construction_records_from_the_first_call():
     layer = nn.Linear(2, 3)
     cap = LayerCapture({"l": LinearAdapter(layer)}, config=CaptureConfig(a=True))
@@ -352,9 +359,7 @@ def test_a_functional_adapter_without_observe_call_is_watched():
 
 
 def test_version_cache_after_clear_and_after_backward():
-    layer = nn.Linear(2, 2)
-    cap = LayerCapture({"l": LinearAdapter(layer)})
-    cap.set(a=True)
+    layer, cap = _linear_capture(a=True)
     x1, x2 = torch.randn(3, 2), torch.randn(3, 2)
     layer(x1)
     assert torch.equal(cap.records["l"].input_rows, x1)
@@ -370,9 +375,7 @@ def test_version_cache_after_clear_and_after_backward():
 
 
 def test_two_calls_in_one_pass_are_joined_group_major_with_their_counts():
-    layer = nn.Linear(2, 2)
-    cap = LayerCapture({"l": LinearAdapter(layer)})
-    cap.set(a=True)
+    layer, cap = _linear_capture(a=True)
     x1 = torch.arange(12.0).reshape(2, 3, 2)  # [B = 2 sequences, S = 3, D = 2]
     x2 = 100 + x1
     layer(x1), layer(x2)
@@ -390,9 +393,7 @@ def test_two_calls_in_one_pass_are_joined_group_major_with_their_counts():
 
 
 def test_different_batch_sizes_within_one_pass_are_refused_with_both_sizes():
-    layer = nn.Linear(2, 2)
-    cap = LayerCapture({"l": LinearAdapter(layer)})
-    cap.set(a=True)
+    layer, cap = _linear_capture(a=True)
     layer(torch.randn(2, 2)), layer(torch.randn(3, 2))
     with pytest.raises(RuntimeError, match=r"^layer 'l': a layer was called with different batch sizes \(2 and 3\) "
                                            r"within one forward pass; every call of a layer in one forward must see "
@@ -402,9 +403,7 @@ def test_different_batch_sizes_within_one_pass_are_refused_with_both_sizes():
 
 
 def test_a_forward_without_backward_records_no_rows_and_its_counts():
-    layer = nn.Linear(2, 2)
-    cap = LayerCapture({"l": LinearAdapter(layer)})
-    cap.set(g=True)
+    layer, cap = _linear_capture(g=True)
     layer(torch.randn(1, 2))
     record = cap.records["l"]
     assert record.grad_rows is None and record.missing_grads == 1 and record.has_bias is False
@@ -413,9 +412,7 @@ def test_a_forward_without_backward_records_no_rows_and_its_counts():
 
 
 def test_an_empty_batch_and_the_bias_flag_without_input_rows():
-    layer = nn.Linear(2, 2)
-    cap = LayerCapture({"l": LinearAdapter(layer)})
-    cap.set(a=True)
+    layer, cap = _linear_capture(a=True)
     layer(torch.zeros(0, 2))
     record = cap.records["l"]
     assert (record.batch_size, record.groups, record.group_rows, record.rows_per_sample) == (0, 0, [(0, 0)], 1)
@@ -430,9 +427,7 @@ def test_an_empty_batch_and_the_bias_flag_without_input_rows():
 
 @pytest.mark.parametrize("reduction, scales", [("mean", (4.0, 2.0)), ("sum", (1.0, 1.0))])
 def test_per_sample_and_per_group_scales(reduction, scales):
-    layer = nn.Linear(2, 2)
-    cap = LayerCapture({"l": LinearAdapter(layer)}, loss_reduction=reduction)
-    cap.set(g=True)
+    layer, cap = _linear_capture(g=True, loss_reduction=reduction)
     layer(torch.randn(2, 2, 2)).sum().backward()  # 2 groups of 2 rows: 4 samples
     record = cap.records["l"]
     assert (record.grad_scale, record.reduce_scale) == scales
