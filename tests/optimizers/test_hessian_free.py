@@ -15,6 +15,7 @@ from curvature.krylov import truncated_cg
 from curvature.products import make_functional
 from optimizers.hessian_free import HessianFree
 from tests.curvature.oracles import loop_gradients
+from tests.optimizers.closures import loss_closure
 
 F64 = torch.float64
 
@@ -46,14 +47,6 @@ def dense_ggn(model, loss_fn, x, y) -> tuple[torch.Tensor, torch.Tensor]:
     return jac.T @ h_ell @ jac, g
 
 
-def _closure(opt, model, loss_fn, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
 
 
 def test_step_equals_damped_gauss_newton_solve(device):
@@ -64,7 +57,7 @@ def test_step_equals_damped_gauss_newton_solve(device):
     before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
     opt = HessianFree(model, loss_fn, lr=1.0, damping=Tikhonov(lam), max_cg_iters=200, progress_eps=None,
                       cg_tol=1e-13, backtrack=False, line_search=False)
-    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    opt.step(loss_closure(opt, model, loss_fn, x, y), targets=y)
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(after - before, expected, rtol=1e-8, atol=1e-10)
     info = opt.last_step
@@ -107,7 +100,7 @@ def test_lm_rule_raises_after_bad_ratio_and_lowers_after_good_one(device):
     model = Square(0.1).to(device)
     opt = HessianFree(model, half_sse, damping=1e-4, progress_eps=None)
     assert isinstance(opt.damping, AdaptiveLM) and opt.damping.omega == pytest.approx(2 / 3)
-    opt.step(_closure(opt, model, half_sse, x, y), targets=y)
+    opt.step(loss_closure(opt, model, half_sse, x, y), targets=y)
     assert opt.last_step.reduction_ratio < 0.25
     assert math.isclose(opt.damping.damping, 1.5e-4)
     # good: a linear least-squares problem, the quadratic model is exact (rho = 1): lambda <- 2/3 lambda
@@ -115,7 +108,7 @@ def test_lm_rule_raises_after_bad_ratio_and_lowers_after_good_one(device):
     xs = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]], dtype=F64, device=device)
     ys = torch.tensor([[1.0], [-1.0], [0.5]], dtype=F64, device=device)
     opt2 = HessianFree(lin, half_sse, damping=1e-2, progress_eps=None)
-    opt2.step(_closure(opt2, lin, half_sse, xs, ys), targets=ys)
+    opt2.step(loss_closure(opt2, lin, half_sse, xs, ys), targets=ys)
     assert opt2.last_step.reduction_ratio == pytest.approx(1.0, rel=1e-6)
     assert math.isclose(opt2.damping.damping, 1e-2 * 2 / 3)
 
@@ -123,7 +116,7 @@ def test_lm_rule_raises_after_bad_ratio_and_lowers_after_good_one(device):
 def test_backtracking_and_line_search_never_increase_the_batch_objective(device):
     model, loss_fn, x, y = _problem(device)
     opt = HessianFree(model, loss_fn, damping=1e-3, max_cg_iters=40)
-    closure = _closure(opt, model, loss_fn, x, y)
+    closure = loss_closure(opt, model, loss_fn, x, y)
     for _ in range(6):
         opt.step(closure, targets=y)
         info = opt.last_step
@@ -157,7 +150,7 @@ def test_preconditioned_cg_still_solves_the_damped_system_exactly(device):
                       cg_tol=1e-13, backtrack=False, line_search=False, preconditioner="martens")
     seen = []
     opt.register_step_hook(lambda info: seen.append(info.cg_preconditioner.clone()))
-    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    opt.step(loss_closure(opt, model, loss_fn, x, y), targets=y)
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(after - before, expected, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(seen[0], m_inv, rtol=1e-12, atol=0.0)
@@ -227,7 +220,7 @@ def _square_setup(w0, **kw):
     model = Square(w0)
     x = torch.ones(1, dtype=F64)
     opt = HessianFree(model, half_sse, **kw)
-    return model, opt, _closure(opt, model, half_sse, x, x), x
+    return model, opt, loss_closure(opt, model, half_sse, x, x), x
 
 
 def _square_f(w):
@@ -324,7 +317,7 @@ def test_warm_start_is_cg_decay_times_the_previous_solution():
         theta = lin.weight.detach()[0].clone()
         opt = HessianFree(lin, half_sse, damping=Tikhonov(lam), max_cg_iters=1, cg_decay=decay, progress_eps=None,
                           backtrack=False, line_search=False)
-        closure = _closure(opt, lin, half_sse, xs, ys)
+        closure = loss_closure(opt, lin, half_sse, xs, ys)
         p1 = one_cg(theta, None)
         opt.step(closure, targets=ys)
         assert opt.last_step.details["cg_warm_start"] is False
@@ -358,7 +351,7 @@ def test_cg_backtracking_walks_back_while_the_objective_decreases():
         best_i, best_p, best_f = i, p, f
     assert (best_i, walked) == (5, 8)  # 24 → 18 → ... → 5, stopped by the rise at 4
     opt = HessianFree(model, loss_fn, damping=Tikhonov(lam), max_cg_iters=24, progress_eps=None, line_search=False)
-    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    opt.step(loss_closure(opt, model, loss_fn, x, y), targets=y)
     info = opt.last_step
     assert info.details["backtracked_to"] == best_i and info.loss_evals == walked
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -373,7 +366,7 @@ def test_step_hooks_see_the_uncounted_ggn_and_the_damping_shift():
     seen = []
     v = torch.linspace(-1.0, 1.0, ggn.shape[0], dtype=F64)
     opt.register_step_hook(lambda info: seen.append((info.operator(v), info.operator_shift.clone(), info.products)))
-    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    opt.step(loss_closure(opt, model, loss_fn, x, y), targets=y)
     cv, shift, products = seen[0]
     torch.testing.assert_close(cv, ggn @ v, rtol=1e-10, atol=1e-12)
     assert torch.equal(shift, torch.full_like(v, lam + tau)) and opt.last_step.products == products
@@ -392,7 +385,7 @@ def test_one_preconditioned_cg_iteration_by_hand():
     before = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
     opt = HessianFree(model, loss_fn, damping=Tikhonov(lam), max_cg_iters=1, progress_eps=None, backtrack=False,
                       line_search=False, preconditioner="martens")
-    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    opt.step(loss_closure(opt, model, loss_fn, x, y), targets=y)
     after = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     torch.testing.assert_close(after - before, x1, rtol=1e-10, atol=1e-12)
 
@@ -405,7 +398,7 @@ def test_progress_stop_and_its_reason_are_those_of_cg_on_the_dense_system():
     dense = truncated_cg(lambda v: a @ v, -g, max_iters=60, progress_eps=0.05, save_gamma=None)
     assert dense.stop_reason == "progress" and dense.iterations < 60
     opt = HessianFree(model, loss_fn, damping=Tikhonov(lam), max_cg_iters=60, progress_eps=0.05, line_search=False)
-    opt.step(_closure(opt, model, loss_fn, x, y), targets=y)
+    opt.step(loss_closure(opt, model, loss_fn, x, y), targets=y)
     d = opt.last_step.details
     assert (d["cg_iterations"], d["cg_stop"]) == (dense.iterations, "progress")
 
@@ -417,7 +410,7 @@ def test_a_non_finite_cg_solution_is_rejected_and_raises_the_damping():
     linear_loss = lambda o, t: o.sum()  # noqa: E731
     opt = HessianFree(lin, linear_loss, damping=1e-320, targets_are_inputs=True)
     before = [p.detach().clone() for p in lin.parameters()]
-    opt.step(_closure(opt, lin, linear_loss, x, x))
+    opt.step(loss_closure(opt, lin, linear_loss, x, x))
     info = opt.last_step
     assert not info.accepted and info.details["reason"] == "non-finite CG solution" and info.loss_evals == 0
     assert all(torch.equal(p.detach(), b) for p, b in zip(lin.parameters(), before))
@@ -442,7 +435,7 @@ def test_reduction_ratio_is_minus_inf_without_a_predicted_decrease_or_at_a_nan_l
     concave = lambda o, t: -(o**2).sum()  # noqa: E731
     opt = HessianFree(lin, concave, damping=Tikhonov(1.0), curvature="hessian", line_search=False,
                       targets_are_inputs=True)
-    opt.step(_closure(opt, lin, concave, x, x))
+    opt.step(loss_closure(opt, lin, concave, x, x))
     assert opt.last_step.details["cg_stop"] == "negative_curvature"
     assert opt.last_step.reduction_ratio == float("-inf")
     # a NaN loss at the CG point (sqrt of a negative output): ρ = −inf, λ × 3/2
@@ -452,7 +445,7 @@ def test_reduction_ratio_is_minus_inf_without_a_predicted_decrease_or_at_a_nan_l
     t = torch.full((1, 1), -3.0, dtype=F64)
     nan_below_zero = lambda o, tt: 0.5 * ((o - tt) ** 2).sum() + 0.0 * torch.sqrt(o).sum()  # noqa: E731
     opt = HessianFree(lin, nan_below_zero, damping=1e-3, progress_eps=None)
-    opt.step(_closure(opt, lin, nan_below_zero, x, t), targets=t)
+    opt.step(loss_closure(opt, lin, nan_below_zero, x, t), targets=t)
     assert opt.last_step.reduction_ratio == float("-inf") and opt.damping.damping == 1e-3 * 1.5
     # without the line search, a NaN or +inf objective at the new point rejects the step
     for bad in (lambda o, tt: 0.5 * ((o - tt) ** 2).sum() + 0.0 * torch.sqrt(o).sum(),
@@ -461,7 +454,7 @@ def test_reduction_ratio_is_minus_inf_without_a_predicted_decrease_or_at_a_nan_l
         with torch.no_grad():
             lin.weight.fill_(1.0)
         opt = HessianFree(lin, bad, damping=Tikhonov(1e-3), progress_eps=None, line_search=False, backtrack=False)
-        opt.step(_closure(opt, lin, bad, x, t), targets=t)
+        opt.step(loss_closure(opt, lin, bad, x, t), targets=t)
         info = opt.last_step
         assert not info.accepted and info.details["reason"] == "non-finite objective at the new point"
         assert lin.weight.item() == 1.0
@@ -503,6 +496,6 @@ def test_a_zero_step_passes_the_armijo_condition_at_once():
     x = torch.ones(1, 1, dtype=F64)
     concave = lambda o, t: -(o**2).sum()  # noqa: E731
     opt = HessianFree(lin, concave, damping=Tikhonov(1.0), curvature="hessian", targets_are_inputs=True)
-    opt.step(_closure(opt, lin, concave, x, x))
+    opt.step(loss_closure(opt, lin, concave, x, x))
     info = opt.last_step
     assert info.accepted and info.step_scale == 1.0 and info.loss_evals == 1 and lin.weight.item() == 1.0

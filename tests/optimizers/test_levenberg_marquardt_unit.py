@@ -17,6 +17,7 @@ from torch.func import functional_call
 
 from curvature.damping import DelayedGratification, Tikhonov
 from optimizers.levenberg_marquardt import LevenbergMarquardt, uphill_accepts
+from tests.optimizers.closures import loss_closure
 
 F64 = torch.float64
 
@@ -57,13 +58,7 @@ def _linear_problem(device, seed: int = 0, n_in: int = 3, n_out: int = 2, batch:
 
 
 def _closure(opt, model, x, y, loss_fn=half_sse):
-    def closure():
-        opt.zero_grad()
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        return loss
-
-    return closure
+    return loss_closure(opt, model, loss_fn, x, y)
 
 
 def _oracle(model, x, y):

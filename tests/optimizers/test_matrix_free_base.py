@@ -11,6 +11,7 @@ from torch import nn
 
 from curvature.damping import Tikhonov
 from optimizers.matrix_free import BatchClosure, MatrixFreeOptimizer
+from tests.optimizers.closures import loss_closure
 
 F64 = torch.float64
 
@@ -59,12 +60,7 @@ Y = torch.tensor([[0.0]], dtype=F64)       # f = 1.5² = 2.25, ∇_w f = 2·1.5�
 
 
 def _closure(opt, model, x=X, y=Y):
-    def closure():
-        opt.zero_grad()
-        loss = _mse(model(x), y)
-        loss.backward()
-        return loss
-    return closure
+    return loss_closure(opt, model, _mse, x, y)
 
 
 def _flat(model):
