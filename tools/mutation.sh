@@ -6,6 +6,9 @@
 #   MUTMUT_TESTS="tests/optimizers/test_param_groups.py" bash tools/mutation.sh optimizers/fallback.py
 #                                                           # ... and only these tests
 #   MUTMUT_JOBS=2 (parallel mutants, default 2)
+#   MUTMUT_NAMES="optimizers.driver.x__compare_state__mutmut_1 optimizers.driver.xǁCurvatureOptimizerǁ_skip*" \
+#     MUTMUT_TESTS=... bash tools/mutation.sh optimizers/driver.py
+#                                                           # re-run only these mutants (fnmatch patterns allowed)
 #
 # The configuration is [tool.mutmut] in pyproject.toml (test subset: the exact tests of tests/optimizers
 # and tests/curvature; slow end-to-end tests excluded). Results: `python -m mutmut results`,
@@ -39,5 +42,7 @@ if os.environ.get("MUTMUT_TESTS"):
     extra += "pytest_add_cli_args_test_selection = [%s]\n" % ", ".join(f'"{t}"' for t in os.environ["MUTMUT_TESTS"].split())
 p.write_text(text.replace("[tool.mutmut]\n", "[tool.mutmut]\n" + extra, 1))
 PY
-python -m mutmut run --max-children "${MUTMUT_JOBS:-2}"
+# Names are split on spaces but never glob-expanded by the shell (mutmut matches them itself).
+read -r -a NAMES <<< "${MUTMUT_NAMES:-}"
+python -m mutmut run --max-children "${MUTMUT_JOBS:-2}" "${NAMES[@]}"
 python -m mutmut results --all true 2>/dev/null || python -m mutmut results
