@@ -9,6 +9,7 @@ results with ``torch.save`` to ``<out>/rank<r>.pt`` for the parent to compare.
 from __future__ import annotations
 
 import os
+import threading
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -121,14 +122,18 @@ def communicator_scenario(rank: int, world: int) -> dict:
 B = 10
 STEPS = 20
 D = torch.float64
-SPLITS = {(2, "equal"): [5, 5], (2, "unequal"): [3, 7], (4, "equal"): [3, 3, 2, 2], (4, "unequal"): [1, 2, 3, 4]}
+SPLITS = {(2, "equal"): [5, 5], (2, "unequal"): [3, 7], (3, "unequal"): [2, 3, 5], (4, "equal"): [3, 3, 2, 2],
+          (4, "unequal"): [1, 2, 3, 4]}
+#: make_model seeds the global generator: ranks simulated by threads build their models one at a time
+_SEED_LOCK = threading.Lock()
 
 
 def make_model(seed: int = 0) -> torch.nn.Module:
     from torch import nn
 
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
+    with _SEED_LOCK:
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)).to(D)
 
 
 def batch(k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,15 +218,17 @@ def reference_run(kind: str, steps: int = STEPS, start: int = 0, checkpoint: dic
 
 def distributed_run(rank: int, world: int, kind: str, distribute: str, wrap: str, split: list[int],
                     steps: int = STEPS, start: int = 0, checkpoint: dict | None = None,
-                    nan_loss_at: tuple[int, int] | None = None, nan_second_at: tuple[int, int] | None = None) -> dict:
+                    nan_loss_at: tuple[int, int] | None = None, nan_second_at: tuple[int, int] | None = None,
+                    comm=None) -> dict:
     """W ranks, rank r on ``split[r]`` rows of each batch; DDP ("ddp") or a plain module whose
-    gradients :func:`all_reduce_gradients` averages ("plain")."""
+    gradients :func:`all_reduce_gradients` averages ("plain"). ``comm``: the communicator of a plain
+    module (default: a TorchCommunicator over the process group; the thread tests pass their own)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from optimizers.communicator import TorchCommunicator
     from optimizers.data_parallel import all_reduce_gradients
 
-    comm = TorchCommunicator()
+    comm = comm if comm is not None else TorchCommunicator()
     model = make_model()
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])

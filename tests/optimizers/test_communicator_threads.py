@@ -6,9 +6,6 @@ the test process itself, where a mutation tool sees them (mutation audit of opti
 from __future__ import annotations
 
 import io
-import pickle
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -16,69 +13,10 @@ import torch
 import torch.distributed as dist
 
 from optimizers import communicator as cm
-from optimizers.communicator import CommStats, Communicator, LocalCommunicator, OpStats, TorchCommunicator
+from optimizers.communicator import CommStats, LocalCommunicator, OpStats, TorchCommunicator
+from tests.optimizers.thread_world import run_ranks as _run
 
 F64, F32 = torch.float64, torch.float32
-
-
-class _World:
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.barrier = threading.Barrier(size, timeout=10)
-        self.slots: list = [None] * size
-        self.log: list = []  # (op, src, dtype, numel) once per collective, from rank 0
-
-
-class ThreadComm(Communicator):
-    """Rank ``rank`` of a _World: the primitives exchange through shared slots between barriers."""
-
-    def __init__(self, world: _World, rank: int) -> None:
-        super().__init__()
-        self.w, self.rank, self.world_size = world, rank, world.size
-
-    def _all_reduce_flat(self, flat):
-        w = self.w
-        w.slots[self.rank] = flat.clone()
-        w.barrier.wait()
-        total = w.slots[0].clone()
-        for r in range(1, w.size):
-            total += w.slots[r]
-        if self.rank == 0:
-            w.log.append(("all_reduce", None, flat.dtype, flat.numel()))
-        w.barrier.wait()
-        flat.copy_(total)
-
-    def _broadcast_flat(self, flat, src):
-        w = self.w
-        if self.rank == src:
-            w.slots[0] = flat.clone()
-            w.log.append(("broadcast", src, flat.dtype, flat.numel()))
-        w.barrier.wait()
-        value = w.slots[0]
-        w.barrier.wait()
-        assert value.shape == flat.shape and value.dtype == flat.dtype
-        flat.copy_(value)
-
-    def _broadcast_object(self, obj, src):
-        w = self.w
-        if self.rank == src:
-            w.slots[0] = pickle.dumps(obj)
-            w.log.append(("broadcast_object", src, None, None))
-        else:
-            assert obj is None  # non-sources hand over nothing
-        w.barrier.wait()
-        data = w.slots[0]
-        w.barrier.wait()
-        return pickle.loads(data)
-
-
-def _run(size, fn):
-    """fn(comm) on every rank of a fresh world; returns (results by rank, world)."""
-    world = _World(size)
-    comms = [ThreadComm(world, r) for r in range(size)]
-    with ThreadPoolExecutor(size) as pool:
-        results = list(pool.map(fn, comms))
-    return results, world
 
 
 def _inputs(rank):
