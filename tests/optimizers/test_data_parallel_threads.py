@@ -478,3 +478,251 @@ def test_all_reduce_gradients_issues_nothing_without_trainable_parameters_or_ran
     m.weight.grad = torch.full((1, 1), 3.0)
     all_reduce_gradients(m, LocalCommunicator())
     assert torch.equal(m.weight.grad, torch.full((1, 1), 3.0)) and m.bias.grad is None
+
+
+# ------------------------------------------------------------------ statistics and the second pass, direct
+def test_rows_of_a_missing_tensor_is_zero():
+    from optimizers.data_parallel import _rows
+
+    assert _rows(None) == 0 and _rows(torch.zeros(4, 2)) == 4 and type(_rows(torch.zeros(3))) is int
+
+
+def test_update_statistics_one_process_hands_the_gradient_to_the_block():
+    """A gradient-source diagonal block folds grad² (its first statistic is kept as it is)."""
+    block = DiagonalBlock("d", LinearAdapter(nn.Linear(2, 3)), source="gradient", dtype=F64)
+    grad = (torch.arange(block.v.numel(), dtype=F64).reshape(block.v.shape) - 2.5) / 2
+    DataParallel(LocalCommunicator()).update_statistics({"d": SimpleNamespace(block=block)}, {}, {"d": grad},
+                                                        LayerRecord)
+    assert torch.equal(block.v, grad * grad)
+
+
+class _PassBlock:
+    """A needs_second_pass block that records what it is given (no prepare_after_step)."""
+
+    needs_second_pass = True
+
+    def __init__(self) -> None:
+        self.got: list = []
+        self.saved = 0
+        self.state = {"n": 0}
+
+    def update_after_step(self, before: LayerRecord, after: LayerRecord) -> None:
+        self.got.append((before, after))
+        self.state = {"n": len(self.got)}
+
+    def state_dict(self) -> dict:
+        self.saved += 1
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+class _PreparedBlock(_PassBlock):
+    """Prepares ``k`` scalars 3, 4, ... and commits the values it is handed; never updates directly."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k, self.values = k, None
+
+    def prepare_after_step(self, before, after):
+        def finish(values):
+            self.values = (before, after, list(values))
+        return [torch.tensor(3.0 + i) for i in range(self.k)], finish
+
+    def update_after_step(self, before, after):
+        raise AssertionError("a block with prepare_after_step is updated through it")
+
+
+def test_prepare_second_pass_one_process_chains_prepared_and_direct_blocks():
+    """Scalars in block order; finish hands each prepared block its own values and updates the others
+    with their own records; blocks without a second pass are left alone."""
+    one, two, direct = _PreparedBlock(1), _PreparedBlock(2), _PassBlock()
+    idle = SimpleNamespace(needs_second_pass=False)
+    slots = {n: SimpleNamespace(block=b) for n, b in (("one", one), ("idle", idle), ("direct", direct), ("two", two))}
+    before = {n: LayerRecord(batch_size=1) for n in slots}
+    after = {n: LayerRecord(batch_size=2) for n in slots}
+    scalars, finish = DataParallel().prepare_second_pass(slots, before, after)
+    assert [float(s) for s in scalars] == [3.0, 3.0, 4.0] and one.values is None and direct.got == []
+    finish([3.0, 3.0, 4.0])
+    assert one.values == (before["one"], after["one"], [3.0]) and two.values == (before["two"], after["two"], [3.0, 4.0])
+    assert direct.got == [(before["direct"], after["direct"])]
+
+
+def test_second_pass_one_process_reads_once_or_skips_when_bad():
+    block = _PreparedBlock(1)
+    slots = {"b": SimpleNamespace(block=block)}
+    recs = ({"b": LayerRecord(batch_size=1)}, {"b": LayerRecord(batch_size=1)})
+    dp = DataParallel()
+    assert dp.second_pass(slots, *recs, True, 2.5) == (True, 2.5) and block.values is None
+    assert dp.second_pass(slots, *recs, False, 2.5) == (False, 2.5)
+    assert block.values == (recs[0]["b"], recs[1]["b"], [3.0])
+
+
+def _pass_records(rank: int) -> tuple[dict, dict]:
+    """Rank r (1 or 3 samples): layer p has every row but the after-step gradient, layer q no before-step
+    pre-activations and no input; integers, so every sum and mean is exact."""
+    n = (1, 3)[rank]
+    base = torch.arange(float(n), dtype=F64)[:, None] + 10.0 * rank
+
+    def rec(**rows):
+        r = LayerRecord(batch_size=n)
+        for key, value in rows.items():
+            setattr(r, key, value)
+        return r
+
+    before = {"p": rec(h_rows=base + torch.tensor([1.0, 2.0], dtype=F64), grad_rows=base * 2 + 1 + torch.zeros(2, dtype=F64),
+                       input_rows=base + torch.tensor([0.0, 1.0, 2.0], dtype=F64), has_bias=True, grad_scale=0.5),
+              "q": rec(grad_rows=base - torch.tensor([1.0, 3.0], dtype=F64), grad_scale=0.5)}
+    after = {"p": rec(h_rows=base * 3 + torch.zeros(2, dtype=F64)),
+             "q": rec(h_rows=base + 4 + torch.zeros(2, dtype=F64), grad_rows=base * 4 - torch.zeros(2, dtype=F64))}
+    return before, after
+
+
+def _global_mean(which: int, name: str, key: str, scale: float = 1.0) -> torch.Tensor:
+    return torch.cat([getattr(_pass_records(r)[which][name], key) * scale for r in range(2)]).mean(0)[None, :]
+
+
+def test_second_pass_hands_the_owner_the_global_row_means_and_broadcasts_its_state():
+    """W = 2, 1 and 3 samples (B = 4): the owner of each layer (p → 0, q → 1) gets records of one
+    "sample" holding the row-weighted means over all ranks -- gradient rows times their scale (0.5
+    before; after, set from the agreed counts: B/W = 2) -- and None where the rows are missing; the
+    other rank loads the owner's state. One all-reduce of 9 + 6 sums and the control (flag, loss,
+    7 row counts), then one object broadcast per owner; the mean loss (1 + 2)/2."""
+    def fn(c):
+        dp = DataParallel(c, "layerwise")
+        dp.owners = {"p": 0, "q": 1}
+        blocks = {"p": _PassBlock(), "q": _PassBlock()}
+        before, after = _pass_records(c.rank)
+        dp.agree(None, 1.0, after, ["p", "q"])
+        result = dp.second_pass({n: SimpleNamespace(block=b) for n, b in blocks.items()}, before, after, False,
+                                1.0 + c.rank)
+        return result, blocks
+
+    results, world = run_ranks(2, fn)
+    assert world.log[1:] == [("all_reduce", None, F64, 9 + 6 + 9), ("broadcast_object", 0, None, None),
+                             ("broadcast_object", 1, None, None)]
+    for rank, (result, blocks) in enumerate(results):
+        assert result == (False, 1.5)
+        owned, other = ("p", "q") if rank == 0 else ("q", "p")
+        assert len(blocks[owned].got) == 1 and blocks[other].got == [] and blocks[other].state == {"n": 1}
+        assert (blocks[owned].saved, blocks[other].saved) == (1, 0)
+        gb, ga = blocks[owned].got[0]
+        assert gb.batch_size == ga.batch_size == 1
+        if owned == "p":
+            assert torch.equal(gb.h_rows, _global_mean(0, "p", "h_rows"))
+            assert torch.equal(ga.h_rows, _global_mean(1, "p", "h_rows"))
+            assert torch.equal(gb.g_rows, _global_mean(0, "p", "grad_rows", 0.5)) and ga.g_rows is None
+            assert torch.equal(gb.input_rows, _global_mean(0, "p", "input_rows")) and gb.has_bias
+        else:
+            assert gb.h_rows is None and gb.input_rows is None
+            assert torch.equal(gb.g_rows, _global_mean(0, "q", "grad_rows", 0.5))
+            assert torch.equal(ga.h_rows, _global_mean(1, "q", "h_rows"))
+            assert torch.equal(ga.g_rows, _global_mean(1, "q", "grad_rows", 2.0))
+
+
+@pytest.mark.parametrize("bad_rank,losses,want", [(1, (1.0, float("nan")), (True, None)),
+                                                  (None, (None, None), (False, None))])
+def test_second_pass_agrees_on_a_bad_rank_or_a_missing_loss(bad_rank, losses, want):
+    """Any rank's non-finite flag: every rank returns bad, no block is updated; no loss: None."""
+    def fn(c):
+        dp = DataParallel(c, "replicate")
+        block = _PassBlock()
+        before, after = _pass_records(c.rank)
+        dp.agree(None, None, after, ["p"])
+        result = dp.second_pass({"p": SimpleNamespace(block=block)}, before, after, c.rank == bad_rank,
+                                losses[c.rank])
+        return result, len(block.got)
+
+    results, world = run_ranks(2, fn)
+    assert results == [(want, 0 if want[0] else 1)] * 2
+    assert [op for op, *_ in world.log] == ["all_reduce", "all_reduce"]
+
+
+def test_declares_reads_a_capability_defaulting_to_false():
+    from optimizers.data_parallel import _declares
+
+    assert _declares(object(), "uses_statistics") is False
+    assert _declares(SimpleNamespace(uses_gradient=1), "uses_gradient") is True
+
+
+class _GradientFactor(Factor):
+    """Takes the (already global) weight gradient, as the A (transposed) or G side."""
+
+    uses_gradient = True
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.seen: list = []
+
+    def observe_gradient(self, v: torch.Tensor) -> None:
+        self.seen.append(v)
+
+
+def test_update_statistics_hands_gradient_factors_the_gradient_after_the_reduction():
+    """Factors that use the gradient get G.T (A side) and G (G side) of the averaged gradient; nothing
+    is reduced for them. A gradient-source diagonal layer weighs every rank 1 (its records may be
+    empty), so its statistic is grad² exactly; an unsupported block raises."""
+    grad = torch.arange(9.0, dtype=F64).reshape(3, 3) - 4.0  # g_dim × a_dim of Linear(2, 3) with bias
+
+    def fn(c):
+        dp = DataParallel(c)
+        block = _linear_block(_GradientFactor(3), _GradientFactor(3))
+        diag = DiagonalBlock("d", LinearAdapter(nn.Linear(2, 3)), source="gradient", dtype=F64)
+        slots = {"fc": SimpleNamespace(block=block, adapter=block.adapter), "d": SimpleNamespace(block=diag)}
+        dp.update_statistics(slots, {}, {"fc": grad, "d": grad}, LayerRecord)
+        with pytest.raises(ValueError, match="^layer 'x': no data-parallel reduction for SimpleNamespace$"):
+            dp.update_statistics({"x": SimpleNamespace(block=SimpleNamespace())}, {}, {"x": grad}, LayerRecord)
+        return block.a_factor.seen, block.g_factor.seen, diag.v
+
+    results, world = run_ranks(2, fn)
+    for a_seen, g_seen, v in results:
+        assert len(a_seen) == 1 and torch.equal(a_seen[0], grad.T) and len(g_seen) == 1 and torch.equal(g_seen[0], grad)
+        assert torch.equal(v, grad * grad)
+    assert world.log == [("all_reduce", None, F64, 9 + 1)]  # the diagonal statistic and its weight
+
+
+class _Kept(Factor):
+    """Keeps the last statistic it observes (a one-hot A side: the vector of token frequencies)."""
+
+    uses_statistics = True
+    kept = None
+
+    def observe(self, statistic: torch.Tensor) -> None:
+        self.kept = statistic
+
+
+def test_update_statistics_reduces_one_hot_counts_over_the_whole_vocabulary():
+    """An embedding of 6 tokens: rank 0 sees tokens 0, 2 and rank 1 sees 1, 1, 3 (none sees 4 or 5). The
+    reduced A diagonal is the token frequency over the 5 samples, with the vocabulary's length (the
+    adapter's, not the largest index seen)."""
+    from curvature.adapters import EmbeddingAdapter
+
+    tokens = (torch.tensor([0, 2]), torch.tensor([1, 1, 3]))
+
+    def fn(c):
+        adapter = EmbeddingAdapter(nn.Embedding(6, 2))
+        block = KroneckerBlock("e", adapter, _Kept(6), _Kept(2))
+        rec = LayerRecord(batch_size=len(tokens[c.rank]))
+        rec.input_rows, rec.grad_rows = tokens[c.rank], torch.ones(len(tokens[c.rank]), 2, dtype=F64)
+        DataParallel(c).update_statistics({"e": SimpleNamespace(block=block, adapter=adapter)}, {"e": rec},
+                                          {"e": None}, LayerRecord)
+        return block.a_factor.kept
+
+    results, _ = run_ranks(2, fn)
+    for kept in results:
+        torch.testing.assert_close(kept, torch.tensor([1.0, 2.0, 1.0, 1.0, 0.0, 0.0], dtype=F64) / 5, rtol=1e-15, atol=0)
+
+
+def test_agreement_state_starts_empty_and_begin_step_forgets_it():
+    """Before any step mc_noise draws (no stale offsets); after begin_step the loss is the local one again."""
+    def fn(c):
+        dp = DataParallel(c)
+        dp.agree(None, 2.0 * c.rank, _records({"a": 1}), ["a"])
+        noise = dp.mc_noise("a", lambda n: torch.arange(float(n)), 1)
+        agreed = dp.agreed_loss(5.0)
+        dp.begin_step()
+        return noise, agreed, dp.agreed_loss(5.0)
+
+    results, _ = run_ranks(2, fn)
+    assert [(n.tolist(), a, b) for n, a, b in results] == [([0.0], 1.0, 5.0), ([1.0], 1.0, 5.0)]
