@@ -194,7 +194,8 @@ def test_block_state_of_another_optimizer_is_named_by_its_entries():
     state = diagonal.state_dict()
     del state["secondorder"]["kinds"]
     _rejects(_setup("kfac")[1], state,
-             f"layer '0': block state has entries ['initialized', 'scale', 'v'], expected ['a', 'g']{_DIFFERENT_OPTIMIZER}")
+             "layer '0': block state has entries ['initialized', 'scale', 'v'], expected ['a', 'g']"
+             + _DIFFERENT_OPTIMIZER)
 
     _, kbfgs, closure = _setup("kbfgs")
     kbfgs.step(closure)
@@ -202,8 +203,8 @@ def test_block_state_of_another_optimizer_is_named_by_its_entries():
     del state["secondorder"]["kinds"]
     _rejects(_setup("kfac")[1], state,
              "layer '0': block state.a has entries ['H', 'covariance', 'damping', 'inversion_failures', 'skips', "
-             "'updates', 'warm_started'], expected ['F', 'damping_boost', 'decay', 'initialized', 'inverse', 'inverse_damping', "
-             f"'inversion_failures', 'refreshes', 'statistic_resets', 'updates']{_DIFFERENT_OPTIMIZER}")
+             "'updates', 'warm_started'], expected ['F', 'damping_boost', 'decay', 'initialized', 'inverse', "
+             f"'inverse_damping', 'inversion_failures', 'refreshes', 'statistic_resets', 'updates']{_DIFFERENT_OPTIMIZER}")
 
 
 def test_a_wider_model_is_named_by_the_first_factor_shape():
@@ -211,7 +212,8 @@ def test_a_wider_model_is_named_by_the_first_factor_shape():
     _, opt, closure = _setup("kfac")
     opt.step(closure)
     wide = MAKERS["kfac"](_problem("cpu", width=9)[0])
-    _rejects(wide, opt.state_dict(), f"layer '0': block state.g.F has shape (8, 8) but this model needs (9, 9){_DIFFERENT_MODEL}")
+    _rejects(wide, opt.state_dict(),
+             f"layer '0': block state.g.F has shape (8, 8) but this model needs (9, 9){_DIFFERENT_MODEL}")
 
 
 def test_param_groups_that_differ_are_rejected_with_their_sizes():
