@@ -73,6 +73,7 @@ def _nan_closure(closure: Callable[[], torch.Tensor]) -> Callable[[], torch.Tens
 
 
 def _copy_weights(source: list[nn.Parameter], target: list[nn.Parameter]) -> None:
+    """What loading the model's state_dict does: ``target`` takes ``source``'s values."""
     with torch.no_grad():
         for p, q in zip(source, target):
             q.copy_(p)
