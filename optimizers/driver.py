@@ -1117,6 +1117,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         Returns the loss at the current point (from the closure), or None without a closure.
         """
+        return self._step(closure)
+
+    def _step(self, closure: Callable[[], torch.Tensor] | None) -> Any:
+        """The body of :meth:`step`, run under its ``torch.no_grad()`` (undecorated: mutation testing reaches it)."""
         if self.require_closure and closure is None:
             raise RuntimeError(
                 f"{type(self).__name__} needs step(closure): the closure must zero the gradients, run "
@@ -1678,6 +1682,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         with ``loss_fn`` (empirical Fisher) or with ``fisher="mc"`` (sampled targets). The parameters
         do not change. Returns the number of batches used.
         """
+        return self._warm_start(batches, loss_fn)
+
+    def _warm_start(self, batches: Iterable, loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None) -> int:
+        """The body of :meth:`warm_start`, run under its ``torch.no_grad()`` (undecorated: mutation testing reaches it)."""
         need_g = any(s.block.needs_g for s in self.slots.values()) and (loss_fn is not None or self.fisher == "mc")
         sums: dict[str, list] = {n: [None, None] for n in self.slots}
         count = 0

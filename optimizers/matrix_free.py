@@ -209,6 +209,10 @@ class MatrixFreeOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None, *, targets: Any = None):  # type: ignore[override]
         """One step on the closure's batch; returns the closure's loss (see the module docstring)."""
+        return self._step(closure, targets)
+
+    def _step(self, closure: Callable[[], torch.Tensor] | None, targets: Any) -> Any:
+        """The body of :meth:`step`, run under its ``torch.no_grad()`` (undecorated: mutation testing reaches it)."""
         if closure is None:
             raise RuntimeError(
                 f"{type(self).__name__} needs step(closure): the closure must zero the gradients, run forward "
