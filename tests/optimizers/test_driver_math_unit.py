@@ -33,6 +33,11 @@ from tests.optimizers.thread_world import run_ranks
 D = torch.float64
 
 
+def _exact(message: str) -> str:
+    """A ``match=`` pattern for exactly ``message`` (anchored at both ends)."""
+    return "^" + re.escape(message) + "$"
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     threads = torch.get_num_threads()
@@ -70,13 +75,14 @@ def _two_linear() -> nn.Sequential:
 
 
 # ------------------------------------------------------------------ _lazy_float, _as_float
-class _Holder:
-    value = _lazy_float("value")
+def _holder() -> object:
+    """An object with a ``value`` built by ``_lazy_float`` (called here, at test time, not at import)."""
+    return type("Holder", (), {"value": _lazy_float("value")})()
 
 
 def test_lazy_float_keeps_the_detached_tensor_until_the_first_read():
     """A tensor is stored detached under ``_value`` and becomes a Python float on the first read."""
-    h = _Holder()
+    h = _holder()
     t = torch.tensor(2.5, dtype=D, requires_grad=True) * 1.0
     h.value = t
     stored = h.__dict__["_value"]
@@ -89,7 +95,7 @@ def test_lazy_float_keeps_the_detached_tensor_until_the_first_read():
 
 @pytest.mark.parametrize("value,want", [(1.5, 1.5), (3, 3.0), (None, None)])
 def test_lazy_float_stores_numbers_as_floats_and_none_as_none(value, want):
-    h = _Holder()
+    h = _holder()
     h.value = value
     assert h.__dict__["_value"] == want and type(h.__dict__["_value"]) is type(want)
     assert h.value == want and type(h.value) is type(want)
@@ -99,7 +105,7 @@ def test_lazy_float_unset_reads_none_and_documents_itself():
     prop = _lazy_float("loss")
     assert prop.__doc__ == "``loss`` as a float (converted from the step's tensor on first read)"
     assert prop.fget.__doc__ == prop.fset.__doc__ == prop.__doc__
-    assert _Holder().value is None
+    assert _holder().value is None
 
 
 def test_step_info_losses_are_lazy_floats():
@@ -152,10 +158,11 @@ def test_fallback_text_reads_the_parameters_own_group():
     assert opt._fallback_text(None) == "fallback (adam, lr=0.001, betas=(0.9, 0.999), eps=1e-08)"
 
 
-def _adam_oracle(p: float, g: float, lr: float, b1: float, b2: float, eps: float, steps: int) -> float:
-    """Adam with bias correction, ``steps`` times on the constant gradient ``g`` (Python floats)."""
+def _adam_oracle(p: float, grads: list[float], lr: float, b1: float, b2: float, eps: float) -> float:
+    """Adam with bias correction over the gradients ``grads`` (Python floats; a constant gradient would hide
+    β2, since then the corrected v̂ = g² for any β2)."""
     m = v = 0.0
-    for t in range(1, steps + 1):
+    for t, g in enumerate(grads, start=1):
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g
         p -= lr * (m / (1 - b1**t)) / (math.sqrt(v / (1 - b2**t)) + eps)
@@ -164,11 +171,11 @@ def _adam_oracle(p: float, g: float, lr: float, b1: float, b2: float, eps: float
 
 def test_fallback_step_adam_uses_the_groups_betas_and_eps():
     model, opt = _with_scale("adam", fallback_lr=0.01, fallback_betas=(0.5, 0.9), fallback_eps=0.1)
-    for _ in range(2):
-        model.s.grad = torch.tensor([0.5, -2.0], dtype=D)
+    for grad in ([0.5, -2.0], [-1.0, 3.0]):
+        model.s.grad = torch.tensor(grad, dtype=D)
         with torch.no_grad():
             opt._fallback_step(1.0)
-    want = [_adam_oracle(1.0, 0.5, 0.01, 0.5, 0.9, 0.1, 2), _adam_oracle(-1.0, -2.0, 0.01, 0.5, 0.9, 0.1, 2)]
+    want = [_adam_oracle(1.0, [0.5, -1.0], 0.01, 0.5, 0.9, 0.1), _adam_oracle(-1.0, [-2.0, 3.0], 0.01, 0.5, 0.9, 0.1)]
     torch.testing.assert_close(model.s.detach(), torch.tensor(want, dtype=D), rtol=1e-13, atol=0)
     assert model.lin.weight.grad is None and opt.state[model.s]["adam_step"] == 2
 
@@ -245,7 +252,7 @@ def test_adaptive_damping_rejects_groups_with_different_damping():
     opt = KFAC(model, lr=0.1, damping=AdaptiveLM(damping=1.0), param_groups=[
         {"params": list(model[0].parameters())}, {"params": list(model[1].parameters())}])
     opt.param_groups[1]["damping"] = 2.0
-    with pytest.raises(ValueError, match=re.escape(
+    with pytest.raises(ValueError, match=_exact(
             "AdaptiveLM adapts one damping for all layers, but the param groups set [1.0, 2.0]: give every group "
             "the same damping")):
         opt._layer_settings()
@@ -277,14 +284,14 @@ def _record(batch: int, input_rows: torch.Tensor | None = None, grad_rows: torch
 def test_check_records_needs_the_a_rows_of_the_monte_carlo_fisher():
     """fisher="mc": at a statistics step KFAC needs A rows (G rows come from the sampled pass)."""
     opt = KFAC(_two_linear(), lr=0.1, fisher="mc", likelihood="gaussian")
-    with pytest.raises(RuntimeError, match=re.escape(NO_STATS.format("0"))):
+    with pytest.raises(RuntimeError, match=_exact(NO_STATS.format("0"))):
         opt._check_records({}, True)
     assert opt._check_records({}, False) is None
 
 
 def test_check_records_skips_a_layer_without_record_and_checks_the_next():
     opt = KFAC(_two_linear(), lr=0.1)
-    with pytest.raises(RuntimeError, match=re.escape(EMPTY)):
+    with pytest.raises(RuntimeError, match=_exact(EMPTY)):
         opt._check_records({"1": _record(0)}, False)
 
 
@@ -292,7 +299,7 @@ def test_check_records_skips_a_layer_without_record_and_checks_the_next():
 def test_check_records_rejects_an_empty_batch(batch, rows):
     opt = KFAC(_two_linear(), lr=0.1)
     rec = _record(batch, None if rows is None else torch.zeros(rows, dtype=D))
-    with pytest.raises(RuntimeError, match=re.escape(EMPTY)):
+    with pytest.raises(RuntimeError, match=_exact(EMPTY)):
         opt._check_records({"0": _record(2, torch.ones(2, 2, dtype=D)), "1": rec}, False)
 
 
@@ -309,7 +316,7 @@ def test_check_records_rejects_forwards_without_gradient(missing, grads, calls, 
     opt = KFAC(_two_linear(), lr=0.1)
     good = _record(2, torch.ones(2, 2, dtype=D), torch.ones(2, 2, dtype=D))
     bad = _record(2, torch.ones(2, 2, dtype=D), torch.ones(2, 2, dtype=D) if grads else None, calls, missing)
-    with pytest.raises(RuntimeError, match=re.escape(_missing("1", count, calls))):
+    with pytest.raises(RuntimeError, match=_exact(_missing("1", count, calls))):
         opt._check_records({"0": good, "1": bad}, True)
     assert opt._check_records({"0": good, "1": good}, True) is None
 
@@ -320,7 +327,7 @@ def test_update_statistics_needs_the_rows_of_every_statistics_block():
     for make in (KFAC, KBFGS):
         opt = make(_two_linear(), lr=0.1)
         grads = {n: s.adapter.grad_matrix() for n, s in opt.slots.items()}
-        with pytest.raises(RuntimeError, match=re.escape(NO_STATS.format("0"))):
+        with pytest.raises(RuntimeError, match=_exact(NO_STATS.format("0"))):
             opt._update_statistics({}, grads)
 
 
@@ -382,7 +389,7 @@ def test_kl_scale_of_a_zero_step_is_one():
 # ------------------------------------------------------------------ _monte_carlo_fisher_pass
 def test_monte_carlo_pass_needs_recorded_inputs():
     opt = KFAC(_two_linear(), lr=0.1, fisher="mc", likelihood="gaussian")
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(RuntimeError, match=_exact(
             "the Monte-Carlo Fisher needs the model's inputs: no forward pass was recorded")):
         opt._monte_carlo_fisher_pass({}, [])
 
