@@ -55,7 +55,8 @@ def _closure(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *kinds: st
 
     ``ok`` the mean squared error; ``nan-grad`` a finite loss with NaN gradients (d√z/dz at 0 is inf,
     times 0 NaN); ``inf-loss`` the loss plus a constant inf (finite gradients); ``nan`` NaN times the
-    loss; ``rise`` 100 times the loss; ``huge`` the largest float as loss (finite gradients);
+    loss; ``rise`` 100 times the loss; ``huge`` the largest float as loss (finite gradients); ``huge-rows`` 1e307·Σ out (finite rows
+    whose sum overflows);
     ``float`` the loss as a Python float; ``none`` None; ``no-backward`` the loss without backward;
     ``no-forward`` a constant tensor (the model is not run); ``spike`` the loss times 1e300."""
     calls = []
@@ -74,6 +75,8 @@ def _closure(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *kinds: st
             loss = float("nan") * loss
         elif kind == "rise":
             loss = 100.0 * loss
+        elif kind == "huge-rows":
+            loss = 1e307 * out.sum()
         elif kind == "spike":
             loss = 1e300 * loss
         if kind != "no-backward":
@@ -360,7 +363,7 @@ def test_two_loss_rise_reverts_count_twice_and_reset_the_secant_memory_twice():
         loss = opt.step(_closure(opt, model, x, y, "ok", "rise"))
         info = seen[-1]
         assert (info.step, info.skipped, info.skip_reason) == (k, True, _LOSS_ROSE)
-        assert info.loss == float(loss.detach()) and info.loss_after == pytest.approx(100.0 * float(loss), rel=0.5)
+        assert info.loss == float(loss.detach()) and info.loss_after == pytest.approx(100.0 * float(loss.detach()), rel=0.5)
         assert _same(_params(model), before)
     c = opt.counters
     assert (c["reverted_steps"], c["recoveries"], c["secant_resets"], c["skipped_steps"]) == (2, 2, 4, 0)
@@ -399,17 +402,30 @@ def test_second_pass_revert_of_non_finite_parameters_names_the_update():
     assert _same(_params(model), before)
 
 
-def test_a_huge_finite_loss_at_the_new_point_is_confirmed_finite():
-    """The fused check overflows on the largest float; the exact check finds it finite: without the
-    rise rule the step is accepted, with it the step is reverted as a rise (not as non-finite)."""
-    for recovery, reason in ((Recovery(max_loss_rise=None), None), (None, _LOSS_ROSE)):
-        model = _model()
-        x, y = _data()
-        opt = KBFGS(model, lr=0.2, damping=0.3, recovery=recovery)
-        seen = _infos(opt)
-        opt.step(_closure(opt, model, x, y, "ok", "huge"))
-        assert seen[-1].skip_reason == reason and seen[-1].skipped is (reason is not None)
-        assert seen[-1].loss_after == torch.finfo(D).max
+def test_huge_finite_rows_at_the_new_point_are_confirmed_finite():
+    """The second call's loss is 1e307·Σ out: its pre-activation gradient rows are finite (1e307 at each of
+    the last layer's 16×3 outputs), but their sum overflows the fused check; the exact check finds every
+    row and the loss finite, and the step is taken."""
+    model = _model()
+    x, y = _data()
+    opt = KBFGS(model, lr=0.2, damping=0.3)
+    seen = _infos(opt)
+    opt.step(_closure(opt, model, x, y, "ok", "huge-rows"))
+    info = seen[-1]
+    assert info.skipped is False and info.skip_reason is None and opt.counters["reverted_steps"] == 0
+    with torch.no_grad():
+        assert info.loss_after == float(1e307 * model(x).sum())
+
+
+def test_the_largest_float_as_loss_at_the_new_point_is_a_rise():
+    """A finite loss at the new point as large as a float can be: reverted as a rise, not as non-finite."""
+    model = _model()
+    x, y = _data()
+    opt = KBFGS(model, lr=0.2, damping=0.3)
+    seen = _infos(opt)
+    opt.step(_closure(opt, model, x, y, "ok", "huge"))
+    assert (seen[-1].skipped, seen[-1].skip_reason) == (True, _LOSS_ROSE)
+    assert seen[-1].loss_after == torch.finfo(D).max
 
 
 def test_python_float_losses_through_the_second_pass():
@@ -428,7 +444,7 @@ def test_python_float_losses_through_the_second_pass():
         opt.zero_grad()
         loss = 0.5 * ((model(x) - y) ** 2).sum(1).mean()
         loss.backward()
-        return float(loss) if len(calls) == 1 else float("nan")
+        return float(loss.detach()) if len(calls) == 1 else float("nan")
 
     opt.step(closure)
     assert (seen[-1].skipped, seen[-1].skip_reason) == (True, NEW_POINT) and _same(_params(model), before)
