@@ -909,8 +909,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
         A new parameter gets the fallback rule; with ``param_group["block"] = recipe`` the layers
         whose weight is in the group get a curvature block instead (the layer must have an adapter,
-        and its bias must be in the same group). With ``fallback="error"`` a parameter without a
-        block is an error. No parameter is ever ignored.
+        and its bias must be in the same group). A layer's weight and bias are its adapter's, as when
+        the optimizer is built: e.g. ``nn.MultiheadAttention``'s ``in_proj_weight`` and
+        ``in_proj_bias``, and its ``out_proj`` gets the adapter of the functionally applied
+        projection. With ``fallback="error"`` a parameter without a block is an error. No parameter
+        is ever ignored.
         """
         if not getattr(self, "_built", False):
             super().add_param_group(param_group)
@@ -929,26 +932,28 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
     def _adopt_group(self, group: dict[str, Any], index: int, recipe: Recipe | None) -> None:
         owner = {id(p): (name, m) for name, m in self.model.named_modules() for p in m.parameters(recurse=False)}
+        if recipe is not None and not callable(recipe):
+            raise TypeError(f"param_groups[{index}]['block'] must be a recipe such as kfac_block(), got {recipe!r}")
         ids = {id(p) for p in group["params"]}
+        contextual = contextual_adapters(self.model) if recipe is not None else {}
         new_slots: list[LayerSlot] = []
         extra: list[tuple[int, str]] = []
         for j, p in enumerate(group["params"]):
             name, module = owner.get(id(p), (None, None))
-            if recipe is not None and module is not None and p is getattr(module, "weight", None):
-                if not callable(recipe):
-                    raise TypeError(f"param_groups[{index}]['block'] must be a recipe such as kfac_block(), got {recipe!r}")
-                adapter = adapter_for(module)
-                if adapter is None:
+            adapter = None
+            if recipe is not None and module is not None:
+                adapter = self._group_adapter(module, contextual)
+                if adapter is None and p is getattr(module, "weight", None):
                     raise UnsupportedLayerError(f"layer {name!r}: no adapter for {type(module).__name__}, so it cannot get a block")
+            if adapter is not None and p is adapter.weight:
                 others = [q for q in adapter.parameters() if id(q) not in ids]
                 if others:
                     raise ValueError(f"layer {name!r}: put its weight and bias in the same new group to give it a block")
+                ctx = RecipeContext(p.dtype, p.device, float(group["damping"]))
                 new_slots.append(LayerSlot(name, module, adapter, _layer_block(
-                    recipe, name, adapter, RecipeContext(p.dtype, p.device, float(group["damping"])),
-                    self.data_parallel.active)))
+                    recipe, name, adapter, ctx, self.data_parallel.active), recipe=recipe, ctx=ctx))
                 continue
-            if (recipe is not None and module is not None and p is getattr(module, "bias", None)
-                    and id(getattr(module, "weight", None)) in ids and adapter_for(module) is not None):
+            if adapter is not None and adapter.has_bias and p is adapter.bias and id(adapter.weight) in ids:
                 continue  # the bias of a layer that gets a block
             if self.fallback == "error":
                 label = name if name is not None else f"param_groups[{index}][{j}]"
@@ -976,6 +981,15 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 self._param_layer[id(p)] = owner[id(p)][0]
         self._signature = self._model_signature()
         self._configure_capture(self.steps)
+
+    @staticmethod
+    def _group_adapter(module: nn.Module, contextual: Mapping[int, Any]) -> LayerAdapter | None:
+        """The adapter ``module`` gets when the optimizer is built (its contextual one, e.g. an attention's
+        out_proj, else the registered one; None without), raising the adapter's UnsupportedLayerError."""
+        adapter = contextual.get(id(module)) or adapter_for(module)
+        if isinstance(adapter, UnsupportedLayerError):
+            raise adapter
+        return adapter
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero (or unset) the gradients and forget the statistics captured since the last step."""

@@ -421,6 +421,12 @@ def test_add_param_group_rejections_have_their_full_messages():
               "layer 's': no adapter for Scale, so it cannot get a block")
     _rejected(opt, {"params": [model[3].weight], "block": kfac_block()}, ValueError,
               "layer '3': put its weight and bias in the same new group to give it a block")
+    outside = nn.Parameter(torch.ones(2, dtype=D))  # a recipe that is no recipe, even where no layer would use it
+    _rejected(opt, {"params": [outside], "block": "kfac"}, TypeError,
+              "param_groups[1]['block'] must be a recipe such as kfac_block(), got 'kfac'")
+    model.add_module("m", nn.MultiheadAttention(4, 2, add_bias_kv=True).to(D))  # the adapter's own refusal
+    _rejected(opt, {"params": model.m.parameters(), "block": kfac_block()}, UnsupportedLayerError,
+              "MultiheadAttention with add_bias_kv is not supported")
 
 
 def test_fallback_error_names_the_parameter_without_a_block():
@@ -443,3 +449,59 @@ def test_grouped_convolution_added_under_data_parallel_training_is_rejected():
     model.add_module("1", nn.Conv2d(4, 4, 3, groups=2).to(D))
     _rejected(opt, {"params": model[1].parameters(), "block": kfac_block()}, UnsupportedLayerError,
               "per-group blocks of a grouped convolution have no data-parallel reduction")
+
+
+# ------------------------------------------------------------------ add_param_group: an attention with a block
+class Attending(nn.Module):
+    """``pre`` = Linear(4, 4), then (once added as ``attn``) a MultiheadAttention(4, 2) called as
+    self-attention (``how="self"``) or as cross-attention on a memory (``how="kv"``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.pre = nn.Linear(4, 4)
+        self.how = how
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        h = self.pre(x)
+        if not hasattr(self, "attn"):
+            return h
+        kv = h if self.how == "self" else memory
+        return self.attn(h, kv, kv, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("how", ["self", "kv"])
+def test_added_attention_with_a_block_is_the_attention_built_with_its_group(how):
+    """The packed in_proj (an adapter whose weight is ``in_proj_weight``, not ``module.weight``) and
+    the functionally applied out_proj (its contextual adapter) get the blocks they get when the model
+    is built with them: the same table, and three bit-identical steps (cross-attention switches the
+    in_proj to per-chunk blocks built by the group's recipe at the first step)."""
+    torch.manual_seed(0)
+    model = Attending(how).to(D)
+    attn = nn.MultiheadAttention(4, 2, batch_first=True).to(D)
+    twin = copy.deepcopy(model)
+    twin.attn = copy.deepcopy(attn)
+    opt = KFAC(model, lr=0.1, damping=0.3)
+    model.attn = attn
+    opt.add_param_group({"params": [attn.in_proj_weight, attn.in_proj_bias, *attn.out_proj.parameters()],
+                         "block": kfac_block(), **GROUP})
+    ref = KFAC(twin, lr=0.1, damping=0.3,
+               param_groups=[{"params": twin.pre.parameters()}, {"params": twin.attn.parameters(), **GROUP}])
+    assert opt.describe() == ref.describe() and list(opt.fallback_modules) == []
+    g = torch.Generator().manual_seed(1)
+    x, memory = torch.randn(2, 3, 4, generator=g, dtype=D), torch.randn(2, 5, 4, generator=g, dtype=D)
+    for _ in range(3):
+        for o, m in ((opt, model), (ref, twin)):
+            o.step(_attention_closure(o, m, x, memory))
+    assert opt.describe() == ref.describe()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def _attention_closure(opt: CurvatureOptimizer, model: nn.Module, x: torch.Tensor, memory: torch.Tensor) -> Callable:
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x, memory).pow(2).mean()
+        loss.backward()
+        return loss
+
+    return closure
