@@ -935,7 +935,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if recipe is not None and not callable(recipe):
             raise TypeError(f"param_groups[{index}]['block'] must be a recipe such as kfac_block(), got {recipe!r}")
         ids = {id(p) for p in group["params"]}
-        contextual = contextual_adapters(self.model) if recipe is not None else {}
+        contextual = contextual_adapters(self.model)
         new_slots: list[LayerSlot] = []
         extra: list[tuple[int, str]] = []
         for j, p in enumerate(group["params"]):
