@@ -15,6 +15,7 @@ from torch import nn
 
 from curvature import AdaptiveLM
 from optimizers import KBFGS, KFAC
+from tests.optimizers.closures import loss_closure
 
 D = torch.float64
 
@@ -26,13 +27,8 @@ def _problem():
     return model, torch.randn(6, 3, generator=g, dtype=D), torch.randn(6, 2, generator=g, dtype=D)
 
 
-def _closure(opt, model, x, y):
-    def closure():
-        opt.zero_grad()
-        loss = 0.5 * ((model(x) - y) ** 2).sum(1).mean()
-        loss.backward()
-        return loss
-    return closure
+def _loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((out - y) ** 2).sum(1).mean()
 
 
 def test_kbfgs_without_a_closure_says_what_the_closure_must_do():
@@ -60,7 +56,7 @@ def _state(opt, model):
 def test_a_raising_precondition_hook_leaves_the_step_without_trace():
     model, x, y = _problem()
     opt = KFAC(model, lr=0.1, damping=0.3, momentum=0.9, inverse_update_freq=10)
-    opt.step(_closure(opt, model, x, y))  # step 0 inverts; step 1 neither inverts nor has a second pass
+    opt.step(loss_closure(opt, model, _loss, x, y))  # step 0 inverts; step 1 neither inverts nor has a second pass
 
     def hook(step, name, block, grad, direction):
         if step == 1:
@@ -70,7 +66,7 @@ def test_a_raising_precondition_hook_leaves_the_step_without_trace():
     before = _state(opt, model)
     assert before[-1].abs().sum() > 0  # a momentum buffer exists
     with pytest.raises(RuntimeError, match="^hook failed$"):
-        opt.step(_closure(opt, model, x + 0.5, y))
+        opt.step(loss_closure(opt, model, _loss, x + 0.5, y))
     after = _state(opt, model)
     assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(after, before))
     assert opt.steps == 1
