@@ -198,6 +198,7 @@ def _rejects(exc: type[Exception], message: str, *args: Any, **kwargs: Any) -> N
     ({"distribute": "sharded"}, "distribute must be one of ('replicate', 'layerwise'), got 'sharded'"),
 ])
 def test_a_bad_argument_raises_its_full_message(kwargs, message):
+    kwargs = dict(kwargs)  # the parameter is shared by every run of the test: never pop from it
     lr = kwargs.pop("lr", 0.1)
     _rejects(ValueError, message, lr=lr, **kwargs)
 
@@ -220,6 +221,7 @@ def test_the_checks_run_in_the_documented_order():
 ])
 def test_the_values_at_each_boundary_are_accepted(kwargs):
     """Accepted and stored as given (the fallback "error" needs a model without fallback layers)."""
+    kwargs = dict(kwargs)  # the parameter is shared by every run of the test: never pop from it
     lr = kwargs.pop("lr", 0.1)
     model = _model()
     if kwargs.get("fallback") == "error":
@@ -410,3 +412,32 @@ def test_a_ddp_model_is_unwrapped_and_its_second_pass_runs_without_gradient_sync
 
     opt.step(closure)
     assert syncing == [True, False] and opt.counters["steps"] == 1
+
+
+def test_a_parameter_is_named_after_the_layer_that_owns_it_not_a_container_reusing_that_layer():
+    """One Linear registered twice (``0`` and inside container ``2``): its weight belongs to layer ``0``."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4).to(D)
+    model = nn.Sequential(lin, nn.Tanh(), nn.Sequential(lin))
+    opt = _build(model)
+    lin.weight.requires_grad_(False)
+    x = torch.randn(3, 4, dtype=D)
+    with pytest.raises(RuntimeError, match=r"^a parameter of layer '0' was frozen \(requires_grad=False\)"):
+        opt.step(lambda: model(x).sum())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_mc_generator_lives_on_the_parameters_device():
+    """Monte-Carlo draws on a CUDA model use a CUDA generator (a CPU one cannot sample CUDA tensors)."""
+    model = _model().cuda()
+    opt = CurvatureOptimizer(model, 0.1, {nn.Linear: kfac_block()}, fisher="mc", likelihood="gaussian")
+    x, y = (t.cuda() for t in _data())
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = 0.5 * ((model(x) - y) ** 2).sum(1).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert opt.counters["steps"] == 1
