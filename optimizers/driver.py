@@ -436,7 +436,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     Attributes:
         counters: ``{"steps", "skipped_steps", "reverted_steps", "skip_reasons", "rollbacks",
             "recoveries", "secant_resets", "inversion_recoveries", "step_scale", "bad_point_streak",
-            "runtime_fallbacks"}``
+            "runtime_fallbacks", "chunked_layers"}``
             (see :mod:`optimizers.recovery`); a skipped step
             (non-finite loss or gradient) leaves everything else unchanged, a reverted step (K-BFGS's
             second pass found a non-finite loss) is undone completely (see :meth:`step`).
