@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from optimizers import KFAC
+from tests.optimizers.closures import loss_closure
 from tests.optimizers.thread_world import run_ranks
 
 D = torch.float64
@@ -148,3 +149,79 @@ def test_ranks_average_over_all_their_batches_weighted_by_count():
         for _, stats in results:
             torch.testing.assert_close(stats[name][0], a, rtol=1e-12, atol=1e-14)
             torch.testing.assert_close(stats[name][1], g, rtol=1e-12, atol=1e-14)
+
+
+class _SkipsALayer(nn.Module):
+    """Three Linear layers of which the forward uses only the first and the last (a branch never taken)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.unused, self.last = nn.Linear(3, 4).to(D), nn.Linear(4, 4).to(D), nn.Linear(4, 2).to(D)
+
+    def forward(self, x):
+        return self.last(torch.tanh(self.first(x)))
+
+
+def test_a_layer_no_batch_reaches_keeps_its_statistics_and_the_others_are_set():
+    model, batches = _SkipsALayer(), _batches()
+    opt = KFAC(model, lr=0.1, damping=0.3)
+    unused = opt.blocks["unused"].a_factor.statistic.clone()
+    assert opt.warm_start(batches, loss_fn) == 2
+    assert torch.equal(opt.blocks["unused"].a_factor.statistic, unused)
+    ones = [torch.ones(len(x), 1, dtype=D) for x, _ in batches]
+    a_first = [torch.cat([x, o], 1) for (x, _), o in zip(batches, ones)]
+    a_last = [torch.cat([torch.tanh(model.first(x)).detach(), o], 1) for (x, _), o in zip(batches, ones)]
+    for name, rows in (("first", a_first), ("last", a_last)):
+        want = sum(a.T @ a / len(a) for a in rows) / len(rows)
+        torch.testing.assert_close(opt.blocks[name].a_factor.statistic, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_bare_batch_of_two_rows_is_inputs_not_a_pair():
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(2, 3, generator=g, dtype=D) for _ in range(2)]
+    model = _model()
+    opt = KFAC(model, lr=0.1, damping=0.3)
+    assert opt.warm_start(xs) == 2
+    abar = [torch.cat([x, torch.ones(2, 1, dtype=D)], 1) for x in xs]
+    torch.testing.assert_close(opt.blocks["0"].a_factor.statistic, sum(a.T @ a / 2 for a in abar) / 2,
+                               rtol=1e-12, atol=1e-14)
+
+
+def test_monte_carlo_draws_come_from_the_optimizers_generator_not_the_global_one():
+    inputs = [x for x, _ in _batches()]
+    stats = []
+    for global_seed in (100, 200):
+        opt = KFAC(_model(), lr=0.1, damping=0.3, fisher="mc", likelihood="gaussian", seed=3)
+        torch.manual_seed(global_seed)
+        opt.warm_start(inputs)
+        stats.append(opt.blocks["2"].g_factor.statistic)
+    assert torch.equal(stats[0], stats[1])
+
+
+def test_monte_carlo_step_after_it_matches_a_twin_with_the_same_statistics_and_generator_state():
+    batches = _batches((6, 4, 6))
+    model, twin_model = _model(), _model()
+    opt = KFAC(model, lr=0.1, damping=0.3, fisher="mc", likelihood="gaussian", seed=3, inverse_update_freq=5)
+    twin = KFAC(twin_model, lr=0.1, damping=0.3, fisher="mc", likelihood="gaussian", seed=3, inverse_update_freq=5)
+    opt.warm_start([x for x, _ in batches[:2]])
+    for name, block in opt.blocks.items():
+        twin.blocks[name].warm_start(block.a_factor.statistic.clone(), block.g_factor.statistic.clone())
+    twin._generator.set_state(opt._generator.get_state())
+    x, y = batches[2]
+    for o, m in ((opt, model), (twin, twin_model)):
+        o.step(loss_closure(o, m, loss_fn, x, y))
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_an_embeddings_a_is_the_token_frequency_over_the_whole_vocabulary():
+    """One-hot inputs: A_b = (1/B) Σ e_i e_iᵀ is diagonal, the tokens' frequencies, over all 10 words even
+    when a batch never shows the last ones."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 3), nn.Linear(3, 2)).to(D)
+    batches = [torch.tensor([0, 1, 1, 3]), torch.tensor([2, 2, 5])]
+    opt = KFAC(model, lr=0.1, damping=0.3)
+    assert opt.warm_start(batches) == 2
+    want = sum(torch.bincount(b, minlength=10).to(D) / len(b) for b in batches) / 2
+    torch.testing.assert_close(opt.blocks["0"].a_factor.counts, want, rtol=1e-12, atol=1e-14)
