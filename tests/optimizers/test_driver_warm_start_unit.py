@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from optimizers import KFAC
+from optimizers import KFAC, CurvatureOptimizer
+from optimizers.recipes import kfac_block
 from tests.optimizers.closures import loss_closure
 from tests.optimizers.thread_world import run_ranks
 
@@ -225,3 +226,21 @@ def test_an_embeddings_a_is_the_token_frequency_over_the_whole_vocabulary():
     assert opt.warm_start(batches) == 2
     want = sum(torch.bincount(b, minlength=10).to(D) / len(b) for b in batches) / 2
     torch.testing.assert_close(opt.blocks["0"].a_factor.counts, want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_reduce_block_gets_per_sample_mean_rows_and_summed_gradients():
+    """A Linear over a (B, T, d) input with kfac_block(approx="reduce"): per sample b the mean input row
+    â_b = mean_t ā_bt and the summed output residual ê_b = Σ_t (out_bt − y_bt); A = (1/B) Σ_b â_b â_bᵀ and,
+    for ℓ_b = ½ Σ_t ‖out_bt − y_bt‖², G = (1/B) Σ_b ê_b ê_bᵀ (expand would average over all B·T rows)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(D)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4, 5, 3, generator=g, dtype=D), torch.randn(4, 5, 2, generator=g, dtype=D)
+    opt = CurvatureOptimizer(model, 0.1, {nn.Linear: kfac_block(approx="reduce")}, damping=0.3)
+    seq_loss = lambda out, t: 0.5 * ((out - t) ** 2).sum((1, 2)).mean()  # noqa: E731
+    assert opt.warm_start([(x, y)], seq_loss) == 1
+    a_hat = torch.cat([x, torch.ones(4, 5, 1, dtype=D)], 2).mean(1)
+    e_hat = (model(x) - y).detach().sum(1)
+    block = next(iter(opt.blocks.values()))
+    torch.testing.assert_close(block.a_factor.statistic, a_hat.T @ a_hat / 4, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(block.g_factor.statistic, e_hat.T @ e_hat / 4, rtol=1e-12, atol=1e-14)
