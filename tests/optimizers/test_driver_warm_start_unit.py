@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from optimizers import KFAC, CurvatureOptimizer
-from optimizers.recipes import kfac_block
+from optimizers.recipes import diagonal_block, kfac_block
 from tests.optimizers.closures import loss_closure
 from tests.optimizers.thread_world import run_ranks
 
@@ -244,3 +244,17 @@ def test_a_reduce_block_gets_per_sample_mean_rows_and_summed_gradients():
     block = next(iter(opt.blocks.values()))
     torch.testing.assert_close(block.a_factor.statistic, a_hat.T @ a_hat / 4, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(block.g_factor.statistic, e_hat.T @ e_hat / 4, rtol=1e-12, atol=1e-14)
+
+
+def test_blocks_without_an_a_statistic_or_an_approx_are_passed_over():
+    """A gradient-source diagonal block captures no input rows and a DiagonalBlock has no ``approx``: warm
+    start leaves them alone and still sets the KFAC block after them (A of the second layer's inputs)."""
+    model, batches = _model(), _batches()
+    opt = CurvatureOptimizer(model, 0.1, {"0": diagonal_block(source="gradient"), "2": kfac_block()}, damping=0.3)
+    assert not hasattr(opt.blocks["0"], "approx")
+    assert opt.warm_start([x for x, _ in batches]) == 2
+    torch.testing.assert_close(opt.blocks["2"].a_factor.statistic, _averages(model, batches)["2"][0],
+                               rtol=1e-12, atol=1e-14)
+    empirical = CurvatureOptimizer(_model(), 0.1, {nn.Linear: diagonal_block()}, damping=0.3)
+    assert not hasattr(empirical.blocks["0"], "approx")
+    assert empirical.warm_start([x for x, _ in batches]) == 2
