@@ -60,3 +60,12 @@ def mnist_path() -> Path:
     if path is None:
         pytest.skip("MNIST test split not found (../shared/data/mnist)")
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run the test on one torch thread (bit-reproducible reductions, no oversubscription); restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

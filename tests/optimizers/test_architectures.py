@@ -17,12 +17,7 @@ from optimizers import KBFGS, KBFGSL, KFAC, CurvatureOptimizer
 from optimizers.recipes import diagonal_block, kbfgs_block, kbfgsl_block, kfac_block
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _mixed(model, lr):

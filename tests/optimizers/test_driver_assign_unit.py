@@ -19,7 +19,6 @@ Oracles (all from the documented rules of ``CurvatureOptimizer`` and ``_check_bl
 
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import pytest
@@ -34,6 +33,7 @@ from optimizers import KFAC, CurvatureOptimizer, diagonal_block, kbfgsl_block, k
 from optimizers.recipes import RecipeContext
 from tests.optimizers.test_fallbacks import ScaledLinear, Symmetric
 from tests.optimizers.thread_world import ThreadComm, World
+from tests.optimizers.messages import exact as _exact
 
 D = torch.float64
 CPU = torch.device("cpu")
@@ -43,10 +43,6 @@ NOT_A_RECIPE = ("is not a recipe: map it to a recipe such as kfac_block() or kbf
 NO_CALL = ("cannot be called as a recipe: a recipe is called as recipe(name, adapter, ctx) and returns a "
            "CurvatureBlock; use kfac_block(), kbfgs_block(), ...")
 
-
-def _exact(message: str) -> str:
-    """A ``pytest.raises(match=...)`` pattern for exactly ``message``."""
-    return "^" + re.escape(message) + "$"
 
 
 def _mlp() -> nn.Sequential:

@@ -22,6 +22,7 @@ from curvature.chunked import ChunkedBlock
 from optimizers import KFAC, CurvatureOptimizer, kfac_block
 from tests.optimizers.test_driver_checkpoint_unit import _whole_layers_only
 from tests.optimizers.test_driver_setup_unit import DuckLinear, duck_adapter  # noqa: F401 (fixture)
+from tests.optimizers.messages import exact as _exact
 
 D = torch.float64
 BOTH = ("called both as self-attention (query, key and value the same tensor) and as cross-attention; "
@@ -32,9 +33,6 @@ def _no_chunks(name: str) -> str:
     return ("cross-attention: the packed q/k/v projection is applied in chunks to different inputs, and the "
             f"per-chunk blocks are not available ({name}[q] is a chunk)")
 
-
-def _exact(text: str) -> str:
-    return "^" + re.escape(text) + "$"
 
 
 class TwoAttentions(nn.Module):

@@ -12,7 +12,6 @@ Small float64 models, a few steps; data-parallel cases run on thread ranks (``th
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
@@ -29,21 +28,12 @@ from tests.optimizers.test_architectures import Cross
 from tests.optimizers.test_architectures import _closure as cross_closure
 from tests.optimizers.test_data_parallel_threads import UNEQUAL2, assert_matches, assert_replicated, threaded
 from tests.optimizers.thread_world import run_ranks
+from tests.optimizers.messages import exact as _exact
 
 D = torch.float64
 
 
-def _exact(message: str) -> str:
-    """A ``match=`` pattern for exactly ``message`` (anchored at both ends)."""
-    return "^" + re.escape(message) + "$"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class WithScale(nn.Module):

@@ -16,7 +16,6 @@ The functions are called inside the tests (mutants are selected after import). S
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import pytest
@@ -25,6 +24,7 @@ from torch import nn
 
 from optimizers import KFAC, CurvatureOptimizer, kfac_block
 from optimizers.driver import _check_group
+from tests.optimizers.messages import exact as _exact
 
 D = torch.float64
 
@@ -46,10 +46,6 @@ RULES = {
 ADVICE = ("the optimizer cannot follow a changed model: build a new optimizer after changing the model "
           "(or add new parameters with add_param_group)")
 
-
-def _exact(message: str) -> str:
-    """A ``match=`` pattern for exactly ``message`` (anchored at both ends)."""
-    return "^" + re.escape(message) + "$"
 
 
 def _group(**changes: Any) -> dict[str, Any]:

@@ -5,7 +5,6 @@ if its gradient were zero."""
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
@@ -14,12 +13,10 @@ from torch import nn
 from optimizers.matrix_free import BatchClosure
 from tests.optimizers.closures import loss_closure
 from tests.optimizers.test_matrix_free_base import GD, X, Y, _model, _mse
+from tests.optimizers.messages import exact as _exact
 
 F64 = torch.float64
 
-
-def _exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 def test_misuse_messages_in_full():
