@@ -57,6 +57,7 @@ forward-mode AD does not support.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp
 
 __all__ = [
+    "ModelCall",
     "FunctionalLoss",
     "make_functional",
     "hvp_forward_over_reverse",
@@ -80,6 +82,32 @@ __all__ = [
 
 LossFn = Callable[[Any, Any], torch.Tensor]
 VectorLike = torch.Tensor | Sequence[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """The arguments of a model call that is not ``model(X)``: ``model(*args, **kwargs)``.
+
+    Pass one as ``inputs`` wherever this module takes the batch inputs, for a model with several
+    inputs or keyword inputs (e.g. ``ModelCall((tokens, mask))`` or ``ModelCall((x,), {"mask": m})``);
+    any other ``inputs`` value is the model's single positional argument.
+    """
+
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.args, tuple):
+            raise TypeError(f"ModelCall.args must be a tuple, got {type(self.args).__name__}")
+        if not isinstance(self.kwargs, Mapping):
+            raise TypeError(f"ModelCall.kwargs must be a mapping, got {type(self.kwargs).__name__}")
+
+
+def _call_arguments(inputs: Any) -> tuple[tuple, dict[str, Any]]:
+    """``(args, kwargs)`` of the model call that ``inputs`` stands for (see :class:`ModelCall`)."""
+    if isinstance(inputs, ModelCall):
+        return inputs.args, dict(inputs.kwargs)
+    return (inputs,), {}
 
 
 class FunctionalLoss:
@@ -158,7 +186,8 @@ class FunctionalLoss:
     # ------------------------------------------------------------------------------- functions
     def output_dict(self, params: Mapping[str, torch.Tensor]) -> Any:
         r""":math:`z(\theta)`: the model output with the trainable parameters replaced by ``params``."""
-        return functional_call(self.model, dict(params), (self.inputs,))
+        args, kwargs = _call_arguments(self.inputs)
+        return functional_call(self.model, dict(params), args, kwargs)
 
     def loss_of_output(self, output: Any) -> torch.Tensor:
         r""":math:`\ell(z, Y)` as a function of the model output :math:`z`."""
@@ -210,7 +239,8 @@ class FunctionalLoss:
         live = dict(self.model.named_parameters())
         params = [live[name] for name in self.names]
         with torch.enable_grad():
-            loss = self.loss_fn(self.model(self.inputs), self.targets)
+            args, kwargs = _call_arguments(self.inputs)
+            loss = self.loss_fn(self.model(*args, **kwargs), self.targets)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             dot = None
             for g, vi in zip(grads, v_list):
@@ -306,7 +336,8 @@ def make_functional(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any
     The returned :class:`FunctionalLoss` exposes ``loss_flat(theta)`` (flat vector),
     ``loss_dict(params)`` (``{name: tensor}``), ``output_dict``, ``loss_of_output``,
     ``flatten``/``unflatten`` and the current point ``params``/``theta``.  Only parameters with
-    ``requires_grad=True`` are arguments.
+    ``requires_grad=True`` are arguments. ``inputs`` is the model's single argument ``X``, or a
+    :class:`ModelCall` for ``model(*args, **kwargs)``.
     """
     return FunctionalLoss(model, loss_fn, inputs, targets)
 

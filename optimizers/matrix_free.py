@@ -7,8 +7,9 @@ conventions of :class:`~optimizers.driver.CurvatureOptimizer`:
 
 * **closure protocol** -- ``loss = opt.step(closure, targets=y)``: the closure zeroes the
   gradients, runs forward and backward on the batch and returns the loss
-  ``loss_fn(model(inputs), targets)``. The model's inputs are recorded by a forward pre-hook during
-  the closure; the targets are passed to ``step`` (or carried by the closure as its ``targets``
+  ``loss_fn(model(inputs), targets)``. The model's inputs (positional and keyword: a model with
+  several inputs is replayed as :class:`~curvature.products.ModelCall`) are recorded by a forward
+  pre-hook during the closure, which must call the model exactly once with gradients enabled; the targets are passed to ``step`` (or carried by the closure as its ``targets``
   attribute, see :class:`BatchClosure`, which is how a caller that only knows
   ``optimizer.step(closure)`` -- the convergence harness -- hands them over; or, with
   ``targets_are_inputs=True``, are the model's first input, as for an autoencoder). The products and the extra loss evaluations (the
@@ -48,7 +49,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from curvature.damping import DampingPolicy
-from curvature.products import FunctionalLoss, make_functional
+from curvature.products import FunctionalLoss, ModelCall, make_functional
 from optimizers.validation import check_float, check_int  # noqa: F401  (re-exported for the methods)
 
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -183,14 +184,14 @@ class MatrixFreeOptimizer(torch.optim.Optimizer):
                                          "products": 0, "loss_evals": 0, "skip_reasons": {}}
         self.last_step: MatrixFreeStepInfo | None = None
         self._hooks: OrderedDict[int, Callable[[MatrixFreeStepInfo], None]] = OrderedDict()
-        self._inputs: tuple | None = None
+        self._inputs: list[tuple[tuple, dict[str, Any]]] = []
         self._recording = False
-        self._root_hook = model.register_forward_pre_hook(self._record_inputs)
+        self._root_hook = model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
 
     # ------------------------------------------------------------------ protocol
-    def _record_inputs(self, module: nn.Module, args: tuple) -> None:
+    def _record_inputs(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if self._recording and torch.is_grad_enabled():
-            self._inputs = args
+            self._inputs.append((args, kwargs))
 
     def register_step_hook(self, hook: Callable[[MatrixFreeStepInfo], None]) -> RemovableHandle:
         """Call ``hook(info)`` after every step (skipped and rejected ones included)."""
@@ -226,18 +227,27 @@ class MatrixFreeOptimizer(torch.optim.Optimizer):
                 "optimizers.matrix_free.BatchClosure), or build it with targets_are_inputs=True for an autoencoder")
         k = self.steps
         lr = float(self.param_groups[0]["lr"])
-        self._inputs = None
+        self._inputs = []
         self._recording = True
         try:
             with torch.enable_grad():
                 loss = closure()
         finally:
             self._recording = False
-        if self._inputs is None:
+        if not self._inputs:
             raise RuntimeError("the closure did not call the model with gradients enabled; no batch was recorded")
-        inputs = self._inputs[0] if len(self._inputs) == 1 else self._inputs
+        if len(self._inputs) > 1:
+            raise RuntimeError(
+                f"the closure called the model {len(self._inputs)} times with gradients enabled; "
+                f"{type(self).__name__} measures curvature on one batch, so the closure must call it exactly once "
+                "(concatenate the batches, or run the extra calls under torch.no_grad())")
+        args, kwargs = self._inputs[0]
+        inputs = args[0] if len(args) == 1 and not kwargs else ModelCall(args, kwargs)
         if targets is None:
-            targets = self._inputs[0]
+            if not args:
+                raise RuntimeError("targets_are_inputs=True needs the model's first positional input, but the "
+                                   "model was called with keyword arguments only")
+            targets = args[0]
         info = MatrixFreeStepInfo(step=k, lr=lr, loss=None if loss is None else float(loss.detach()),
                                   damping=float(self.damping.damping))
         params = self.param_groups[0]["params"]

@@ -16,6 +16,7 @@ from torch.func import functional_call, jacrev
 from curvature.products import (
     GGNOperator,
     HessianOperator,
+    ModelCall,
     ProductCounter,
     ggn_vector_product,
     hvp_double_backprop,
@@ -157,3 +158,51 @@ def test_product_counter_counts():
     torch.testing.assert_close(counter(torch.ones(3)), torch.full((3,), 2.0))
     counter(torch.ones(3))
     assert counter.count == 2
+
+
+class _TwoInputs(nn.Module):
+    """model(x, z, *, scale) = scale · W₂ tanh(W₁ x + V z): two positional inputs and a keyword one."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.side, self.out = nn.Linear(D_IN, 4), nn.Linear(2, 4, bias=False), nn.Linear(4, D_OUT)
+
+    def forward(self, x, z, *, scale):
+        return scale * self.out(torch.tanh(self.first(x) + self.side(z)))
+
+
+def test_products_of_a_model_called_with_several_and_keyword_inputs(device):
+    torch.manual_seed(0)
+    model = _TwoInputs().to(device=device, dtype=F64)
+    g = torch.Generator().manual_seed(4)
+    x, z = torch.randn(N, D_IN, generator=g, dtype=F64).to(device), torch.randn(N, 2, generator=g, dtype=F64).to(device)
+    y, scale = torch.randn(N, D_OUT, generator=g, dtype=F64).to(device), 1.5
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def unflat(t):
+        return dict(zip(names, (piece.view(s) for piece, s in zip(torch.split(t, [s.numel() for s in shapes]), shapes))))
+
+    def out_flat(t):
+        return functional_call(model, unflat(t), (x, z), {"scale": scale}).reshape(-1)
+
+    hess = jacrev(jacrev(lambda t: F.mse_loss(out_flat(t).reshape(N, D_OUT), y)))(theta)
+    jac = jacrev(out_flat)(theta)
+    h_ell = jacrev(jacrev(lambda o: F.mse_loss(o.reshape(N, D_OUT), y)))(out_flat(theta).detach())
+    ggn = jac.T @ h_ell @ jac
+    call = ModelCall((x, z), {"scale": scale})
+    fl = make_functional(model, F.mse_loss, call, y)
+    assert float(fl.loss_flat(theta)) == float(F.mse_loss(model(x, z, scale=scale), y))
+    v = torch.randn(fl.n, generator=g, dtype=F64).to(device)
+    tol = 1e-11 * float(v.norm()) * (float(torch.linalg.matrix_norm(hess, 2)) + 1e-300)
+    assert float((hvp_forward_over_reverse(model, F.mse_loss, call, y, v) - hess @ v).norm()) <= tol
+    assert float((hvp_double_backprop(model, F.mse_loss, call, y, v) - hess @ v).norm()) <= tol
+    assert float((ggn_vector_product(model, F.mse_loss, call, y, v) - ggn @ v).norm()) <= tol
+
+
+def test_model_call_rejects_arguments_of_the_wrong_kind():
+    with pytest.raises(TypeError, match=r"^ModelCall\.args must be a tuple, got list$"):
+        ModelCall([1, 2])
+    with pytest.raises(TypeError, match=r"^ModelCall\.kwargs must be a mapping, got tuple$"):
+        ModelCall((1,), (("scale", 2),))

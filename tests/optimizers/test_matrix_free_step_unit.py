@@ -5,6 +5,8 @@ if its gradient were zero."""
 
 from __future__ import annotations
 
+import copy
+
 
 import pytest
 import torch
@@ -84,3 +86,119 @@ def test_a_parameter_without_a_gradient_steps_as_with_a_zero_gradient():
     opt.step(closure, targets=Y)
     assert model.bias.grad is None and torch.equal(model.bias.detach(), b0)
     torch.testing.assert_close(model.weight.detach(), torch.tensor([[1.0 - 0.5 * 6.0, -1.0 - 0.5 * 3.0]], dtype=F64))
+
+
+class _TwoInputs(nn.Module):
+    """model(x, z, *, shift) = W₂ tanh(W₁ x + V z) + shift: two positional inputs and a keyword one."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.side, self.out = nn.Linear(2, 3), nn.Linear(2, 3, bias=False), nn.Linear(3, 1)
+
+    def forward(self, x, z, *, shift):
+        return self.out(torch.tanh(self.first(x) + self.side(z))) + shift
+
+
+class _Packed(nn.Module):
+    """The same model called with one tensor [x | z] (shift fixed): the single-input reference."""
+
+    def __init__(self, inner, shift):
+        super().__init__()
+        self.inner, self.shift = inner, shift
+
+    def forward(self, xz):
+        return self.inner(xz[:, :2], xz[:, 2:], shift=self.shift)
+
+
+def _two_input_batch():
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(5, 2, generator=g, dtype=F64), torch.randn(5, 2, generator=g, dtype=F64),
+            torch.randn(5, 1, generator=g, dtype=F64))
+
+
+def test_a_model_with_several_and_keyword_inputs_is_replayed_with_all_of_them():
+    """The recorded call is model(x, z, shift=…): the functional loss at θ is the closure's loss, and a
+    Hessian-free step equals the step on the same network called with one packed tensor."""
+    from optimizers.hessian_free import HessianFree
+
+    x, z, y = _two_input_batch()
+    torch.manual_seed(0)
+    model = _TwoInputs().to(F64)
+    reference = _Packed(copy.deepcopy(model), 0.25)
+    probing = GD(copy.deepcopy(model), probe=True)
+
+    def probe_closure():
+        probing.zero_grad()
+        loss = _mse(probing.model(x, z, shift=0.25), y)
+        loss.backward()
+        return loss
+
+    loss = probing.step(probe_closure, targets=y)
+    assert float(probing.probes[0][0]) == float(loss.detach())
+
+    two, packed = HessianFree(model, _mse, lr=1.0), HessianFree(reference, _mse, lr=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def two_closure():
+        two.zero_grad()
+        out = _mse(model(x, z, shift=0.25), y)
+        out.backward()
+        return out
+
+    two.step(two_closure, targets=y)
+    packed.step(loss_closure(packed, reference, _mse, torch.cat([x, z], dim=1), y), targets=y)
+    assert two.last_step.accepted and packed.last_step.accepted
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.inner.named_parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14, msg=name)
+    assert all(not torch.equal(p.detach(), p0) for p, p0 in zip(model.parameters(), before))
+
+
+def test_a_closure_that_calls_the_model_twice_is_rejected_before_anything_changes():
+    model = _model()
+    opt = GD(model)
+    w0 = model.weight.detach().clone()
+
+    def twice():
+        opt.zero_grad()
+        loss = _mse(model(X), Y) + _mse(model(2 * X), Y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=_exact(
+            "the closure called the model 2 times with gradients enabled; GD measures curvature on one batch, so "
+            "the closure must call it exactly once (concatenate the batches, or run the extra calls under "
+            "torch.no_grad())")):
+        opt.step(twice, targets=Y)
+    assert torch.equal(model.weight.detach(), w0) and opt.steps == 0
+
+    def with_a_monitor_call():
+        with torch.no_grad():
+            model(2 * X)  # not recorded
+        return loss_closure(opt, model, _mse, X, Y)()
+
+    opt.step(with_a_monitor_call, targets=Y)
+    assert opt.steps == 1
+
+
+def test_targets_are_inputs_needs_a_positional_input():
+    class KeywordOnly(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2).to(F64)
+
+        def forward(self, *, x):
+            return self.lin(x)
+
+    model = KeywordOnly()
+    opt = GD(model, targets_are_inputs=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = _mse(model(x=X), X)
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=_exact(
+            "targets_are_inputs=True needs the model's first positional input, but the model was called with "
+            "keyword arguments only")):
+        opt.step(closure)
