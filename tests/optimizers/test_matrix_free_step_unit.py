@@ -95,7 +95,7 @@ class _TwoInputs(nn.Module):
         super().__init__()
         self.first, self.side, self.out = nn.Linear(2, 3), nn.Linear(2, 3, bias=False), nn.Linear(3, 1)
 
-    def forward(self, x, z, *, shift):
+    def forward(self, x, z, *, shift=0.0):
         return self.out(torch.tanh(self.first(x) + self.side(z))) + shift
 
 
@@ -151,6 +151,36 @@ def test_a_model_with_several_and_keyword_inputs_is_replayed_with_all_of_them():
     for (name, p), (_, q) in zip(model.named_parameters(), reference.inner.named_parameters()):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14, msg=name)
     assert all(not torch.equal(p.detach(), p0) for p, p0 in zip(model.parameters(), before))
+
+
+def test_two_positional_inputs_without_keywords_are_both_replayed():
+    x, z, y = _two_input_batch()
+    torch.manual_seed(0)
+    opt = GD(_TwoInputs().to(F64), probe=True)
+
+    def closure():
+        opt.zero_grad()
+        loss = _mse(opt.model(x, z), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure, targets=y)
+    assert float(opt.probes[0][0]) == float(loss.detach())
+
+
+def test_a_single_tensor_input_stays_a_tensor_for_the_per_example_preconditioner():
+    """Martens' preconditioner needs per-example gradients, which take a single tensor batch: a model called
+    as model(X) must reach it as X itself (and a step with it equals the identity-preconditioned one's
+    bookkeeping: per_example_gradients is the batch size)."""
+    from optimizers.hessian_free import HessianFree
+
+    x, _, y = _two_input_batch()
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).to(F64)
+    opt = HessianFree(model, _mse, preconditioner="martens")
+    seen = []
+    opt.register_step_hook(lambda info: seen.append(info.details["per_example_gradients"]))
+    opt.step(loss_closure(opt, model, _mse, x, y), targets=y)
+    assert seen == [5]
 
 
 def test_a_closure_that_calls_the_model_twice_is_rejected_before_anything_changes():
