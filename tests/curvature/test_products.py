@@ -193,7 +193,7 @@ def test_products_of_a_model_called_with_several_and_keyword_inputs(device):
     ggn = jac.T @ h_ell @ jac
     call = ModelCall((x, z), {"scale": scale})
     fl = make_functional(model, F.mse_loss, call, y)
-    assert float(fl.loss_flat(theta)) == float(F.mse_loss(model(x, z, scale=scale), y))
+    assert float(fl.loss_flat(theta).detach()) == float(F.mse_loss(model(x, z, scale=scale), y).detach())
     v = torch.randn(fl.n, generator=g, dtype=F64).to(device)
     tol = 1e-11 * float(v.norm()) * (float(torch.linalg.matrix_norm(hess, 2)) + 1e-300)
     assert float((hvp_forward_over_reverse(model, F.mse_loss, call, y, v) - hess @ v).norm()) <= tol
