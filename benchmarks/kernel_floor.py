@@ -21,8 +21,10 @@ Three numbers per method and what separates them:
 
 The split: *library overhead* = measured − kernel floor (Python, small ops, checks, copies, allocation,
 host reads); *BLAS efficiency* = kernel floor − FLOP floor (these shapes run below the square-GEMM
-rate, non-GEMM kernels such as Cholesky and triangular solves, the factor statistic computed as a
-full GEMM ``XᵀX`` where the count assumes a symmetric ``syrk``, memory-bound elementwise passes).
+rate, non-GEMM kernels such as Cholesky and triangular solves, the factor statistic, which the count
+takes as a symmetric ``syrk`` and torch runs as GEMMs: one full ``XᵀX``, or on the CPU for large
+statistics the library's upper-triangle panels (:func:`curvature.linalg.gram`, up to 62.5% of the
+full GEMM's work), memory-bound elementwise passes).
 
 ``--stages`` also times the library's step by stage (:func:`library_stages`: the passes, statistics,
 preconditioning, pair updates, snapshot, checks, the rest), to set beside the plan's stages.
@@ -52,6 +54,7 @@ from benchmarks.flops import LinearShape, MethodSpec, Op, step_floor, step_ops
 from benchmarks.throughput import (BASELINE, METHODS, Workload, make_candidate, periodic_schedule, plan_phases,
                                    Schedule)
 from benchmarks import timing
+from curvature.linalg import gram_panels
 from benchmarks.timing import (make_timer, paired_ratios, phase_weighted, run_interleaved, select, set_cpu_clock,
                                summarize, synchronize)
 
@@ -238,6 +241,23 @@ class KernelPlan:
             b, d, ones = op.dims
             rows = L.X if ones else L.G
             Fm, Fn, col = _spd(d, gen, **kw), torch.empty(d, d, **kw), torch.empty(d, **kw)
+            panels = min(gram_panels(b, d, rows.device), d)
+            if panels > 1:
+                # the library's layout (curvature.linalg.gram): the upper triangle by block rows, one GEMM each
+                # into a contiguous buffer, copied into place and mirrored, then the EMA in two passes
+                edges = [d * i // panels for i in range(panels + 1)]
+                spans = list(zip(edges[:-1], edges[1:]))
+                bufs = [torch.empty(e - a, d - a, **kw) for a, e in spans]
+
+                def gram():
+                    for (a, e), buf in zip(spans, bufs):
+                        torch.mm(rows[:, a:e].T, rows[:, a:], out=buf)
+                        Fn[a:e, a:].copy_(buf)
+                        Fn[e:, a:e].copy_(buf[:, e - a:].T)
+                    Fn.mul_((1 - _EMA) / b).add_(Fm, alpha=_EMA)  # out of place: F stays bounded
+                    if ones:
+                        torch.sum(rows, 0, out=col)
+                return gram
 
             def gram():
                 torch.addmm(Fm, rows.T, rows, beta=_EMA, alpha=(1 - _EMA) / b, out=Fn)  # out of place: F stays bounded

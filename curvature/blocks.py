@@ -24,7 +24,7 @@ from curvature.capture import LayerRecord
 from curvature.damping import DampingPolicy
 from curvature.protocols import FactorProtocol, declares
 from curvature.inverter import BatchedInverter
-from curvature.linalg import accumulate_gram, read_scalars, symmetric_eigenvalue_bounds
+from curvature.linalg import accumulate_gram, gram, read_scalars, symmetric_eigenvalue_bounds
 
 
 APPROXIMATIONS = ("expand", "reduce")
@@ -85,7 +85,7 @@ def a_statistic(record: LayerRecord, adapter: LayerAdapter | None = None, approx
 def g_statistic(record: LayerRecord, approx: str = "expand") -> torch.Tensor:
     r"""The batch's :math:`G` (see :func:`g_rows_and_scale`)."""
     rows, scale = g_rows_and_scale(record, approx)
-    return (rows.T @ rows) * scale
+    return gram(rows) * scale
 
 
 def _required(rows: torch.Tensor | None, what: str) -> torch.Tensor:

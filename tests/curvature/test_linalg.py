@@ -462,3 +462,68 @@ def test_accumulate_gram_beta_zero_ignores_nan_target(device, with_ones):
     target = T0.clone()
     accumulate_gram(target, X, with_ones, alpha=0.5, beta=0.9)
     torch.testing.assert_close(target, 0.9 * T0 + 0.5 * (Xh.T @ Xh), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- gram (panels)
+@given(n=st.integers(1, 12), d=st.integers(1, 11), panels=st.integers(1, 14), seed=st.integers(0, 2**16))
+@hyp()
+def test_gram_in_panels_is_x_transpose_x_and_exactly_symmetric(device, n, d, panels, seed):
+    """Any panel count (more panels than columns included) gives XᵀX (dense float64 oracle), and the
+    panel form (k > 1) is bit-symmetric; k = 1 is the plain GEMM."""
+    from curvature.linalg import gram
+
+    X = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=F64).to(device)
+    G = gram(X, panels)
+    torch.testing.assert_close(G, X.T @ X, rtol=1e-12, atol=1e-12)
+    if min(panels, d) > 1:
+        assert torch.equal(G, G.T)
+    else:
+        assert torch.equal(G, torch.mm(X.T, X))
+
+
+def test_gram_panel_counts_by_size_and_device():
+    from curvature.linalg import gram_panels
+
+    cpu = torch.device("cpu")
+    assert [gram_panels(512, d, cpu) for d in (191, 192, 319, 320, 639, 640)] == [1, 2, 2, 3, 3, 4]
+    assert gram_panels(511, 1000, cpu) == 1
+    assert gram_panels(100_000, 4096, torch.device("cuda", 0)) == 1
+
+
+@pytest.mark.parametrize("panels", [0, -1, 1.5, True, "2"])
+def test_gram_rejects_a_panel_count_that_is_not_a_positive_integer(panels):
+    from curvature.linalg import gram
+
+    with pytest.raises(ValueError, match=rf"^panels must be an integer >= 1, got {panels!r}$"):
+        gram(torch.ones(3, 2), panels)
+
+
+def test_gram_default_uses_panels_on_large_cpu_inputs():
+    """A 512 × 200 float64 input takes the two-panel path by default: XᵀX to rounding, bit-symmetric."""
+    from curvature.linalg import gram
+
+    X = torch.randn(512, 200, generator=torch.Generator().manual_seed(0), dtype=F64)
+    G = gram(X)
+    torch.testing.assert_close(G, X.T @ X, rtol=1e-12, atol=1e-10)
+    assert torch.equal(G, G.T) and torch.equal(G, gram(X, 2))
+
+
+@pytest.mark.parametrize("with_ones", [True, False])
+def test_accumulate_gram_with_panels_matches_the_dense_update(with_ones):
+    """The panel path of accumulate_gram (CPU, 512 rows, width 200): beta = 0 overwrites a NaN target,
+    beta = 0.9 gives 0.9·T + α·[X 1]ᵀ[X 1]; float64 oracle."""
+    from curvature.linalg import accumulate_gram
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(512, 200, generator=g, dtype=F64)
+    Xh = torch.cat([X, torch.ones(512, 1, dtype=F64)], dim=1) if with_ones else X
+    n = Xh.shape[1]
+    target = torch.full((n, n), float("nan"), dtype=F64)
+    accumulate_gram(target, X, with_ones, alpha=0.25, beta=0.0)
+    torch.testing.assert_close(target, 0.25 * (Xh.T @ Xh), rtol=1e-12, atol=1e-10)
+    assert torch.equal(target, target.T)
+    T0 = torch.randn(n, n, generator=g, dtype=F64)
+    T0 = T0 + T0.T
+    target = T0.clone()
+    accumulate_gram(target, X, with_ones, alpha=0.5, beta=0.9)
+    torch.testing.assert_close(target, 0.9 * T0 + 0.5 * (Xh.T @ Xh), rtol=1e-12, atol=1e-10)

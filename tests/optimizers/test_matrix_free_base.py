@@ -163,7 +163,7 @@ def test_batch_closure_and_targets_are_inputs():
     opt = GD(ae, targets_are_inputs=True, probe=True)
     x = torch.tensor([[3.0]], dtype=F64)
     opt.step(_closure(opt, ae, x, x))
-    assert opt.probes[0][0] == 9.0 and float(ae.weight) == -7.0
+    assert opt.probes[0][0] == 9.0 and float(ae.weight.detach()) == -7.0
 
 
 def test_only_grad_enabled_forwards_inside_the_closure_are_recorded():
