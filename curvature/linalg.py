@@ -90,12 +90,16 @@ def gram_panels(n: int, d: int, device: torch.device) -> int:
     """How many column panels :func:`gram` splits an ``n × d`` matrix into by default (1: one full GEMM).
 
     Measured on this project's 2-core CPU, one thread (``python -m benchmarks.gram_panels``): the panel
-    form pays once the rows are many enough for the GEMM to dominate the mirror copies (``n ≥ 512``) and
-    the matrix is wide (``d ≥ 192``). On other devices the full GEMM is kept (not measured there).
+    form pays once the GEMM dominates the mirror copies, i.e. for many rows and wide matrices: 4 panels
+    for ``n ≥ 512, d ≥ 320`` (0.71–0.81 of the full GEMM's time) or ``n ≥ 256, d ≥ 640`` (0.79–0.86),
+    3 for ``n ≥ 512, 192 ≤ d < 320`` (0.86–0.99); 5 to 8 panels gained little more at ``d ≤ 1000``. On
+    other devices the full GEMM is kept (not measured there).
     """
-    if device.type != "cpu" or n < 512 or d < 192:
+    if device.type != "cpu" or n < 256 or d < 192:
         return 1
-    return 4 if d >= 640 else 3 if d >= 320 else 2
+    if n >= 512:
+        return 4 if d >= 320 else 3
+    return 4 if d >= 640 else 1
 
 
 def gram(rows: torch.Tensor, panels: int | None = None) -> torch.Tensor:

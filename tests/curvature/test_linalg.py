@@ -485,8 +485,9 @@ def test_gram_panel_counts_by_size_and_device():
     from curvature.linalg import gram_panels
 
     cpu = torch.device("cpu")
-    assert [gram_panels(512, d, cpu) for d in (191, 192, 319, 320, 639, 640)] == [1, 2, 2, 3, 3, 4]
-    assert gram_panels(511, 1000, cpu) == 1
+    assert [gram_panels(512, d, cpu) for d in (191, 192, 319, 320, 1000)] == [1, 3, 3, 4, 4]
+    assert [gram_panels(256, d, cpu) for d in (192, 639, 640, 1000)] == [1, 1, 4, 4]
+    assert [gram_panels(n, 1000, cpu) for n in (255, 256, 511, 512)] == [1, 4, 4, 4]
     assert gram_panels(100_000, 4096, torch.device("cuda", 0)) == 1
 
 
@@ -499,13 +500,13 @@ def test_gram_rejects_a_panel_count_that_is_not_a_positive_integer(panels):
 
 
 def test_gram_default_uses_panels_on_large_cpu_inputs():
-    """A 512 × 200 float64 input takes the two-panel path by default: XᵀX to rounding, bit-symmetric."""
+    """A 512 × 200 float64 input takes the three-panel path by default: XᵀX to rounding, bit-symmetric."""
     from curvature.linalg import gram
 
     X = torch.randn(512, 200, generator=torch.Generator().manual_seed(0), dtype=F64)
     G = gram(X)
     torch.testing.assert_close(G, X.T @ X, rtol=1e-12, atol=1e-10)
-    assert torch.equal(G, G.T) and torch.equal(G, gram(X, 2))
+    assert torch.equal(G, G.T) and torch.equal(G, gram(X, 3))
 
 
 @pytest.mark.parametrize("with_ones", [True, False])
