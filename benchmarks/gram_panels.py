@@ -18,14 +18,11 @@ On the CPU the timer is the thread's CPU time (one torch thread); on CUDA, CUDA 
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 from collections.abc import Sequence
 
 import torch
 
-from benchmarks import timing
-from benchmarks.timing import make_timer, set_cpu_clock, summarize, synchronize
+from benchmarks.timing import cpu_clock, make_timer, summarize, synchronize, write_study
 from curvature.linalg import gram, gram_panels
 
 
@@ -78,19 +75,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         parser.error("--panels must include 1 (the full GEMM every ratio is taken against)")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    previous_clock = timing.CPU_CLOCK
-    set_cpu_clock(args.clock)
-    try:
+    with cpu_clock(args.clock):
         rows = study(args.rows, args.widths, args.panels, getattr(torch, args.dtype), args.device, args.repeats)
-    finally:
-        set_cpu_clock(previous_clock)
     table = format_table(rows, args.panels)
-    print(table)
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "gram_panels.json").write_text(json.dumps(rows, indent=1))
-        (out / "gram_panels.md").write_text(table + "\n")
+    write_study(args.out, "gram_panels", rows, table)
     return rows
 
 

@@ -24,14 +24,11 @@ On the CPU the timer is the thread's CPU time (one torch thread); on CUDA, CUDA 
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 from collections.abc import Callable, Sequence
 
 import torch
 
-from benchmarks import timing
-from benchmarks.timing import make_timer, set_cpu_clock, summarize, synchronize
+from benchmarks.timing import cpu_clock, make_timer, summarize, synchronize, write_study
 from curvature.bfgs import symmetric_rank2_update
 
 Rank2Form = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -138,20 +135,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    previous_clock = timing.CPU_CLOCK
-    set_cpu_clock(args.clock)
-    try:
+    with cpu_clock(args.clock):
         dtypes = [getattr(torch, d) for d in (args.dtype or ["float64"])]
         rows = study(dtypes, args.device, args.sizes, args.timed_sizes, args.repeats)
-    finally:
-        set_cpu_clock(previous_clock)
     table = format_table(rows, args.timed_sizes)
-    print(table)
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "rank2_forms.json").write_text(json.dumps(rows, indent=1))
-        (out / "rank2_forms.md").write_text(table + "\n")
+    write_study(args.out, "rank2_forms", rows, table)
     return rows
 
 

@@ -21,8 +21,11 @@ per-step value :math:`\sum_p w_p\,\mathrm{median}_p`.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import json
 import math
+import pathlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -75,6 +78,27 @@ def set_cpu_clock(clock: str) -> None:
     if clock not in ("wall", "thread"):
         raise ValueError(f"clock must be 'wall' or 'thread', got {clock!r}")
     CPU_CLOCK = clock
+
+
+@contextlib.contextmanager
+def cpu_clock(clock: str):
+    """Use ``clock`` as :func:`make_timer`'s CPU clock inside the ``with`` block; the previous one after."""
+    previous = CPU_CLOCK
+    set_cpu_clock(clock)
+    try:
+        yield
+    finally:
+        set_cpu_clock(previous)
+
+
+def write_study(out: str | None, stem: str, rows: list[dict], table: str) -> None:
+    """Print a study's ``table``; with a folder ``out``, also write ``stem.json`` (the rows) and ``stem.md`` there."""
+    print(table)
+    if out:
+        folder = pathlib.Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+        (folder / f"{stem}.md").write_text(table + "\n")
 
 
 class CUDATimer:

@@ -389,3 +389,29 @@ def test_thread_clock_is_selectable_and_rejects_unknown_clocks(device):
     finally:
         timing.set_cpu_clock("wall")
     assert isinstance(timing.make_timer("cpu"), timing.CPUTimer)
+
+
+def test_cpu_clock_block_restores_the_previous_clock_even_on_error():
+    from benchmarks import timing
+
+    assert timing.CPU_CLOCK == "wall"
+    with timing.cpu_clock("thread"):
+        assert timing.CPU_CLOCK == "thread"
+    assert timing.CPU_CLOCK == "wall"
+    with pytest.raises(RuntimeError, match="^inside$"):
+        with timing.cpu_clock("thread"):
+            raise RuntimeError("inside")
+    assert timing.CPU_CLOCK == "wall"
+
+
+def test_write_study_prints_and_writes_rows_and_table(tmp_path, capsys):
+    import json
+
+    from benchmarks import timing
+
+    rows = [{"n": 1, "ms": 0.5}]
+    timing.write_study(None, "study", rows, "| n |")
+    assert capsys.readouterr().out == "| n |\n" and not list(tmp_path.iterdir())
+    timing.write_study(str(tmp_path / "out"), "study", rows, "| n |")
+    assert json.loads((tmp_path / "out" / "study.json").read_text()) == rows
+    assert (tmp_path / "out" / "study.md").read_text() == "| n |\n"
