@@ -342,7 +342,7 @@ class NormAffineAdapter(LayerAdapter):
         return self.module.weight.numel()
 
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
-        raise UnsupportedLayerError("normalization layers have no Kronecker rows; use a diagonal block")
+        raise UnsupportedLayerError("normalization layers have no Kronecker rows; use diagonal_block(source='gradient')")
 
     output_rows = input_rows
 

@@ -749,7 +749,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 block = _layer_block(recipe, name, adapter, ctx, self.data_parallel.active)
                 if (block.needs_a or block.needs_g or block.needs_second_pass) and not getattr(adapter, "has_rows", True):
                     raise UnsupportedLayerError(f"{block.describe()} needs captured rows, which "
-                                                f"{type(adapter).__name__} has none of (use a diagonal block)")
+                                                f"{type(adapter).__name__} has none of (use diagonal_block(source='gradient'), which needs only "
+                                                "the gradient)")
             except UnsupportedLayerError as err:
                 for n in members:
                     fall_back(n, info[n][0], str(err) if n == name else f"tied weights shared with {name!r}, which "

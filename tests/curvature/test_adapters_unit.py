@@ -121,7 +121,7 @@ def test_norm_affine_errors_and_matrix_without_bias(device):
     gamma = torch.tensor([1.0, 2.0, 3.0], device=device)
     assert adapter.has_bias is False and adapter.a_dim == 1
     assert torch.equal(adapter.to_matrix(gamma, None), gamma.reshape(3, 1))
-    message = r"^normalization layers have no Kronecker rows; use a diagonal block$"
+    message = r"^normalization layers have no Kronecker rows; use diagonal_block\(source='gradient'\)$"
     with pytest.raises(UnsupportedLayerError, match=message):
         adapter.input_rows(torch.zeros(2, 3))
     with pytest.raises(UnsupportedLayerError, match=message):

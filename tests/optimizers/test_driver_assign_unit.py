@@ -171,7 +171,8 @@ def test_lazy_layers_are_rejected_with_the_full_message():
 
 # ------------------------------------------------------------------ blocks that need captured rows
 def _rows_reason(block_text: str) -> str:
-    return f"{block_text} needs captured rows, which NormAffineAdapter has none of (use a diagonal block)"
+    return (f"{block_text} needs captured rows, which NormAffineAdapter has none of "
+            "(use diagonal_block(source='gradient'), which needs only the gradient)")
 
 
 def test_a_row_consuming_block_on_a_normalization_layer_falls_back_and_later_layers_keep_theirs():
