@@ -15,6 +15,7 @@ from curvature.adapters import UnsupportedLayerError
 from curvature.chunked import ChunkedBlock
 from optimizers import KBFGS, KBFGSL, KFAC, CurvatureOptimizer
 from optimizers.recipes import diagonal_block, kbfgs_block, kbfgsl_block, kfac_block
+from tests.optimizers.closures import mean_square_closure
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -139,15 +140,6 @@ class Cross(nn.Module):
         return self.attn(x, x, x, need_weights=False)[0]  # self-attention
 
 
-def _closure(opt, model, x, m):
-    def closure():
-        opt.zero_grad()
-        loss = model(x, m).pow(2).mean()
-        loss.backward()
-        return loss
-    return closure
-
-
 @pytest.mark.parametrize("how", ["kv", "qkv"])
 @pytest.mark.parametrize("make", [KFAC, KBFGS], ids=["kfac", "kbfgs"])
 def test_cross_attention_in_proj_gets_per_chunk_blocks(make, how):
@@ -160,7 +152,7 @@ def test_cross_attention_in_proj_gets_per_chunk_blocks(make, how):
     opt = make(model, lr=0.1, damping=0.3, fallback="error")
     assert "per chunk" not in opt.describe()
     for _ in range(3):
-        opt.step(_closure(opt, model, x, m))
+        opt.step(mean_square_closure(opt, model, x, m))
     block = opt.blocks["attn"]
     assert isinstance(block, ChunkedBlock) and set(block.parts) == {"q", "k", "v"}
     assert all(b.kind == make.__name__.lower() for _, b in block.parts.values())
@@ -176,8 +168,8 @@ def test_cross_attention_in_proj_gets_per_chunk_blocks(make, how):
     opt2.load_state_dict(saved)
     assert opt2.describe() == opt.describe()
     for _ in range(2):
-        opt.step(_closure(opt, model, x, m))
-        opt2.step(_closure(opt2, model2, x, m))
+        opt.step(mean_square_closure(opt, model, x, m))
+        opt2.step(mean_square_closure(opt2, model2, x, m))
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -207,8 +199,8 @@ def test_attention_called_both_ways_falls_back_automatically_like_exclude(make):
     ref = make(twin, lr=0.1, damping=0.3, exclude=["attn"])  # out_proj keeps its block in both
     assert "attn" in opt.slots and "attn" not in ref.slots
     for _ in range(3):
-        opt.step(_closure(opt, model, x, m))
-        ref.step(_closure(ref, twin, x, m))
+        opt.step(mean_square_closure(opt, model, x, m))
+        ref.step(mean_square_closure(ref, twin, x, m))
         for p, q in zip(model.parameters(), twin.parameters()):
             torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
     assert "attn" not in opt.slots and "attn.out_proj" in opt.slots
@@ -222,8 +214,8 @@ def test_attention_called_both_ways_falls_back_automatically_like_exclude(make):
     opt2 = make(model2, lr=0.1, damping=0.3)
     opt2.load_state_dict(saved)
     assert "attn" not in opt2.slots and opt2.describe() == opt.describe()
-    opt.step(_closure(opt, model, x, m))
-    opt2.step(_closure(opt2, model2, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
+    opt2.step(mean_square_closure(opt2, model2, x, m))
     for p, q in zip(model.parameters(), model2.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -231,7 +223,7 @@ def test_attention_called_both_ways_falls_back_automatically_like_exclude(make):
     opt3 = make(model3, lr=0.1, fallback="error")
     before = [p.detach().clone() for p in model3.parameters()]
     with pytest.raises(UnsupportedLayerError, match="both as self-attention.*exclude"):
-        opt3.step(_closure(opt3, model3, x.float(), m.float()))
+        opt3.step(mean_square_closure(opt3, model3, x.float(), m.float()))
     assert all(torch.equal(p, q) for p, q in zip(model3.parameters(), before))
     assert not opt3.state and opt3.steps == 0
 
@@ -242,7 +234,7 @@ def test_self_attention_keeps_its_packed_block():
     x = torch.randn(2, 3, 4)
     opt = KFAC(model, lr=0.1)
     for _ in range(2):
-        opt.step(_closure(opt, model, x, None))
+        opt.step(mean_square_closure(opt, model, x, None))
     assert not isinstance(opt.blocks["attn"], ChunkedBlock) and opt.counters["chunked_layers"] == 0
     assert opt.blocks["attn"].a_factor.updates == 2
 

@@ -26,7 +26,7 @@ from optimizers import KFAC, CurvatureOptimizer, diagonal_block, kbfgsl_block, k
 from optimizers.driver import _compare_state
 from optimizers.recipes import RecipeContext
 from tests.optimizers.test_architectures import Cross, SelfAndCross
-from tests.optimizers.test_architectures import _closure as _attention_closure
+from tests.optimizers.closures import mean_square_closure
 from tests.optimizers.test_errors import MAKERS, _closure, _problem, assert_same
 
 D = torch.float64
@@ -310,7 +310,7 @@ def _attention(model_type: type[nn.Module], steps: int) -> tuple[nn.Module, KFAC
     x, m = torch.randn(2, 3, 4, dtype=D), torch.randn(2, 5, 4, dtype=D)
     opt = KFAC(model, lr=0.1, damping=0.3)
     for _ in range(steps):
-        opt.step(_attention_closure(opt, model, x, m))
+        opt.step(mean_square_closure(opt, model, x, m))
     return model, opt, (x, m)
 
 
@@ -318,7 +318,7 @@ def _continue_together(a: tuple[nn.Module, KFAC], b: tuple[nn.Module, KFAC], dat
     """Both (model, optimizer) pairs take ``steps`` steps: same weights and state, bit for bit."""
     for _ in range(steps):
         for model, opt in (a, b):
-            opt.step(_attention_closure(opt, model, *data))
+            opt.step(mean_square_closure(opt, model, *data))
     assert all(torch.equal(p, q) for p, q in zip(a[0].parameters(), b[0].parameters()))
     assert_same(a[1].state_dict(), b[1].state_dict())
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from curvature.chunked import ChunkedBlock
 from optimizers import KFAC, CurvatureOptimizer, kfac_block
+from tests.optimizers.closures import mean_square_closure
 from tests.optimizers.test_driver_checkpoint_unit import _whole_layers_only
 from tests.optimizers.test_driver_setup_unit import DuckLinear, duck_adapter  # noqa: F401 (fixture)
 from tests.optimizers.messages import exact as _exact
@@ -66,15 +67,6 @@ def _setup(**kwargs) -> tuple[TwoAttentions, KFAC, tuple[torch.Tensor, torch.Ten
     return model, KFAC(model, lr=0.1, damping=0.3, **kwargs), data
 
 
-def _closure(opt: CurvatureOptimizer, model: nn.Module, x: torch.Tensor, m: torch.Tensor):
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = model(x, m).pow(2).mean()
-        loss.backward()
-        return loss
-    return closure
-
-
 def _row(opt: CurvatureOptimizer, name: str) -> str:
     """The describe() row of layer ``name`` (columns split on runs of two or more spaces)."""
     rows = [re.split(r"\s{2,}", line) for line in opt.describe().splitlines()]
@@ -90,11 +82,11 @@ def test_a_layer_called_both_ways_moves_with_its_reason_and_a_fresh_fallback_sta
     buf = (1 - 0.9)(g + 1e-5 W), W ← W − 0.1 · buf."""
     model, opt, (x, m) = _setup()
     w, b = model.a.in_proj_weight, model.a.in_proj_bias
-    opt.step(_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     assert set(opt.state[w]) == {"momentum_matrix"} and opt.counters["runtime_fallbacks"] == 0
     model.calls["a"] = ["self", "cross"]
     w0, b0 = w.detach().clone(), b.detach().clone()
-    opt.step(_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     assert list(opt.slots) == ["a.out_proj", "b", "b.out_proj", "head"]
     assert opt.runtime_fallbacks == {"a": BOTH} and opt.fallback_reasons == {"a": BOTH}
     assert opt.counters["runtime_fallbacks"] == 1 and opt.counters["chunked_layers"] == 0
@@ -108,10 +100,10 @@ def test_a_layer_called_both_ways_moves_with_its_reason_and_a_fresh_fallback_sta
         torch.testing.assert_close(opt.state[p]["momentum"], buf, rtol=0, atol=1e-16)
         torch.testing.assert_close(p.detach(), p0 - 0.1 * buf, rtol=0, atol=1e-16)
 
-    opt.step(_closure(opt, model, x, m))  # nothing moves again
+    opt.step(mean_square_closure(opt, model, x, m))  # nothing moves again
     assert opt.counters["runtime_fallbacks"] == 1 and list(opt.runtime_fallbacks) == ["a"]
     model.calls["b"] = ["cross", "self"]
-    opt.step(_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     assert opt.runtime_fallbacks == {"a": BOTH, "b": BOTH} and opt.counters["runtime_fallbacks"] == 2
     assert list(opt.slots) == ["a.out_proj", "b.out_proj", "head"]
 
@@ -120,7 +112,7 @@ def test_fallback_error_raises_before_the_step_changes_anything():
     """With fallback='error' the first layer to move raises the exact message, and the step leaves the
     parameters, the per-parameter state, the slots, the steps and the counters as they were."""
     model, opt, (x, m) = _setup(fallback="error")
-    opt.step(_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     model.calls["a"] = ["cross", "self"]
     params = [p.detach().clone() for p in model.parameters()]
     state = copy.deepcopy({id(p): s for p, s in opt.state.items()})
@@ -128,7 +120,7 @@ def test_fallback_error_raises_before_the_step_changes_anything():
     with pytest.raises(Exception, match=_exact(
             f"layer 'a' (MultiheadAttention): {BOTH}, and fallback='error'; exclude the layer (exclude=[...]) "
             "or use a fallback rule")) as info:
-        opt.step(_closure(opt, model, x, m))
+        opt.step(mean_square_closure(opt, model, x, m))
     assert type(info.value).__name__ == "UnsupportedLayerError"
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
     assert {id(p): set(s) for p, s in opt.state.items()} == {k: set(s) for k, s in state.items()}
@@ -144,11 +136,11 @@ def test_the_rollback_point_loses_the_momentum_matrix_of_a_moved_layer():
     model, opt, (x, m) = _setup()
     w = model.a.in_proj_weight
     for _ in range(2):
-        opt.step(_closure(opt, model, x, m))
+        opt.step(mean_square_closure(opt, model, x, m))
     model.calls["a"], model.scale = ["self", "cross"], float("nan")
-    opt.step(_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     assert "a" not in opt.slots and opt.counters["skipped_steps"] == 1 and set(opt.state[w]) == set()
-    opt.step(_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     assert opt.counters["rollbacks"] == 1
     assert dict(opt.state[w]) == {} and set(opt.state[model.b.in_proj_weight]) == {"momentum_matrix"}
 
@@ -159,11 +151,11 @@ def test_cross_attentions_get_per_chunk_blocks_counted_per_layer_until_one_moves
     as self-attention it moves to the fallback rule and leaves ``runtime_chunked``."""
     model, opt, (x, m) = _setup()
     model.calls = {"a": ["cross"], "b": ["cross"]}
-    opt.step(_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     assert opt.runtime_chunked == ["a", "b"] and opt.counters["chunked_layers"] == 2
     assert isinstance(opt.blocks["a"], ChunkedBlock) and isinstance(opt.blocks["b"], ChunkedBlock)
     model.calls["a"] = ["cross", "self"]
-    opt.step(_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     assert opt.runtime_chunked == ["b"] and opt.runtime_fallbacks == {"a": BOTH}
     assert opt.counters["chunked_layers"] == 2 and opt.counters["runtime_fallbacks"] == 1
 
@@ -175,7 +167,7 @@ def test_per_chunk_blocks_the_recipe_rejects_move_every_such_layer_with_its_reas
     x, m = torch.randn(2, 3, 4, dtype=D), torch.randn(2, 5, 4, dtype=D)
     opt = CurvatureOptimizer(model, 0.1, {nn.MultiheadAttention: _whole_layers_only, nn.Linear: kfac_block()},
                              damping=0.3)
-    opt.step(_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     assert opt.runtime_fallbacks == {"a": _no_chunks("a"), "b": _no_chunks("b")}
     assert opt.fallback_reasons == opt.runtime_fallbacks and opt.runtime_chunked == []
     assert opt.counters["runtime_fallbacks"] == 2 and opt.counters["chunked_layers"] == 0
@@ -203,7 +195,7 @@ def test_a_checkpoint_from_before_the_runtime_counters_counts_from_zero():
         del saved["secondorder"][key]
     opt.load_state_dict(saved)
     model.calls = {"a": ["cross"], "b": ["self", "cross"]}
-    opt.step(_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     assert opt.counters["chunked_layers"] == 1 and opt.counters["runtime_fallbacks"] == 1
     assert opt.runtime_chunked == ["a"] and opt.runtime_fallbacks == {"b": BOTH}
 

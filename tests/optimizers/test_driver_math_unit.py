@@ -25,7 +25,7 @@ from optimizers.driver import PartSettings, _as_float, _lazy_float
 from optimizers.recipes import diagonal_block
 from tests.optimizers import dist_workers as W
 from tests.optimizers.test_architectures import Cross
-from tests.optimizers.test_architectures import _closure as cross_closure
+from tests.optimizers.closures import mean_square_closure
 from tests.optimizers.test_data_parallel_threads import UNEQUAL2, assert_matches, assert_replicated, threaded
 from tests.optimizers.thread_world import run_ranks
 from tests.optimizers.messages import exact as _exact
@@ -197,7 +197,7 @@ def test_a_new_per_chunk_block_makes_the_next_inverse_due():
     model = Cross("kv").to(D)
     x, m = torch.randn(2, 3, 4, dtype=D), torch.randn(2, 5, 4, dtype=D)
     opt = KFAC(model, lr=0.1, damping=0.3, inverse_update_freq=10, inverse_warmup_steps=0)
-    opt.step(cross_closure(opt, model, x, m))
+    opt.step(mean_square_closure(opt, model, x, m))
     slot = opt.slots["attn"]
     assert isinstance(slot.block, ChunkedBlock) and not opt._inverse_due(3)
     slot.block = opt._chunked_block(slot)
@@ -228,7 +228,7 @@ def test_per_chunk_blocks_under_data_parallel_move_the_layer_to_the_fallback():
         model = Cross("kv").to(D)
         x, m = torch.randn(2, 3, 4, dtype=D), torch.randn(2, 5, 4, dtype=D)
         opt = KFAC(model, lr=0.1, damping=0.3, distributed=comm)
-        opt.step(cross_closure(opt, model, x, m))
+        opt.step(mean_square_closure(opt, model, x, m))
         return opt.fallback_reasons, opt.runtime_fallbacks
 
     results, _ = run_ranks(2, rank)

@@ -28,6 +28,7 @@ from torch import nn
 
 from curvature.adapters import LinearAdapter, UnsupportedLayerError, register_adapter, unregister_adapter
 from optimizers import KBFGS, KFAC, CurvatureOptimizer, kbfgs_block, kbfgsl_block, kfac_block
+from tests.optimizers.closures import mean_square_closure
 from tests.optimizers.test_fallbacks import ScaledLinear
 from tests.optimizers.test_param_groups import _problem
 from tests.optimizers.test_tied_weights import TiedPair
@@ -491,17 +492,7 @@ def test_added_attention_with_a_block_is_the_attention_built_with_its_group(how)
     x, memory = torch.randn(2, 3, 4, generator=g, dtype=D), torch.randn(2, 5, 4, generator=g, dtype=D)
     for _ in range(3):
         for o, m in ((opt, model), (ref, twin)):
-            o.step(_attention_closure(o, m, x, memory))
+            o.step(mean_square_closure(o, m, x, memory))
     assert opt.describe() == ref.describe()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
-
-
-def _attention_closure(opt: CurvatureOptimizer, model: nn.Module, x: torch.Tensor, memory: torch.Tensor) -> Callable:
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = model(x, memory).pow(2).mean()
-        loss.backward()
-        return loss
-
-    return closure

@@ -101,6 +101,14 @@ def _infos(opt) -> list[StepInfo]:
     return seen
 
 
+def _kbfgs(**options) -> tuple[nn.Sequential, torch.Tensor, torch.Tensor, KBFGS, list[StepInfo]]:
+    """The default model and batch, a K-BFGS (lr 0.2, λ 0.3, ``options``) on them, and its step-info list."""
+    model = _model()
+    x, y = _data()
+    opt = KBFGS(model, lr=0.2, damping=0.3, **options)
+    return model, x, y, opt, _infos(opt)
+
+
 def _params(model: nn.Module) -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.parameters()]
 
@@ -174,10 +182,7 @@ def test_first_pass_not_finite_carries_its_reason():
 # --------------------------------------------------------------------------------------- StepInfo fields
 def test_normal_step_info_of_kbfgs_is_exact():
     """step, lr, the losses of both calls, no skip, scale 1, the records and learning rates of every layer."""
-    model = _model()
-    x, y = _data()
-    opt = KBFGS(model, lr=0.2, damping=0.3)
-    seen = _infos(opt)
+    model, x, y, opt, seen = _kbfgs()
     for k in range(2):
         closure = _closure(opt, model, x, y, "ok")
         loss = opt.step(closure)
@@ -335,10 +340,7 @@ def test_weight_decay_on_layers_without_bias_and_no_momentum_buffer_at_momentum_
 
 def test_step_after_a_revert_is_scaled_by_the_recovery_multiplier():
     """After a revert step_scale = 0.1: the next step applies −lr·0.1·d and reports 0.1; then 0.2."""
-    model = _model()
-    x, y = _data()
-    opt = KBFGS(model, lr=0.2, damping=0.3)
-    seen = _infos(opt)
+    model, x, y, opt, seen = _kbfgs()
     opt.step(_closure(opt, model, x, y, "ok"))
     opt.step(_closure(opt, model, x, y, "ok", "rise"))
     assert seen[-1].skip_reason == _LOSS_ROSE and opt.counters["step_scale"] == pytest.approx(0.1)
@@ -353,10 +355,7 @@ def test_step_after_a_revert_is_scaled_by_the_recovery_multiplier():
 
 # ------------------------------------------------------------------------------------ reverts (2nd pass)
 def test_two_loss_rise_reverts_count_twice_and_reset_the_secant_memory_twice():
-    model = _model()
-    x, y = _data()
-    opt = KBFGS(model, lr=0.2, damping=0.3)
-    seen = _infos(opt)
+    model, x, y, opt, seen = _kbfgs()
     opt.step(_closure(opt, model, x, y, "ok"))
     for k in (1, 2):
         before = _params(model)
@@ -376,10 +375,7 @@ def test_two_loss_rise_reverts_count_twice_and_reset_the_secant_memory_twice():
     ("nan-grad", NEW_POINT),  # a finite loss, NaN rows
 ])
 def test_second_pass_revert_reason_for_each_bad_new_point(second, reason):
-    model = _model()
-    x, y = _data()
-    opt = KBFGS(model, lr=0.2, damping=0.3, recovery=Recovery(max_loss_rise=None))
-    seen = _infos(opt)
+    model, x, y, opt, seen = _kbfgs(recovery=Recovery(max_loss_rise=None))
     opt.step(_closure(opt, model, x, y, "ok"))
     before = _params(model)
     opt.step(_closure(opt, model, x, y, "ok", second))
@@ -389,10 +385,7 @@ def test_second_pass_revert_reason_for_each_bad_new_point(second, reason):
 
 
 def test_second_pass_revert_of_non_finite_parameters_names_the_update():
-    model = _model()
-    x, y = _data()
-    opt = KBFGS(model, lr=0.2, damping=0.3)
-    seen = _infos(opt)
+    model, x, y, opt, seen = _kbfgs()
     opt.step(_closure(opt, model, x, y, "ok"))
     before = _params(model)
     for group in opt.param_groups:
@@ -406,10 +399,7 @@ def test_huge_finite_rows_at_the_new_point_are_confirmed_finite():
     """The second call's loss is 1e307·Σ out: its pre-activation gradient rows are finite (1e307 at each of
     the last layer's 16×3 outputs), but their sum overflows the fused check; the exact check finds every
     row and the loss finite, and the step is taken."""
-    model = _model()
-    x, y = _data()
-    opt = KBFGS(model, lr=0.2, damping=0.3)
-    seen = _infos(opt)
+    model, x, y, opt, seen = _kbfgs()
     opt.step(_closure(opt, model, x, y, "ok", "huge-rows"))
     info = seen[-1]
     assert info.skipped is False and info.skip_reason is None and opt.counters["reverted_steps"] == 0
@@ -419,10 +409,7 @@ def test_huge_finite_rows_at_the_new_point_are_confirmed_finite():
 
 def test_the_largest_float_as_loss_at_the_new_point_is_a_rise():
     """A finite loss at the new point as large as a float can be: reverted as a rise, not as non-finite."""
-    model = _model()
-    x, y = _data()
-    opt = KBFGS(model, lr=0.2, damping=0.3)
-    seen = _infos(opt)
+    model, x, y, opt, seen = _kbfgs()
     opt.step(_closure(opt, model, x, y, "ok", "huge"))
     assert (seen[-1].skipped, seen[-1].skip_reason) == (True, _LOSS_ROSE)
     assert seen[-1].loss_after == torch.finfo(D).max
@@ -430,10 +417,7 @@ def test_the_largest_float_as_loss_at_the_new_point_is_a_rise():
 
 def test_python_float_losses_through_the_second_pass():
     """K-BFGS with Python-float losses: finite ones step; a NaN at the new point reverts the step."""
-    model = _model()
-    x, y = _data()
-    opt = KBFGS(model, lr=0.2, damping=0.3)
-    seen = _infos(opt)
+    model, x, y, opt, seen = _kbfgs()
     opt.step(_closure(opt, model, x, y, "float"))
     assert seen[-1].skipped is False and isinstance(seen[-1].loss_after, float)
     before = _params(model)
@@ -466,10 +450,7 @@ def test_second_call_that_misses_the_layers_is_an_error_naming_the_first(second)
 
 def test_second_call_that_misses_the_layers_with_a_nan_loss_is_reverted():
     """Missing rows do not matter when the new point is bad anyway: the step is reverted."""
-    model = _model()
-    x, y = _data()
-    opt = KBFGS(model, lr=0.2, damping=0.3)
-    seen = _infos(opt)
+    model, x, y, opt, seen = _kbfgs()
     opt.step(_closure(opt, model, x, y, "ok"))
     before = _params(model)
 
@@ -491,10 +472,7 @@ def test_second_call_that_misses_the_layers_with_a_nan_loss_is_reverted():
 def test_nan_first_pass_with_a_second_call_missing_rows_is_a_skip():
     """The deferred first-pass flags are read with the second pass even when layers are missing: a
     NaN first pass is a skip (nothing reverted), whatever the second call did."""
-    model = _model()
-    x, y = _data()
-    opt = KBFGS(model, lr=0.2, damping=0.3)
-    seen = _infos(opt)
+    model, x, y, opt, seen = _kbfgs()
     opt.step(_closure(opt, model, x, y, "ok"))
     opt.step(_closure(opt, model, x, y, "nan-grad", "no-backward"))
     assert (seen[-1].skipped, seen[-1].skip_reason) == (True, NAN_GRAD)
