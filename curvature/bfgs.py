@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
-from curvature.linalg import all_finite, finite_flag, read_scalars, symmetrize
+from curvature.linalg import all_finite, read_scalars, symmetrize
+from curvature.rows import column, padded, row_dot, unpadded
 
 #: Relative curvature threshold of the reference code: skip when sᵀy ≤ 1e-4·‖s‖²·‖g_ref‖.
 DEFAULT_CURVATURE_THRESHOLD = 1e-4
@@ -48,13 +50,11 @@ class PairCheck:
 
 def pair_scalar_tensors(s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None,
                         extra: list[torch.Tensor] = ()) -> list[torch.Tensor]:
-    """The 0-dim float64 tensors a pair decision reads: ``[finite(s, y), sᵀy, sᵀs, (reference_norm), *extra]``
-    (the reference norm only when it is a tensor; float64 holds float32 values exactly). No synchronization."""
-    parts = [finite_flag(s, y).double(), torch.dot(s, y).double(), torch.dot(s, s).double()]
-    if isinstance(reference_norm, torch.Tensor):
-        parts.append(reference_norm.detach().reshape(()).double())
-    parts.extend(e.double() for e in extra)
-    return parts
+    """The 0-dim tensors a pair decision reads: ``[finite(s, y), sᵀy, sᵀs, (reference_norm), *extra]`` (the
+    reference norm only when it is a tensor), in their own dtypes (:func:`~curvature.linalg.read_scalars`
+    reads them exactly). No synchronization."""
+    finite, sy, ss = (v.reshape(()) for v in _PairRows([s], [y]).guard_scalars())
+    return [finite, sy, ss] + _reference_scalar(reference_norm) + list(extra)
 
 
 def pair_values(values: list[float], reference_norm: torch.Tensor | float | None) -> list:
@@ -115,15 +115,56 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
 
     :func:`symmetric_rank2_update` forms it in two elementwise passes with :math:`H^+_{ij} = H^+_{ji}` bit
     for bit when ``H`` is symmetric: no symmetrization pass (a transposed read of the matrix) is needed.
+    This is :func:`bfgs_inverse_updates` with one pair.
 
     The caller is responsible for :math:`s^\top y > 0` (see :func:`check_pair`); the formula is
     applied as written otherwise, which is what the property tests use to show that
     :math:`s^\top y \le 0` destroys positive definiteness.
     """
-    rho = 1.0 / torch.dot(s, y)
-    u = H @ y
-    a = rho * (rho * torch.dot(y, u)) + rho  # not (ρ·ρ)·yᵀu: ρ² underflows to 0 once sᵀy > ~2^537 (float64)
-    w = (0.5 * a) * s - rho * u
+    return bfgs_inverse_updates([H], [s], [y])[0]
+
+
+def bfgs_inverse_updates(H: Sequence[torch.Tensor], s: Sequence[torch.Tensor], y: Sequence[torch.Tensor]
+                         ) -> list[torch.Tensor]:
+    """:func:`bfgs_inverse_update` of several matrices (of any sizes, one dtype and device) at once."""
+    if not H:
+        return []
+    return _rank2_updates(_PairRows(list(s), list(y)), H)
+
+
+@dataclass
+class _PairRows:
+    """Pairs of several sizes as the rows of zero-padded matrices ``S, Y`` (:mod:`curvature.rows`), with
+    the inner products ``sy`` that every user of the rows needs."""
+
+    s: list[torch.Tensor]
+    y: list[torch.Tensor]
+
+    def __post_init__(self) -> None:
+        self.dims = [v.shape[0] for v in self.s]
+        self.S, self.Y = padded(self.s), padded(self.y)
+        self.sy = row_dot(self.S, self.Y)
+
+    def guard_scalars(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per pair: whether it is finite (:func:`~curvature.linalg.finite_flag` of ``s`` and ``y``, row by
+        row: conservative, a row sum that overflows also reads False), :math:`s^\\top y` and :math:`s^\\top s`."""
+        total = self.S.sum(-1) + self.Y.sum(-1)
+        return (total - total).eq(0), self.sy, row_dot(self.S, self.S)
+
+    def split(self, rows: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Each pair's part of the padded ``rows`` as a column and as a row (views of one flat tensor)."""
+        flat = unpadded(rows, self.dims)
+        return torch.split(flat.view(-1, 1), self.dims), torch.split(flat.view(1, -1), self.dims, dim=1)
+
+
+def _rank2_updates(rows: _PairRows, H: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """:func:`bfgs_inverse_update` of ``H[i]`` with pair ``i`` of ``rows``: the vector part batched over the pairs,
+    the rank-2 update of each matrix on its own."""
+    S, Y = rows.S, rows.Y
+    U = padded([h @ v for h, v in zip(H, rows.y)])
+    rho = 1.0 / rows.sy
+    a = rho * (rho * row_dot(Y, U)) + rho  # not (ρ·ρ)·yᵀu: ρ² underflows to 0 once sᵀy > ~2^537 (float64)
+    W = column(0.5 * a) * S - column(rho) * U
     # α/√2 and 1/(α√2) with α = √‖w‖∞ / √‖s‖∞. Largest entries, not 2-norms: a 2-norm squares the entries and
     # under- or overflows (float32: below ~1e-19 or above ~1e19) where s, w and the update are representable.
     # The square roots are taken before the division, so α does not underflow for w ≠ 0 (it is at least
@@ -131,10 +172,11 @@ def bfgs_inverse_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> to
     # then ŝ = 0 and ŵ = w / √2 = 0 (1 stands in for α in the division), so p = q = 0 and H⁺ = H exactly (with
     # any α > 0, H + ppᵀ would round before − qqᵀ took it back). α is not finite only when s = 0 or s, w are
     # not finite, and then neither is the update.
-    alpha = torch.linalg.vector_norm(w, ord=math.inf).sqrt() / torch.linalg.vector_norm(s, ord=math.inf).sqrt()
-    s_hat = (alpha * math.sqrt(0.5)) * s
-    w_hat = w / (torch.where(alpha > 0, alpha, torch.ones_like(alpha)) * math.sqrt(2.0))
-    return symmetric_rank2_update(H, s_hat + w_hat, s_hat - w_hat)
+    alpha = W.abs().amax(-1).sqrt() / S.abs().amax(-1).sqrt()
+    S_hat = column(alpha * math.sqrt(0.5)) * S
+    W_hat = W / column(torch.where(alpha > 0, alpha, 1.0) * math.sqrt(2.0))
+    (p_col, p_row), (q_col, q_row) = rows.split(S_hat + W_hat), rows.split(S_hat - W_hat)
+    return [_rank2(h, *pq) for h, *pq in zip(H, p_col, p_row, q_col, q_row)]
 
 
 def symmetric_rank2_update(H: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -150,7 +192,13 @@ def symmetric_rank2_update(H: torch.Tensor, p: torch.Tensor, q: torch.Tensor) ->
     is symmetric for the same reason and 1.4-2.4× slower at d = 785-1000 (one CPU thread); ``addr`` and a
     rank-2 ``addmm`` are as fast but not bit-symmetric (``python -m benchmarks.rank2_forms``, README).
     """
-    return torch.addcmul(H, p[:, None], p[None, :]).addcmul_(q[:, None], q[None, :], value=-1)
+    return _rank2(H, p.unsqueeze(1), p.unsqueeze(0), q.unsqueeze(1), q.unsqueeze(0))
+
+
+def _rank2(H: torch.Tensor, p_col: torch.Tensor, p_row: torch.Tensor, q_col: torch.Tensor, q_row: torch.Tensor
+           ) -> torch.Tensor:
+    """:func:`symmetric_rank2_update` from ``p`` and ``q`` given as columns and rows."""
+    return torch.addcmul(H, p_col, p_row).addcmul_(q_col, q_row, value=-1)
 
 
 def bfgs_direct_update(B: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -164,9 +212,30 @@ def bfgs_direct_update(B: torch.Tensor, s: torch.Tensor, y: torch.Tensor) -> tor
 
 def prepare_guarded_update(H: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
                            reference_norm: torch.Tensor | float | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The candidate :func:`bfgs_inverse_update` and the scalars its guard reads, without a synchronization."""
-    updated = bfgs_inverse_update(H, s, y)
-    return updated, pair_scalar_tensors(s, y, reference_norm, [finite_flag(updated)])
+    """The candidate :func:`bfgs_inverse_update` and the scalars its guard reads, without a synchronization
+    (:func:`prepare_guarded_updates` of one update)."""
+    return prepare_guarded_updates([H], [s], [y], [reference_norm])[0]
+
+
+def prepare_guarded_updates(H: Sequence[torch.Tensor], s: Sequence[torch.Tensor], y: Sequence[torch.Tensor],
+                            reference_norms: Sequence[torch.Tensor | float | None]
+                            ) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """For each update (of any sizes, one dtype and device): the candidate :func:`bfgs_inverse_update` and the
+    scalars its guard reads, those of :func:`pair_scalar_tensors` followed by the candidate's finiteness, which
+    :func:`finish_guarded_update` decides from. The vector part is batched over the updates (:func:`bfgs_inverse_updates`);
+    no synchronization."""
+    if not H:
+        return []
+    rows = _PairRows(list(s), list(y))
+    updated = _rank2_updates(rows, H)
+    finite_update = torch.stack([u.sum() for u in updated])  # finite_flag of each candidate, stacked
+    columns = zip(*(v.unbind() for v in rows.guard_scalars()), (finite_update - finite_update).eq(0).unbind())
+    return [(u, [finite, sy, ss] + _reference_scalar(ref) + [finite_u])
+            for u, ref, (finite, sy, ss, finite_u) in zip(updated, reference_norms, columns)]
+
+
+def _reference_scalar(reference_norm: torch.Tensor | float | None) -> list[torch.Tensor]:
+    return [reference_norm.detach().reshape(())] if isinstance(reference_norm, torch.Tensor) else []
 
 
 def finish_guarded_update(H: torch.Tensor, updated: torch.Tensor, s: torch.Tensor, y: torch.Tensor, values: list[float],

@@ -25,6 +25,7 @@ from curvature.damping import DampingPolicy
 from curvature.protocols import FactorProtocol, declares
 from curvature.inverter import BatchedInverter
 from curvature.linalg import accumulate_gram, gram, read_scalars, symmetric_eigenvalue_bounds
+from curvature.update_batch import UpdateBatch
 
 
 APPROXIMATIONS = ("expand", "reduce")
@@ -102,6 +103,25 @@ def vec_c(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.T.reshape(-1)
 
 
+def _batch_argument(factor: FactorProtocol, updates: UpdateBatch) -> dict[str, UpdateBatch]:
+    """``{"updates": updates}`` for a factor that joins update batches, else nothing."""
+    return {"updates": updates} if declares(factor, "joins_update_batch") else {}
+
+
+def prepared_with_batch(scalars: list[torch.Tensor], finish: Callable[[list[float]], None], updates: UpdateBatch
+                        ) -> tuple[list[torch.Tensor], Callable[[list[float]], None]]:
+    """Prepare ``updates`` (whose members' ``finish`` is part of ``finish``) and append its scalars: the
+    returned ``finish(values)`` hands the batch its values, then calls ``finish`` with the others."""
+    n = len(scalars)
+    extra = updates.prepare()
+
+    def finish_all(values: list[float]) -> None:
+        updates.receive(values[n:])
+        finish(values[:n])
+
+    return scalars + extra, finish_all
+
+
 def chain_finishers(parts: list[tuple[int, Callable[[list[float]], Any]]]) -> Callable[[list[float]], None]:
     """One ``finish(values)`` for several prepared updates: part ``i``, which asked for ``n_i`` scalars,
     gets its slice of ``values`` (in order), so all their decisions can be read at once."""
@@ -128,6 +148,7 @@ class CurvatureBlock:
     needs_second_pass = False
     has_quadratic_form = False
     applies_cached_inverse = False
+    joins_update_batch = False
     kind: str | None = None
 
     def __init__(self, name: str, adapter: LayerAdapter) -> None:
@@ -189,6 +210,8 @@ class KroneckerBlock(CurvatureBlock):
     * ``has_quadratic_form`` when both factors have one (:math:`C = A\otimes G` from their statistics);
     * ``applies_cached_inverse`` when both factors apply only their last requested inverse.
 
+    It always ``joins_update_batch``: :meth:`prepare_after_step` passes a batch on to the factors that join one.
+
     Secant pairs are defined for the G side only and matrix-action updates for the A side only; a
     factor declaring them on the other side is rejected.
     """
@@ -225,6 +248,7 @@ class KroneckerBlock(CurvatureBlock):
         self.has_quadratic_form = declares(a_factor, "has_quadratic_form") and declares(g_factor, "has_quadratic_form")
         self.applies_cached_inverse = (declares(a_factor, "applies_cached_inverse")
                                        and declares(g_factor, "applies_cached_inverse"))
+        self.joins_update_batch = True
 
     def _sides(self):
         return (("a", self.a_factor), ("g", self.g_factor))
@@ -261,12 +285,18 @@ class KroneckerBlock(CurvatureBlock):
         scalars, finish = self.prepare_after_step(before, after)
         finish(read_scalars(scalars))
 
-    def prepare_after_step(self, before: LayerRecord, after: LayerRecord
+    def prepare_after_step(self, before: LayerRecord, after: LayerRecord, updates: UpdateBatch | None = None
                            ) -> tuple[list[torch.Tensor], Callable[[list[float]], None]]:
         """:meth:`update_after_step` split at its one host read: the factors' candidates are computed
         on the device and ``(scalars, finish)`` returned; ``finish(values)`` (the scalars' values)
         commits H_g's pair and H_a's Hessian-action update, in that order. Factors without a split
-        (``prepare_pair`` / ``prepare_action_update``) update inside ``finish`` with their own reads."""
+        (``prepare_pair`` / ``prepare_action_update``) update inside ``finish`` with their own reads.
+
+        Factors that declare ``joins_update_batch`` add their candidate inverse-BFGS updates to ``updates``
+        (the caller prepares it and hands it its values before ``finish``) or, without one, to a batch of
+        the block's own whose scalars follow the factors' and whose values ``finish`` hands back first."""
+        own = UpdateBatch() if updates is None else None
+        batch = own or updates
         parts: list[tuple[int, Callable[[list[float]], Any]]] = []
         scalars: list[torch.Tensor] = []
         if declares(self.g_factor, "uses_secant_pairs"):
@@ -276,7 +306,8 @@ class KroneckerBlock(CurvatureBlock):
             s = after.h_mean(self.approx) - before.h_mean(self.approx)
             y = after.g_mean(self.approx) - g_before
             if hasattr(self.g_factor, "prepare_pair"):  # reference norm a tensor: read with the pair check
-                part, fin = self.g_factor.prepare_pair(s, y, reference_norm=g_before.norm())
+                part, fin = self.g_factor.prepare_pair(s, y, reference_norm=g_before.norm(),
+                                                       **_batch_argument(self.g_factor, batch))
             else:
                 part, fin = [], lambda _, s=s, y=y, r=g_before.norm(): self.g_factor.observe_pair(s, y, reference_norm=r)
             parts.append((len(part), fin))
@@ -285,13 +316,14 @@ class KroneckerBlock(CurvatureBlock):
             _required(before.input_rows, "a")
             mean = before.a_mean(self.approx)
             if hasattr(self.a_factor, "prepare_action_update"):
-                part, fin = self.a_factor.prepare_action_update(mean)
+                part, fin = self.a_factor.prepare_action_update(mean, **_batch_argument(self.a_factor, batch))
             else:
                 part, fin = [], lambda _, m=mean: self.a_factor.hessian_action_update(m)
             parts.append((len(part), fin))
             scalars += part
-
-        return scalars, chain_finishers(parts)
+        if own is None:
+            return scalars, chain_finishers(parts)
+        return prepared_with_batch(scalars, chain_finishers(parts), own)
 
     def curvature_quadratic(self, delta: torch.Tensor) -> torch.Tensor:
         if not self.has_quadratic_form:

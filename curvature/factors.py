@@ -23,12 +23,14 @@ from typing import Any, Callable
 import torch
 
 from curvature.bfgs import (DEFAULT_CURVATURE_THRESHOLD, check_pair, finish_guarded_update, guarded_bfgs_inverse_update,
-                            pair_reason, pair_scalar_tensors, pair_values, prepare_guarded_update)
+                            pair_reason, pair_scalar_tensors, pair_values)
 from curvature.inverter import BatchedInverter
 from curvature.lbfgs import CompactLBFGS
 from curvature.linalg import (accumulate_gram, add_to_diagonal, all_finite, finite_flag, read_scalars,
                               symmetric_eigenvalue_bounds, symmetrize)
-from curvature.pair_damping import DampedPair, DampingCounters, DoubleDamping
+from curvature.pair_damping import DampedPair, DampingCounters, DampingDraft, DoubleDamping
+from curvature.protocols import declares
+from curvature.update_batch import PendingUpdate, UpdateBatch
 
 
 class Factor:
@@ -45,6 +47,7 @@ class Factor:
     has_quadratic_form: bool = False
     has_eigenbasis: bool = False
     applies_cached_inverse: bool = False
+    joins_update_batch: bool = False
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -325,6 +328,9 @@ class SecantFactor(Factor):
     """
 
     uses_secant_pairs = True
+    joins_update_batch = True
+    #: whether :meth:`_prepare_incorporate` accepts ``updates`` (an :class:`~curvature.update_batch.UpdateBatch`)
+    _incorporates_in_batch = False
 
     def __init__(self, dim: int, damping: DoubleDamping | None, pair_decay: float = 0.9,
                  curvature_threshold: float = DEFAULT_CURVATURE_THRESHOLD, *, dtype=torch.float32, device=None) -> None:
@@ -352,26 +358,55 @@ class SecantFactor(Factor):
         scalars, finish = self.prepare_pair(s, y, reference_norm)
         return finish(read_scalars(scalars))
 
-    def prepare_pair(self, s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None = None
-                     ) -> tuple[list[torch.Tensor], Callable[[list[float]], DampedPair]]:
+    def prepare_pair(self, s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None = None,
+                     updates: UpdateBatch | None = None) -> tuple[list[torch.Tensor], Callable[[list[float]], DampedPair]]:
         """:meth:`observe_pair` split at its one host read: ``(scalars, finish)``, nothing committed
-        until ``finish(values)`` is called with the scalars' values (then it returns the pair)."""
+        until ``finish(values)`` is called with the scalars' values (then it returns the pair).
+
+        With ``updates`` (a :class:`~curvature.update_batch.UpdateBatch`), the double damping and the
+        factor's candidate update join the batch instead of being computed here: the caller prepares the
+        batch and hands it its values (:meth:`~curvature.update_batch.UpdateBatch.receive`) before calling
+        ``finish``; their scalars are then the batch's, not among this method's.
+        """
         s, y = s.to(self.s_avg), y.to(self.y_avg)
         if self.pair_decay > 0:  # candidates; committed only when the raw pair is finite
             s_ema = (self.s_avg * self.pair_decay).add_(s, alpha=1.0 - self.pair_decay)
             y_ema = (self.y_avg * self.pair_decay).add_(y, alpha=1.0 - self.pair_decay)
         else:
             s_ema, y_ema = s, y
+        if updates is not None and type(self.damping) is DoubleDamping:
+            return self._prepare_pair_in_batch(s, y, s_ema, y_ema, reference_norm, updates)
         draft = self.damping.prepare(s_ema, y_ema, self.apply) if isinstance(self.damping, DoubleDamping) else None
         splittable = draft is not None or self.damping is None
         candidate = (draft.s1, draft.y2) if draft is not None else (s_ema, y_ema)
-        inc = self._prepare_incorporate(*candidate, reference_norm) if splittable and _splits(type(self)) else None
+        batched = {"updates": updates} if updates is not None and self._incorporates_in_batch else {}
+        inc = self._prepare_incorporate(*candidate, reference_norm, **batched) if splittable and _splits(type(self)) else None
         scalars = [finite_flag(s, y)] + (draft.scalars if draft is not None else []) + (inc[0] if inc else [])
 
         def finish(values: list[float]) -> DampedPair:
             return self._finish_pair(s, y, s_ema, y_ema, draft, candidate, inc, values, reference_norm)
 
         return scalars, finish
+
+    def _prepare_pair_in_batch(self, s, y, s_ema, y_ema, reference_norm, updates: UpdateBatch):
+        """:meth:`prepare_pair` with the damping (and the update, when the factor's :meth:`_prepare_incorporate`
+        joins batches) in ``updates``: the same decisions from the same scalars, read through the batch."""
+        prepared: dict[str, Any] = {}
+
+        def then(draft: DampingDraft) -> list[torch.Tensor]:
+            batched = {"updates": updates} if self._incorporates_in_batch else {}
+            inc = self._prepare_incorporate(draft.s1, draft.y2, reference_norm, **batched) if _splits(type(self)) else None
+            prepared["inc"] = inc
+            return inc[0] if inc else []
+
+        pending = updates.add_damping(self.damping, s_ema, y_ema, self.apply(y_ema), then)
+
+        def finish(values: list[float]) -> DampedPair:
+            draft = pending.draft
+            return self._finish_pair(s, y, s_ema, y_ema, draft, (draft.s1, draft.y2), prepared["inc"],
+                                     [values[0]] + pending.values, reference_norm)
+
+        return [finite_flag(s, y)], finish
 
     def _finish_pair(self, s, y, s_ema, y_ema, draft, candidate, inc, values, reference_norm) -> DampedPair:
         """The decisions of :meth:`prepare_pair` from the values read on the host, committed and counted."""
@@ -444,6 +479,8 @@ class SecantFactor(Factor):
 class BFGSFactor(SecantFactor):
     """Dense inverse-BFGS factor, starting at ``init_scale · I`` (K-BFGS's H_g starts at I)."""
 
+    _incorporates_in_batch = True
+
     def __init__(self, dim: int, damping: DoubleDamping | None, pair_decay: float = 0.9, init_scale: float = 1.0,
                  curvature_threshold: float = DEFAULT_CURVATURE_THRESHOLD, *, dtype=torch.float32, device=None) -> None:
         super().__init__(dim, damping, pair_decay, curvature_threshold, dtype=dtype, device=device)
@@ -456,11 +493,13 @@ class BFGSFactor(SecantFactor):
         self.H, reason = guarded_bfgs_inverse_update(self.H, s, y, reference_norm, self.curvature_threshold)
         return reason
 
-    def _prepare_incorporate(self, s, y, reference_norm):
-        updated, scalars = prepare_guarded_update(self.H, s, y, reference_norm)
+    def _prepare_incorporate(self, s, y, reference_norm, updates: UpdateBatch | None = None):
+        scalars, pending, own = _join_batch(updates, self.H, s, y, reference_norm)
 
         def finish(values: list[float]) -> str | None:
-            self.H, reason = finish_guarded_update(self.H, updated, s, y, values, reference_norm,
+            if own is not None:
+                own.receive(values)
+            self.H, reason = finish_guarded_update(self.H, pending.updated, s, y, pending.values, reference_norm,
                                                    self.curvature_threshold)
             return reason
 
@@ -535,6 +574,18 @@ class LBFGSFactor(SecantFactor):
         self._load_secant_state(state)
 
 
+def _join_batch(updates: UpdateBatch | None, H: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
+                reference_norm: torch.Tensor | float | None
+                ) -> tuple[list[torch.Tensor], PendingUpdate, UpdateBatch | None]:
+    """Add the candidate update of ``H`` to ``updates``, or to a batch of its own that is prepared at once.
+
+    Returns ``(scalars, pending, own)``: with a batch of its own (``own``), ``scalars`` are the update's and
+    its finish hands their values to ``own``; in the caller's batch, ``scalars`` is empty and ``own`` None."""
+    own = UpdateBatch() if updates is None else None
+    pending = (own or updates).add_update(H, s, y, reference_norm)
+    return (own.prepare() if own is not None else []), pending, own
+
+
 class HessianActionFactor(Factor):
     r"""Inverse-BFGS on pairs from the exact action of a matrix: :math:`y = M s`.
 
@@ -555,6 +606,7 @@ class HessianActionFactor(Factor):
 
     uses_statistics = True
     uses_matrix_action = True
+    joins_update_batch = True
 
     def __init__(self, dim: int, damping: float, decay: float = 0.9,
                  action: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -628,9 +680,11 @@ class HessianActionFactor(Factor):
         scalars, finish = self.prepare_action_update(mean_activation)
         return finish(read_scalars(scalars))
 
-    def prepare_action_update(self, mean_activation: torch.Tensor) -> tuple[list[torch.Tensor], Callable[[list[float]], str | None]]:
+    def prepare_action_update(self, mean_activation: torch.Tensor, updates: UpdateBatch | None = None
+                              ) -> tuple[list[torch.Tensor], Callable[[list[float]], str | None]]:
         """:meth:`hessian_action_update` split at its one host read: ``(scalars, finish)``; ``finish(values)``
-        with the scalars' values applies (or skips) the update and returns the skip reason."""
+        with the scalars' values applies (or skips) the update and returns the skip reason. With ``updates``
+        the candidate joins that batch, as in :meth:`SecantFactor.prepare_pair`."""
         if self.H is None:
             raise RuntimeError("HessianActionFactor.hessian_action_update called before H was initialized")
         v = mean_activation.to(self.H)
@@ -638,10 +692,13 @@ class HessianActionFactor(Factor):
         y = self.matrix_action(s)
         self.last_pair = (s, y)
         ref = None if self.curvature_threshold is None else v.norm()
-        updated, scalars = prepare_guarded_update(self.H, s, y, ref)
+        scalars, pending, own = _join_batch(updates, self.H, s, y, ref)
 
         def finish(values: list[float]) -> str | None:
-            self.H, reason = finish_guarded_update(self.H, updated, s, y, values, ref, self.curvature_threshold or 0.0)
+            if own is not None:
+                own.receive(values)
+            self.H, reason = finish_guarded_update(self.H, pending.updated, s, y, pending.values, ref,
+                                                   self.curvature_threshold or 0.0)
             if reason is None:
                 self.updates += 1
             else:

@@ -28,11 +28,12 @@ meet invariant (i) with equality instead of dividing by zero.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable, Literal, Sequence
 
 import torch
 
-from curvature.linalg import all_finite, finite_flag, read_scalars
+from curvature.linalg import all_finite, read_scalars
+from curvature.rows import column, padded, row_dot, split_rows
 
 Step2Variant = Literal["interpolate", "lm"]
 
@@ -49,12 +50,13 @@ def powell_b_damping(s: torch.Tensor, y: torch.Tensor, Bs: torch.Tensor, mu: flo
 
 def _powell_h(s: torch.Tensor, y: torch.Tensor, Hy: torch.Tensor, mu1: float, sign: int):
     """:func:`powell_h_damping` on the device, without a host synchronization: ``(s_tilde, theta1, active)``
-    with ``theta1`` and ``active`` 0-dim tensors (``theta1`` is meaningless when not active)."""
-    yHy = torch.dot(y, Hy)
-    sy = torch.dot(s, y)
+    with ``theta1`` and ``active`` tensors (``theta1`` is meaningless when not active). Vectors give 0-dim
+    ``theta1`` and ``active``; padded rows (:mod:`curvature.rows`) give one of each per row."""
+    yHy = row_dot(y, Hy)
+    sy = row_dot(s, y)
     active = sy < mu1 * yHy
     theta = (1.0 - mu1) * yHy / (yHy - sy)
-    return torch.where(active, theta * s + sign * (1.0 - theta) * Hy, s), theta, active
+    return torch.where(column(active), column(theta) * s + sign * column(1.0 - theta) * Hy, s), theta, active
 
 
 def powell_h_damping(s: torch.Tensor, y: torch.Tensor, Hy: torch.Tensor, mu1: float = 0.2, sign: int = 1):
@@ -155,26 +157,40 @@ class DoubleDamping:
         ``draft.s1, draft.y2`` are the damped pair the branches select (valid when :meth:`finish`
         accepts it); ``draft.scalars`` (0-dim bool or floating tensors, read exactly by
         :func:`~curvature.linalg.read_scalars`) are what :meth:`finish` decides from.
+        This is :meth:`prepare_many` with one pair.
         """
-        Hy = apply_H(y)
-        s1, theta1_t, active1_t = _powell_h(s, y, Hy, self.mu1, self.powell_sign)
-        ss = torch.dot(s1, s1)
-        s1y = torch.dot(s1, y)
+        return self.prepare_many([s], [y], [apply_H(y)])[0]
+
+    def prepare_many(self, s: Sequence[torch.Tensor], y: Sequence[torch.Tensor], Hy: Sequence[torch.Tensor]
+                     ) -> list["DampingDraft"]:
+        """:meth:`prepare` of several pairs (of any sizes, one dtype and device) given ``Hy`` (each ``H`` applied to
+        its ``y``): the damping of all of them as the rows of padded matrices (:mod:`curvature.rows`), a few
+        kernels in all instead of some forty per pair."""
+        if not s:
+            return []
+        dims = [v.shape[0] for v in s]
+        S, Y = padded(s), padded(y)
+        S1, theta1_t, active1_t = _powell_h(S, Y, padded(Hy), self.mu1, self.powell_sign)
+        ss = row_dot(S1, S1)
+        s1y = row_dot(S1, Y)
         denom = ss - s1y
         theta2_t = (1.0 - self.mu2) * ss / denom
         if self.variant == "lm":
-            no = torch.zeros((), dtype=torch.bool, device=ss.device)
-            y2, active2_t, interpolate_t = y + self.mu2 * s1, ~no, no
+            no = torch.zeros_like(ss, dtype=torch.bool)
+            Y2, active2_t, interpolate_t = Y + self.mu2 * S1, ~no, no
         else:
             active2_t = s1y < self.mu2 * ss
             interpolate_t = denom.double() > 1e-12 * ss.double()  # exactly float(denom) > 1e-12 * float(ss)
-            y_interp = theta2_t * y + (1.0 - theta2_t.double()).to(y.dtype) * s1  # (1 - θ2) rounded as a Python float
-            y_guard = y + ((self.mu2 * ss - s1y) / ss) * s1  # only reachable with mu2 >= 1: s̃ᵀỹ = μ2‖s̃‖² exactly
-            y2 = torch.where(active2_t, torch.where(interpolate_t, y_interp, y_guard), y)
+            # (1 - θ2) rounded as a Python float
+            Y_interp = column(theta2_t) * Y + column((1.0 - theta2_t.double()).to(Y.dtype)) * S1
+            Y_guard = Y + column((self.mu2 * ss - s1y) / ss) * S1  # only reachable with mu2 >= 1: s̃ᵀỹ = μ2‖s̃‖² exactly
+            Y2 = torch.where(column(active2_t), torch.where(column(interpolate_t), Y_interp, Y_guard), Y)
+        raw, damped = S.sum(-1) + Y.sum(-1), S1.sum(-1) + Y2.sum(-1)  # finite_flag of each pair, row by row
         # in their own dtypes (bool or floating): read_scalars stacks them exactly, with no cast per scalar
-        scalars = [finite_flag(s, y), torch.linalg.vector_norm(s), torch.linalg.vector_norm(y), active1_t, theta1_t,
-                   ss.sqrt(), active2_t, interpolate_t, theta2_t, finite_flag(s1, y2)]
-        return DampingDraft(s, y, s1, y2, scalars)
+        columns = [(raw - raw).eq(0), torch.linalg.vector_norm(S, dim=-1), torch.linalg.vector_norm(Y, dim=-1),
+                   active1_t, theta1_t, ss.sqrt(), active2_t, interpolate_t, theta2_t, (damped - damped).eq(0)]
+        per_pair = zip(s, y, split_rows(S1, dims), split_rows(Y2, dims), zip(*(c.unbind() for c in columns)))
+        return [DampingDraft(si, yi, s1, y2, list(scalars)) for si, yi, s1, y2, scalars in per_pair]
 
     def finish(self, draft: "DampingDraft", values: list[float], counters: DampingCounters | None = None) -> DampedPair:
         """The decisions of the damping from ``values`` (``draft.scalars`` read on the host), counted."""

@@ -24,6 +24,10 @@ Factor capabilities (read by :class:`~curvature.blocks.KroneckerBlock`; a missin
 ``has_eigenbasis``         ``eigenbasis()`` returns ``(eigenvalues, eigenvectors)`` of ``statistic``.
 ``applies_cached_inverse`` ``apply`` reads only what the last ``request_inverse`` computed (never the running
                            statistic), so folding in a batch between refreshes does not change the direction.
+``joins_update_batch``     its split second-pass update (``prepare_pair(s, y, reference_norm, updates=...)``
+                           or ``prepare_action_update(mean, updates=...)``) accepts a
+                           :class:`~curvature.update_batch.UpdateBatch` batch and adds its candidate inverse-BFGS
+                           update to it, so the updates of all layers are computed together.
 =========================  ==========================================================================
 
 Block capabilities (read by the optimizer driver): ``needs_a`` / ``needs_g`` (input rows / output
@@ -32,7 +36,8 @@ batch at the new point, and ``update_after_step(before, after)`` receives both r
 ``has_quadratic_form`` (``curvature_quadratic`` is implemented), ``applies_cached_inverse``
 (``precondition`` reads only what ``request_inverses`` computed: the driver may then fold in the
 batch's statistics after the update on steps without a refresh, and check the step with one host
-read; see the README's GPU-ready step).
+read; see the README's GPU-ready step), ``joins_update_batch`` (``prepare_after_step(before, after,
+updates=...)`` passes a :class:`~curvature.update_batch.UpdateBatch` batch on to its factors).
 
 The conventions shared by all three: a layer's gradient is the matrix :math:`M = [\nabla W\mid\nabla b]`
 of shape ``g_dim × a_dim`` with :math:`M = \sum_{\text{rows}} g\,\bar a^\top`; a Kronecker block applies
@@ -53,9 +58,10 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 #: The factor capabilities, in the order they are documented above.
 FACTOR_CAPABILITIES = ("uses_statistics", "uses_gradient", "uses_secant_pairs", "uses_matrix_action",
-                       "has_quadratic_form", "has_eigenbasis", "applies_cached_inverse")
+                       "has_quadratic_form", "has_eigenbasis", "applies_cached_inverse", "joins_update_batch")
 #: The block capabilities the driver reads.
-BLOCK_CAPABILITIES = ("needs_a", "needs_g", "needs_second_pass", "has_quadratic_form", "applies_cached_inverse")
+BLOCK_CAPABILITIES = ("needs_a", "needs_g", "needs_second_pass", "has_quadratic_form", "applies_cached_inverse",
+                      "joins_update_batch")
 
 
 def declares(obj: object, capability: str) -> bool:

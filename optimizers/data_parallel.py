@@ -44,11 +44,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from curvature.blocks import DiagonalBlock, KroneckerBlock, a_statistic, chain_finishers, g_statistic
+from curvature.blocks import DiagonalBlock, KroneckerBlock, a_statistic, chain_finishers, g_statistic, prepared_with_batch
 from curvature.capture import LayerRecord
 from curvature.factors import Factor
 from curvature.inverter import BatchedInverter
 from curvature.linalg import InversionError, all_finite, read_scalars
+from curvature.update_batch import UpdateBatch
 from optimizers.assignment import balanced_assignment, layer_cost
 from optimizers.communicator import Communicator, LocalCommunicator
 
@@ -289,15 +290,17 @@ class DataParallel:
             raise RuntimeError("prepare_second_pass is the one-process path; use second_pass with several ranks")
         prepared: list[tuple[int, Callable[[list[float]], None]]] = []
         scalars: list[torch.Tensor] = []
+        updates = UpdateBatch()  # the candidate inverse-BFGS updates of all blocks that join it, computed together
         for name in [n for n, s in slots.items() if s.block.needs_second_pass]:
             block = slots[name].block
             if hasattr(block, "prepare_after_step"):
-                part, fin = block.prepare_after_step(before[name], after[name])
+                batch = {"updates": updates} if _declares(block, "joins_update_batch") else {}
+                part, fin = block.prepare_after_step(before[name], after[name], **batch)
             else:
                 part, fin = [], (lambda _values, b=block, n=name: b.update_after_step(before[n], after[n]))
             prepared.append((len(part), fin))
             scalars += part
-        return scalars, chain_finishers(prepared)
+        return prepared_with_batch(scalars, chain_finishers(prepared), updates)
 
     def second_pass(self, slots: Mapping[str, Any], before: Mapping[str, LayerRecord],
                     after: Mapping[str, LayerRecord], bad: bool, loss_after: float | None) -> tuple[bool, float | None]:

@@ -49,7 +49,7 @@ def test_extension_points_are_exported_and_typed():
         assert issubclass(proto, Protocol) and getattr(proto, "_is_runtime_protocol", False)
     assert set(curvature.FACTOR_CAPABILITIES) == {"uses_statistics", "uses_gradient", "uses_secant_pairs",
                                                    "uses_matrix_action", "has_quadratic_form", "has_eigenbasis",
-                                                   "applies_cached_inverse"}
+                                                   "applies_cached_inverse", "joins_update_batch"}
     for name in ("register_adapter", "unregister_adapter", "registered_adapters", "LayerRecord", "declares"):
         assert name in curvature.__all__
     assert "Recipe" in optimizers.__all__ and "RecipeContext" in optimizers.__all__

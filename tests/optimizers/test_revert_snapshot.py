@@ -132,8 +132,8 @@ def test_a_planted_in_place_update_of_h_is_caught(monkeypatch):
     snapshot sees its referenced H change (a revert would restore the scaled H): the check reports it."""
     original = BFGSFactor._prepare_incorporate
 
-    def planted(self, s, y, reference_norm):
-        scalars, finish = original(self, s, y, reference_norm)
+    def planted(self, s, y, reference_norm, **batch):
+        scalars, finish = original(self, s, y, reference_norm, **batch)
 
         def finish_planted(values):
             self.H.mul_(1.0 + 2.0**-20)  # the in-place mutation a careless edit could add
