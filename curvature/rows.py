@@ -48,8 +48,8 @@ def unpadded(rows: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     """The real parts of the padded ``rows`` concatenated into one flat tensor (row ``i``'s first ``lengths[i]``
     entries, in order); with no padding, a view."""
     flat = rows.reshape(-1)
-    if any(n != rows.shape[-1] for n in lengths):
-        flat = flat.index_select(0, _unpadded_index(tuple(lengths), rows.shape[-1], rows.device))
+    if any(n != rows.shape[1] for n in lengths):
+        flat = flat.index_select(0, _unpadded_index(tuple(lengths), rows.shape[1], rows.device))
     return flat
 
 

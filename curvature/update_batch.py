@@ -65,33 +65,32 @@ class UpdateBatch:
 
     def __init__(self) -> None:
         self.pending: list[PendingDamping | PendingUpdate] = []
-        self.prepared = False
+        self.state = "open"  # then "preparing" (continuations may add updates), then "prepared"
 
     def add_damping(self, damping: DoubleDamping, s: torch.Tensor, y: torch.Tensor, Hy: torch.Tensor,
                     then: Callable[[DampingDraft], list[torch.Tensor]]) -> PendingDamping:
         """Damp ``(s, y)`` against ``H`` (``Hy`` = H applied to ``y``); ``then(draft)`` is called during
         :meth:`prepare` with the damped candidate and returns further scalars to read with the draft's."""
-        return self._add(PendingDamping(damping, s, y, Hy, then))
+        return self._add(PendingDamping(damping, s, y, Hy, then), ("open",))
 
     def add_update(self, H: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
                    reference_norm: torch.Tensor | float | None = None) -> PendingUpdate:
         """A candidate :func:`~curvature.bfgs.bfgs_inverse_update` of ``H`` with ``(s, y)`` and its guard's scalars
         (registered during :meth:`prepare` too, by a damping's continuation)."""
-        return self._add(PendingUpdate(H, s, y, reference_norm), during_prepare=True)
+        return self._add(PendingUpdate(H, s, y, reference_norm), ("open", "preparing"))
 
-    def _add(self, request, during_prepare: bool = False):
-        if self.prepared and not (during_prepare and self._preparing):
-            raise RuntimeError("UpdateBatch: a request added after prepare; start a new batch")
+    def _add(self, request, states: tuple[str, ...]):
+        if self.state not in states:
+            raise RuntimeError(f"UpdateBatch: a request added while {self.state}; add every request before prepare "
+                               "(a damping's continuation may add updates only)")
         self.pending.append(request)
         return request
 
-    _preparing = False
-
     def prepare(self) -> list[torch.Tensor]:
         """Compute every request (dampings first, then updates) and return their scalars, request by request."""
-        if self.prepared:
+        if self.state != "open":
             raise RuntimeError("UpdateBatch.prepare called twice")
-        self.prepared, self._preparing = True, True
+        self.state = "preparing"
         try:
             dampings = [p for p in self.pending if isinstance(p, PendingDamping)]
             for group in _groups(dampings, _damping_key).values():
@@ -106,15 +105,16 @@ class UpdateBatch:
                 for p, (updated, scalars) in zip(group, results):
                     p.updated, p.scalars = updated, scalars
         finally:
-            self._preparing = False
+            self.state = "prepared"
         return [x for p in self.pending for x in p.scalars]
 
     def receive(self, values: list[float]) -> None:
         """The values of :meth:`prepare`'s scalars, read on the host, handed to each request."""
+        if self.state != "prepared":
+            raise ValueError("UpdateBatch.receive before prepare: prepare the batch and read its scalars first")
         expected = sum(len(p.scalars) for p in self.pending)
-        if not self.prepared or len(values) != expected:
-            raise ValueError(f"UpdateBatch.receive needs the {expected} values of prepare's scalars, got {len(values)}"
-                             + ("" if self.prepared else " (prepare was not called)"))
+        if len(values) != expected:
+            raise ValueError(f"UpdateBatch.receive needs the {expected} values of prepare's scalars, got {len(values)}")
         start = 0
         for p in self.pending:
             p.values = list(values[start:start + len(p.scalars)])

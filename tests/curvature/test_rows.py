@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from curvature.rows import column, padded, row_dot, split_rows, unpadded
 from tests.curvature.strategies import F64, hyp
+from tests.curvature.test_update_batch import _CountOps
 
 lengths = st.lists(st.integers(1, 9), min_size=1, max_size=6)
 
@@ -54,6 +55,15 @@ def test_unpadded_without_padding_is_a_view(device):
     flat = unpadded(rows, [4, 4, 4])
     assert flat.data_ptr() == rows.data_ptr() and torch.equal(flat, rows.reshape(-1))
     assert torch.equal(unpadded(rows, [1, 4, 2]), torch.tensor([0.0, 4, 5, 6, 7, 8, 9], device=device))
+
+
+def test_rows_of_one_length_are_stacked_in_one_kernel(device):
+    """No padding needed: one stack (the padded form scatters a concatenation into zeros: four kernels)."""
+    counter = _CountOps()
+    vs = _vectors([3, 3], device)
+    with counter:
+        P = padded(vs)
+    assert counter.count == 1 and torch.equal(P, torch.stack(vs))
 
 
 def test_column_scales_each_row_by_its_own_scalar(device):

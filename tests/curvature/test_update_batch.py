@@ -205,26 +205,46 @@ def test_the_batch_computes_dampings_then_updates_and_hands_back_each_requests_v
 def test_the_batch_rejects_a_wrong_protocol(device):
     batch = UpdateBatch()
     s = torch.ones(2, dtype=F64, device=device)
-    with pytest.raises(ValueError, match="prepare was not called"):
+    with pytest.raises(ValueError, match=r"^UpdateBatch\.receive before prepare: prepare the batch and read its scalars first$"):
         batch.receive([])
     batch.add_update(torch.eye(2, dtype=F64, device=device), s, 2 * s)
     batch.prepare()
-    with pytest.raises(RuntimeError, match="prepare called twice"):
+    with pytest.raises(RuntimeError, match=r"^UpdateBatch\.prepare called twice$"):
         batch.prepare()
-    with pytest.raises(RuntimeError, match="after prepare"):
+    late = r"^UpdateBatch: a request added while prepared; add every request before prepare \(a damping's continuation"
+    with pytest.raises(RuntimeError, match=late):
         batch.add_update(torch.eye(2, dtype=F64, device=device), s, 2 * s)
-    with pytest.raises(RuntimeError, match="after prepare"):
+    with pytest.raises(RuntimeError, match=late):
         batch.add_damping(DoubleDamping(), s, s, s, lambda draft: [])
-    with pytest.raises(ValueError, match="needs the 4 values"):
+    with pytest.raises(ValueError, match=r"^UpdateBatch\.receive needs the 4 values of prepare's scalars, got 2$"):
         batch.receive([1.0, 2.0])
+    assert batch.pending[0].values is None  # nothing handed out by a rejected receive
 
 
 def test_a_continuation_may_not_add_a_damping(device):
     batch = UpdateBatch()
     s = torch.ones(2, dtype=F64, device=device)
     batch.add_damping(DoubleDamping(), s, 2 * s, 2 * s, lambda draft: batch.add_damping(DoubleDamping(), s, s, s, list))
-    with pytest.raises(RuntimeError, match="after prepare"):
+    with pytest.raises(RuntimeError, match=r"^UpdateBatch: a request added while preparing;"):
         batch.prepare()
+    assert batch.state == "prepared"
+
+
+def test_dampings_of_another_class_are_prepared_by_that_class(device):
+    """A subclass of DoubleDamping with the same settings is a group of its own: its own prepare_many runs."""
+    calls = []
+
+    class Recorded(DoubleDamping):
+        def prepare_many(self, s, y, Hy):
+            calls.append(len(s))
+            return super().prepare_many(s, y, Hy)
+
+    batch = UpdateBatch()
+    s = torch.tensor([1.0, 2.0], dtype=F64, device=device)
+    plain = batch.add_damping(DoubleDamping(), s, 2 * s, 2 * s, lambda draft: [])
+    recorded = batch.add_damping(Recorded(), s, 2 * s, 2 * s, lambda draft: [])
+    batch.prepare()
+    assert calls == [1] and plain.draft is not None and recorded.draft is not None
 
 
 def test_requests_of_other_dtypes_and_damping_settings_are_computed_in_their_own_groups(device):
