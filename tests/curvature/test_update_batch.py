@@ -56,10 +56,14 @@ def test_batched_inverse_updates_match_the_product_form_oracle_and_are_bit_symme
     H, s, y = (list(t) for t in zip(*problems))
     for got, (h, si, yi) in zip(bfgs_inverse_updates(H, s, y), problems):
         expected = bfgs_inverse_oracle(h.cpu(), si.cpu(), yi.cpu())
-        scale = float(expected.abs().max())
+        # relative to the largest term of the update (H and ρ s sᵀ), not to the result, which may cancel
+        rho_ss = torch.outer(si.cpu(), si.cpu()) / float(si.cpu() @ yi.cpu())
+        scale = max(float(expected.abs().max()), float(h.abs().max()), float(rho_ss.abs().max()))
         torch.testing.assert_close(got.cpu(), expected, rtol=1e-9, atol=1e-9 * scale)
         assert torch.equal(got, got.T)
-        torch.testing.assert_close(got.cpu() @ yi.cpu(), si.cpu(), rtol=1e-7, atol=1e-7 * float(si.abs().max()))
+        # the secant equation H⁺y = s, to rounding relative to the terms of the product H⁺y
+        terms = float((got.cpu().abs() @ yi.cpu().abs()).max())
+        torch.testing.assert_close(got.cpu() @ yi.cpu(), si.cpu(), rtol=0, atol=1e-7 * max(terms, float(si.abs().max())))
 
 
 def test_no_updates_is_an_empty_list():
