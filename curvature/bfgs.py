@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from curvature.linalg import all_finite, read_scalars, symmetrize
+from curvature.linalg import all_finite, read_scalars, sums_finite, symmetrize
 from curvature.rows import column, padded, row_dot, unpadded
 
 #: Relative curvature threshold of the reference code: skip when sᵀy ≤ 1e-4·‖s‖²·‖g_ref‖.
@@ -148,8 +148,7 @@ class _PairRows:
     def guard_scalars(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per pair: whether it is finite (:func:`~curvature.linalg.finite_flag` of ``s`` and ``y``, row by
         row: conservative, a row sum that overflows also reads False), :math:`s^\\top y` and :math:`s^\\top s`."""
-        total = self.S.sum(-1) + self.Y.sum(-1)
-        return (total - total).eq(0), self.sy, row_dot(self.S, self.S)
+        return sums_finite(self.S.sum(-1) + self.Y.sum(-1)), self.sy, row_dot(self.S, self.S)
 
     def split(self, rows: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Each pair's part of the padded ``rows`` as a column and as a row (views of one flat tensor)."""
@@ -228,8 +227,8 @@ def prepare_guarded_updates(H: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
         return []
     rows = _PairRows(list(s), list(y))
     updated = _rank2_updates(rows, H)
-    finite_update = torch.stack([u.sum() for u in updated])  # finite_flag of each candidate, stacked
-    columns = zip(*(v.unbind() for v in rows.guard_scalars()), (finite_update - finite_update).eq(0).unbind())
+    finite_update = sums_finite(torch.stack([u.sum() for u in updated]))  # finite_flag of each candidate
+    columns = zip(*(v.unbind() for v in rows.guard_scalars()), finite_update.unbind())
     return [(u, [finite, sy, ss] + _reference_scalar(ref) + [finite_u])
             for u, ref, (finite, sy, ss, finite_u) in zip(updated, reference_norms, columns)]
 

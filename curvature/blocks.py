@@ -103,9 +103,9 @@ def vec_c(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.T.reshape(-1)
 
 
-def _batch_argument(factor: FactorProtocol, updates: UpdateBatch) -> dict[str, UpdateBatch]:
-    """``{"updates": updates}`` for a factor that joins update batches, else nothing."""
-    return {"updates": updates} if declares(factor, "joins_update_batch") else {}
+def batch_argument(obj: object, updates: UpdateBatch) -> dict[str, UpdateBatch]:
+    """``{"updates": updates}`` for a factor or block that declares ``joins_update_batch``, else nothing."""
+    return {"updates": updates} if declares(obj, "joins_update_batch") else {}
 
 
 def prepared_with_batch(scalars: list[torch.Tensor], finish: Callable[[list[float]], None], updates: UpdateBatch
@@ -216,6 +216,8 @@ class KroneckerBlock(CurvatureBlock):
     factor declaring them on the other side is rejected.
     """
 
+    joins_update_batch = True
+
     def __init__(self, name: str, adapter: LayerAdapter, a_factor: FactorProtocol, g_factor: FactorProtocol,
                  kind: str = "kronecker", approx: str = "expand") -> None:
         super().__init__(name, adapter)
@@ -248,7 +250,6 @@ class KroneckerBlock(CurvatureBlock):
         self.has_quadratic_form = declares(a_factor, "has_quadratic_form") and declares(g_factor, "has_quadratic_form")
         self.applies_cached_inverse = (declares(a_factor, "applies_cached_inverse")
                                        and declares(g_factor, "applies_cached_inverse"))
-        self.joins_update_batch = True
 
     def _sides(self):
         return (("a", self.a_factor), ("g", self.g_factor))
@@ -307,7 +308,7 @@ class KroneckerBlock(CurvatureBlock):
             y = after.g_mean(self.approx) - g_before
             if hasattr(self.g_factor, "prepare_pair"):  # reference norm a tensor: read with the pair check
                 part, fin = self.g_factor.prepare_pair(s, y, reference_norm=g_before.norm(),
-                                                       **_batch_argument(self.g_factor, batch))
+                                                       **batch_argument(self.g_factor, batch))
             else:
                 part, fin = [], lambda _, s=s, y=y, r=g_before.norm(): self.g_factor.observe_pair(s, y, reference_norm=r)
             parts.append((len(part), fin))
@@ -316,7 +317,7 @@ class KroneckerBlock(CurvatureBlock):
             _required(before.input_rows, "a")
             mean = before.a_mean(self.approx)
             if hasattr(self.a_factor, "prepare_action_update"):
-                part, fin = self.a_factor.prepare_action_update(mean, **_batch_argument(self.a_factor, batch))
+                part, fin = self.a_factor.prepare_action_update(mean, **batch_argument(self.a_factor, batch))
             else:
                 part, fin = [], lambda _, m=mean: self.a_factor.hessian_action_update(m)
             parts.append((len(part), fin))

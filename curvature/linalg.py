@@ -37,7 +37,13 @@ def finite_flag(*tensors: torch.Tensor) -> torch.Tensor:
     if total is None:
         device = tensors[0].device if tensors else None
         return torch.ones((), dtype=torch.bool, device=device)
-    return (total - total).eq(0)  # isfinite of a scalar: inf - inf and NaN - NaN are NaN (2 kernels, not 4)
+    return sums_finite(total)
+
+
+def sums_finite(sums: torch.Tensor) -> torch.Tensor:
+    """Elementwise, whether the sums (of :func:`finite_flag`, or of several tensors at once: one per row, one per
+    matrix) are finite: ``inf - inf`` and ``NaN - NaN`` are NaN, so two kernels instead of ``isfinite``'s four."""
+    return (sums - sums).eq(0)
 
 
 def read_scalars(scalars: list[torch.Tensor]) -> list[float]:

@@ -32,7 +32,7 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-from curvature.linalg import all_finite, read_scalars
+from curvature.linalg import all_finite, read_scalars, sums_finite
 from curvature.rows import column, padded, row_dot, split_rows
 
 Step2Variant = Literal["interpolate", "lm"]
@@ -185,10 +185,11 @@ class DoubleDamping:
             Y_interp = column(theta2_t) * Y + column((1.0 - theta2_t.double()).to(Y.dtype)) * S1
             Y_guard = Y + column((self.mu2 * ss - s1y) / ss) * S1  # only reachable with mu2 >= 1: s̃ᵀỹ = μ2‖s̃‖² exactly
             Y2 = torch.where(column(active2_t), torch.where(column(interpolate_t), Y_interp, Y_guard), Y)
-        raw, damped = S.sum(-1) + Y.sum(-1), S1.sum(-1) + Y2.sum(-1)  # finite_flag of each pair, row by row
-        # in their own dtypes (bool or floating): read_scalars stacks them exactly, with no cast per scalar
-        columns = [(raw - raw).eq(0), torch.linalg.vector_norm(S, dim=-1), torch.linalg.vector_norm(Y, dim=-1),
-                   active1_t, theta1_t, ss.sqrt(), active2_t, interpolate_t, theta2_t, (damped - damped).eq(0)]
+        # finite_flag of each raw and each damped pair, row by row; all in their own dtypes (bool or floating):
+        # read_scalars stacks them exactly, with no cast per scalar
+        columns = [sums_finite(S.sum(-1) + Y.sum(-1)), torch.linalg.vector_norm(S, dim=-1),
+                   torch.linalg.vector_norm(Y, dim=-1), active1_t, theta1_t, ss.sqrt(), active2_t, interpolate_t,
+                   theta2_t, sums_finite(S1.sum(-1) + Y2.sum(-1))]
         per_pair = zip(s, y, split_rows(S1, dims), split_rows(Y2, dims), zip(*(c.unbind() for c in columns)))
         return [DampingDraft(si, yi, s1, y2, list(scalars)) for si, yi, s1, y2, scalars in per_pair]
 

@@ -44,7 +44,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from curvature.blocks import DiagonalBlock, KroneckerBlock, a_statistic, chain_finishers, g_statistic, prepared_with_batch
+from curvature.blocks import (DiagonalBlock, KroneckerBlock, a_statistic, batch_argument, chain_finishers, g_statistic,
+                              prepared_with_batch)
 from curvature.capture import LayerRecord
 from curvature.factors import Factor
 from curvature.inverter import BatchedInverter
@@ -294,8 +295,7 @@ class DataParallel:
         for name in [n for n, s in slots.items() if s.block.needs_second_pass]:
             block = slots[name].block
             if hasattr(block, "prepare_after_step"):
-                batch = {"updates": updates} if _declares(block, "joins_update_batch") else {}
-                part, fin = block.prepare_after_step(before[name], after[name], **batch)
+                part, fin = block.prepare_after_step(before[name], after[name], **batch_argument(block, updates))
             else:
                 part, fin = [], (lambda _values, b=block, n=name: b.update_after_step(before[n], after[n]))
             prepared.append((len(part), fin))

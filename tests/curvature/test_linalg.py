@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -528,3 +530,12 @@ def test_accumulate_gram_with_panels_matches_the_dense_update(with_ones):
     target = T0.clone()
     accumulate_gram(target, X, with_ones, alpha=0.5, beta=0.9)
     torch.testing.assert_close(target, 0.9 * T0 + 0.5 * (Xh.T @ Xh), rtol=1e-12, atol=1e-10)
+
+
+def test_sums_finite_is_elementwise_isfinite(device):
+    """The finiteness test of finite_flag's total, elementwise (row sums, one sum per matrix)."""
+    from curvature.linalg import sums_finite
+
+    sums = torch.tensor([1.0, math.inf, -math.inf, math.nan, 3e38, -0.0], device=device)
+    assert torch.equal(sums_finite(sums), torch.isfinite(sums))
+    assert sums_finite(torch.tensor(2.0, device=device)).dim() == 0
