@@ -52,9 +52,26 @@ def pair_scalar_tensors(s: torch.Tensor, y: torch.Tensor, reference_norm: torch.
                         extra: list[torch.Tensor] = ()) -> list[torch.Tensor]:
     """The 0-dim tensors a pair decision reads: ``[finite(s, y), sᵀy, sᵀs, (reference_norm), *extra]`` (the
     reference norm only when it is a tensor), in their own dtypes (:func:`~curvature.linalg.read_scalars`
-    reads them exactly). No synchronization."""
-    finite, sy, ss = (v.reshape(()) for v in _PairRows([s], [y]).guard_scalars())
-    return [finite, sy, ss] + _reference_scalar(reference_norm) + list(extra)
+    reads them exactly). No synchronization. This is :func:`pair_scalar_tensors_many` of one pair."""
+    return pair_scalar_tensors_many([s], [y], [reference_norm])[0] + list(extra)
+
+
+def pair_scalar_tensors_many(s: Sequence[torch.Tensor], y: Sequence[torch.Tensor],
+                             reference_norms: Sequence[torch.Tensor | float | None]) -> list[list[torch.Tensor]]:
+    """:func:`pair_scalar_tensors` of several pairs (of any sizes, one dtype and device), computed on the rows of
+    one padded matrix per side: a few kernels for all of them. No synchronization."""
+    if not s:
+        return []
+    return _guard_scalar_lists(_PairRows(list(s), list(y)), reference_norms)
+
+
+def _guard_scalar_lists(rows: "_PairRows", reference_norms: Sequence[torch.Tensor | float | None],
+                        *extra_rows: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per pair of ``rows``: ``[finite(s, y), sᵀy, sᵀs, (reference_norm), *extra]``, where ``extra`` are that pair's
+    entries of ``extra_rows`` (one value per pair each)."""
+    columns = zip(*(v.unbind() for v in rows.guard_scalars()), *(v.unbind() for v in extra_rows))
+    return [[finite, sy, ss] + _reference_scalar(ref) + list(extra)
+            for ref, (finite, sy, ss, *extra) in zip(reference_norms, columns)]
 
 
 def pair_values(values: list[float], reference_norm: torch.Tensor | float | None) -> list:
@@ -228,9 +245,7 @@ def prepare_guarded_updates(H: Sequence[torch.Tensor], s: Sequence[torch.Tensor]
     rows = _PairRows(list(s), list(y))
     updated = _rank2_updates(rows, H)
     finite_update = sums_finite(torch.stack([u.sum() for u in updated]))  # finite_flag of each candidate
-    columns = zip(*(v.unbind() for v in rows.guard_scalars()), finite_update.unbind())
-    return [(u, [finite, sy, ss] + _reference_scalar(ref) + [finite_u])
-            for u, ref, (finite, sy, ss, finite_u) in zip(updated, reference_norms, columns)]
+    return list(zip(updated, _guard_scalar_lists(rows, reference_norms, finite_update)))
 
 
 def _reference_scalar(reference_norm: torch.Tensor | float | None) -> list[torch.Tensor]:

@@ -18,19 +18,21 @@ code, starting at zero with no bias correction), then double damping against the
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from curvature.bfgs import (DEFAULT_CURVATURE_THRESHOLD, check_pair, finish_guarded_update, guarded_bfgs_inverse_update,
-                            pair_reason, pair_scalar_tensors, pair_values)
+                            pair_reason, pair_values)
 from curvature.inverter import BatchedInverter
 from curvature.lbfgs import CompactLBFGS
 from curvature.linalg import (accumulate_gram, add_to_diagonal, all_finite, finite_flag, read_scalars,
                               symmetric_eigenvalue_bounds, symmetrize)
 from curvature.pair_damping import DampedPair, DampingCounters, DampingDraft, DoubleDamping
 from curvature.protocols import declares
-from curvature.update_batch import PendingUpdate, UpdateBatch
+from curvature.update_batch import PendingCheck, PendingUpdate, UpdateBatch
+
+_Request = TypeVar("_Request", PendingUpdate, PendingCheck)
 
 
 class Factor:
@@ -494,7 +496,7 @@ class BFGSFactor(SecantFactor):
         return reason
 
     def _prepare_incorporate(self, s, y, reference_norm, updates: UpdateBatch | None = None):
-        scalars, pending, own = _join_batch(updates, self.H, s, y, reference_norm)
+        scalars, pending, own = _join_batch(updates, lambda batch: batch.add_update(self.H, s, y, reference_norm))
 
         def finish(values: list[float]) -> str | None:
             if own is not None:
@@ -530,6 +532,8 @@ class BFGSFactor(SecantFactor):
 class LBFGSFactor(SecantFactor):
     """Limited-memory factor: ``memory`` damped pairs in compact form, ``H0 = gamma · I`` (γ = 1 as coded)."""
 
+    _incorporates_in_batch = True
+
     def __init__(self, dim: int, damping: DoubleDamping | None, pair_decay: float = 0.9, memory: int = 100,
                  gamma: float = 1.0, curvature_threshold: float = DEFAULT_CURVATURE_THRESHOLD, *,
                  dtype=torch.float32, device=None) -> None:
@@ -543,14 +547,18 @@ class LBFGSFactor(SecantFactor):
         self.lbfgs.append(s, y)
         return None
 
-    def _prepare_incorporate(self, s, y, reference_norm):
+    def _prepare_incorporate(self, s, y, reference_norm, updates: UpdateBatch | None = None):
+        scalars, check, own = _join_batch(updates, lambda batch: batch.add_check(s, y, reference_norm))
+
         def finish(values: list[float]) -> str | None:
-            reason = pair_reason(s, y, pair_values(values, reference_norm), self.curvature_threshold)
+            if own is not None:
+                own.receive(values)
+            reason = pair_reason(s, y, pair_values(check.values, reference_norm), self.curvature_threshold)
             if reason is None:
                 self.lbfgs.append(s, y)
             return reason
 
-        return pair_scalar_tensors(s, y, reference_norm), finish
+        return scalars, finish
 
     def _reset_h(self) -> None:
         old = self.lbfgs
@@ -574,15 +582,14 @@ class LBFGSFactor(SecantFactor):
         self._load_secant_state(state)
 
 
-def _join_batch(updates: UpdateBatch | None, H: torch.Tensor, s: torch.Tensor, y: torch.Tensor,
-                reference_norm: torch.Tensor | float | None
-                ) -> tuple[list[torch.Tensor], PendingUpdate, UpdateBatch | None]:
-    """Add the candidate update of ``H`` to ``updates``, or to a batch of its own that is prepared at once.
+def _join_batch(updates: UpdateBatch | None, add: Callable[[UpdateBatch], _Request]
+                ) -> tuple[list[torch.Tensor], _Request, UpdateBatch | None]:
+    """Register a request with ``add(batch)`` in ``updates``, or in a batch of its own that is prepared at once.
 
-    Returns ``(scalars, pending, own)``: with a batch of its own (``own``), ``scalars`` are the update's and
+    Returns ``(scalars, pending, own)``: with a batch of its own (``own``), ``scalars`` are the request's and
     its finish hands their values to ``own``; in the caller's batch, ``scalars`` is empty and ``own`` None."""
     own = UpdateBatch() if updates is None else None
-    pending = (own or updates).add_update(H, s, y, reference_norm)
+    pending = add(own or updates)
     return (own.prepare() if own is not None else []), pending, own
 
 
@@ -692,7 +699,7 @@ class HessianActionFactor(Factor):
         y = self.matrix_action(s)
         self.last_pair = (s, y)
         ref = None if self.curvature_threshold is None else v.norm()
-        scalars, pending, own = _join_batch(updates, self.H, s, y, ref)
+        scalars, pending, own = _join_batch(updates, lambda batch: batch.add_update(self.H, s, y, ref))
 
         def finish(values: list[float]) -> str | None:
             if own is not None:

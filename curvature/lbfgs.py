@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 
-def _upper_triangle(matrix: torch.Tensor) -> torch.Tensor:
-    """``triu(matrix)`` by a mask (``torch.triu`` opens a parallel region even for tiny matrices)."""
-    idx = torch.arange(matrix.shape[0], device=matrix.device)
-    return matrix * (idx[:, None] <= idx[None, :]).to(matrix.dtype)
+def _upper_mask(size: int, like: torch.Tensor) -> torch.Tensor:
+    """The ``size × size`` matrix with ones on and above the diagonal, zeros below, in ``like``'s dtype and device."""
+    idx = torch.arange(size, device=like.device)
+    return (idx[:, None] <= idx[None, :]).to(like.dtype)
 
 
 class CompactLBFGS:
@@ -62,6 +62,7 @@ class CompactLBFGS:
         self.SY = torch.zeros(0, 0, **kw)  # (S^T Y)_{ij} = s_i^T y_j
         self.YY = torch.zeros(0, 0, **kw)
         self.R = torch.zeros(0, 0, **kw)  # triu(S^T Y), cached when a pair enters
+        self._mask = _upper_mask(0, self.SY)  # grown as pairs enter, see _upper_triangle
 
     @property
     def size(self) -> int:
@@ -72,19 +73,24 @@ class CompactLBFGS:
         """Add a pair (the caller has checked ``sᵀy > 0``); drop the oldest when the memory is full."""
         s = s.to(self.S).reshape(1, self.dim)
         y = y.to(self.Y).reshape(1, self.dim)
-        keep = slice(1, None) if self.size == self.memory else slice(0, None)
-        S, Y = self.S[keep], self.Y[keep]
-        SY, YY = self.SY[keep, keep], self.YY[keep, keep]
-        Sy = S @ y.T  # s_i^T y_new, column
-        sY = s @ Y.T  # s_new^T y_j, row
-        Yy = Y @ y.T
-        sy = s @ y.T
-        yy = y @ y.T
-        self.SY = torch.cat([torch.cat([SY, Sy], 1), torch.cat([sY, sy], 1)], 0)
-        self.YY = torch.cat([torch.cat([YY, Yy], 1), torch.cat([Yy.T, yy], 1)], 0)
-        self.S = torch.cat([S, s], 0)
-        self.Y = torch.cat([Y, y], 0)
-        self.R = _upper_triangle(self.SY)
+        drop = 1 if self.size == self.memory else 0
+        S, Y = torch.cat([self.S[drop:], s]), torch.cat([self.Y[drop:], y])
+        # the kept block of SᵀY and YᵀY, under it the new last row (sᵀy_j; YᵀY's is its last column's mirror, so
+        # YᵀY stays exactly symmetric), then the new last column (s_iᵀy, y_iᵀy, the new pair's included)
+        Sy, Yy, sY = S @ y.T, Y @ y.T, s @ Y.T
+        self.SY = torch.cat([torch.cat([self.SY[drop:, drop:], sY[:, :-1]]), Sy], 1)
+        self.YY = torch.cat([torch.cat([self.YY[drop:, drop:], Yy[:-1].T]), Yy], 1)
+        self.S, self.Y = S, Y
+        self.R = self._upper_triangle(self.SY)
+
+    def _upper_triangle(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``triu(matrix)`` as ``matrix`` times a cached mask (``torch.triu`` opens a parallel region even for tiny
+        matrices); the mask grows by doubling, up to the memory. ``matrix`` is ``SY``, whose dtype and device
+        are the memory's from construction on (appends and loads convert), so the mask's are too."""
+        size, mask = matrix.shape[0], self._mask
+        if mask.shape[0] < size:
+            self._mask = mask = _upper_mask(min(max(size, 2 * mask.shape[0]), max(size, self.memory)), matrix)
+        return matrix * mask[:size, :size]
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         """Return ``H @ V`` for ``V`` of shape ``[dim]`` or ``[dim, n]``."""
@@ -112,8 +118,8 @@ class CompactLBFGS:
                 "gamma": self.gamma, "memory": self.memory}
 
     def revert_state(self) -> dict[str, Any]:
-        """:meth:`state_dict` by reference: :meth:`append` builds new ``S``, ``Y``, ``SY``, ``YY`` (``torch.cat``)
-        and nothing writes into them in place; :meth:`load_state_dict` copies."""
+        """:meth:`state_dict` by reference: :meth:`append` builds new ``S``, ``Y``, ``SY``, ``YY`` and nothing
+        writes into them in place once built; :meth:`load_state_dict` copies."""
         return {"S": self.S, "Y": self.Y, "SY": self.SY, "YY": self.YY, "gamma": self.gamma, "memory": self.memory}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -122,4 +128,4 @@ class CompactLBFGS:
         self.gamma, self.memory = float(state["gamma"]), int(state["memory"])
         for key in ("S", "Y", "SY", "YY"):
             setattr(self, key, state[key].to(self.S, copy=True))
-        self.R = _upper_triangle(self.SY)
+        self.R = self._upper_triangle(self.SY)

@@ -26,8 +26,9 @@ Factor capabilities (read by :class:`~curvature.blocks.KroneckerBlock`; a missin
                            statistic), so folding in a batch between refreshes does not change the direction.
 ``joins_update_batch``     its split second-pass update (``prepare_pair(s, y, reference_norm, updates=...)``
                            or ``prepare_action_update(mean, updates=...)``) accepts a
-                           :class:`~curvature.update_batch.UpdateBatch` batch and adds its candidate inverse-BFGS
-                           update to it, so the updates of all layers are computed together.
+                           :class:`~curvature.update_batch.UpdateBatch` batch and adds its damping and its candidate
+                           inverse-BFGS update (or, for L-BFGS, its pair check) to it, so the updates of all layers
+                           are computed together.
 =========================  ==========================================================================
 
 Block capabilities (read by the optimizer driver): ``needs_a`` / ``needs_g`` (input rows / output

@@ -1,4 +1,4 @@
-"""The after-step updates of many factors, computed together: double damping and guarded inverse-BFGS.
+"""The after-step updates of many factors, computed together: double damping, guarded inverse-BFGS and pair checks.
 
 After each K-BFGS step every layer damps its H_g pair and updates H_g and H_a by inverse BFGS. The
 vector part of that work is a few dozen tiny kernels per factor; on a network of small layers their
@@ -7,9 +7,10 @@ factors and computes them as the rows of padded matrices (:mod:`curvature.rows`)
 all layers. It follows the split-at-one-read pattern of the factors:
 
 1. factors register requests: :meth:`UpdateBatch.add_damping` (a pair to damp, with a continuation that
-   receives the damped candidate and may register an update) and :meth:`UpdateBatch.add_update`
-   (a guarded inverse-BFGS update); nothing is computed yet;
-2. :meth:`UpdateBatch.prepare` computes every damping, then every update, on the device, without a
+   receives the damped candidate and may register an update or a check), :meth:`UpdateBatch.add_update`
+   (a guarded inverse-BFGS update) and :meth:`UpdateBatch.add_check` (the skip rules' scalars of a pair that
+   its factor uses another way, e.g. appends to an L-BFGS memory); nothing is computed yet;
+2. :meth:`UpdateBatch.prepare` computes every damping, then every update and check, on the device, without a
    host synchronization, and returns all the scalars their decisions read, request by request;
 3. the caller reads them with the step's other scalars and hands them back with :meth:`UpdateBatch.receive`;
    each request's owner then decides from its request's ``values`` and commits (or skips).
@@ -26,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from curvature.bfgs import prepare_guarded_updates
+from curvature.bfgs import pair_scalar_tensors_many, prepare_guarded_updates
 from curvature.pair_damping import DampingDraft, DoubleDamping
 
 
@@ -60,11 +61,24 @@ class PendingUpdate:
     values: list[float] | None = None
 
 
+@dataclass
+class PendingCheck:
+    """A pair to check by the skip rules: after :meth:`UpdateBatch.prepare`, the ``scalars`` of
+    :func:`~curvature.bfgs.pair_scalar_tensors`; after :meth:`UpdateBatch.receive`, their ``values`` (what
+    :func:`~curvature.bfgs.pair_values` and :func:`~curvature.bfgs.pair_reason` take)."""
+
+    s: torch.Tensor
+    y: torch.Tensor
+    reference_norm: torch.Tensor | float | None
+    scalars: list[torch.Tensor] = field(default_factory=list)
+    values: list[float] | None = None
+
+
 class UpdateBatch:
     """Dampings and guarded inverse-BFGS updates of several factors, computed together (see the module)."""
 
     def __init__(self) -> None:
-        self.pending: list[PendingDamping | PendingUpdate] = []
+        self.pending: list[PendingDamping | PendingUpdate | PendingCheck] = []
         self.state = "open"  # then "preparing" (continuations may add updates), then "prepared"
 
     def add_damping(self, damping: DoubleDamping, s: torch.Tensor, y: torch.Tensor, Hy: torch.Tensor,
@@ -79,15 +93,22 @@ class UpdateBatch:
         (registered during :meth:`prepare` too, by a damping's continuation)."""
         return self._add(PendingUpdate(H, s, y, reference_norm), ("open", "preparing"))
 
+    def add_check(self, s: torch.Tensor, y: torch.Tensor, reference_norm: torch.Tensor | float | None = None
+                  ) -> PendingCheck:
+        """The skip rules' scalars of the pair ``(s, y)`` (registered during :meth:`prepare` too, by a damping's
+        continuation)."""
+        return self._add(PendingCheck(s, y, reference_norm), ("open", "preparing"))
+
     def _add(self, request, states: tuple[str, ...]):
         if self.state not in states:
             raise RuntimeError(f"UpdateBatch: a request added while {self.state}; add every request before prepare "
-                               "(a damping's continuation may add updates only)")
+                               "(a damping's continuation may add updates and checks only)")
         self.pending.append(request)
         return request
 
     def prepare(self) -> list[torch.Tensor]:
-        """Compute every request (dampings first, then updates) and return their scalars, request by request."""
+        """Compute every request (dampings first, then updates and checks) and return their scalars, request by
+        request."""
         if self.state != "open":
             raise RuntimeError("UpdateBatch.prepare called twice")
         self.state = "preparing"
@@ -104,6 +125,12 @@ class UpdateBatch:
                                                   [p.reference_norm for p in group])
                 for p, (updated, scalars) in zip(group, results):
                     p.updated, p.scalars = updated, scalars
+            checks = [p for p in self.pending if isinstance(p, PendingCheck)]
+            for group in _groups(checks, lambda p: (p.s.dtype, p.s.device)).values():
+                results = pair_scalar_tensors_many([p.s for p in group], [p.y for p in group],
+                                                   [p.reference_norm for p in group])
+                for p, scalars in zip(group, results):
+                    p.scalars = scalars
         finally:
             self.state = "prepared"
         return [x for p in self.pending for x in p.scalars]

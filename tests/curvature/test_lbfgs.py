@@ -218,8 +218,23 @@ def test_cached_matrices_have_the_memory_dtype_and_r_is_the_upper_triangle(devic
             assert t.shape == (m, m) and t.dtype == F64 and t.device == lb.S.device, (k, name)
         S, Y = f64(lb.S), f64(lb.Y)
         torch.testing.assert_close(f64(lb.SY), S @ Y.T, rtol=1e-15, atol=0)
+        torch.testing.assert_close(f64(lb.YY), Y @ Y.T, rtol=1e-15, atol=0)
+        assert torch.equal(lb.YY, lb.YY.T)  # each off-diagonal yᵢᵀyⱼ is computed once and mirrored
         assert torch.equal(lb.R, torch.triu(lb.SY))
         lb.append(*(v.to(device) for v in _pair(k)))
+
+
+def test_a_large_memory_costs_nothing_until_pairs_enter(device):
+    """Nothing of size memory × memory is allocated up front (a memory of 10⁷ pairs would need 10¹⁴ entries):
+    the cached triangle mask grows with the pairs stored, and R = triu(SᵀY) at every size, also after a
+    load into another dtype."""
+    lb = CompactLBFGS(3, 10**7, dtype=F64, device=device)
+    for k in range(5):
+        lb.append(*(v.to(device) for v in _pair(k)))
+        assert torch.equal(lb.R, torch.triu(lb.SY)) and lb.R.shape == (k + 1, k + 1)
+    other = CompactLBFGS(3, 4, dtype=torch.float32, device=device)
+    other.load_state_dict(lb.state_dict())
+    assert other.R.dtype == torch.float32 and torch.equal(other.R, torch.triu(other.SY))
 
 
 def test_append_converts_a_pair_to_the_memory_dtype(device):

@@ -14,7 +14,8 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from curvature.bfgs import bfgs_inverse_update, bfgs_inverse_updates, prepare_guarded_update, prepare_guarded_updates
+from curvature.bfgs import (bfgs_inverse_update, bfgs_inverse_updates, pair_scalar_tensors, pair_scalar_tensors_many,
+                            prepare_guarded_update, prepare_guarded_updates)
 from curvature.factors import BFGSFactor, HessianActionFactor, LBFGSFactor
 from curvature.inverter import BatchedInverter
 from curvature.linalg import read_scalars
@@ -68,6 +69,7 @@ def test_batched_inverse_updates_match_the_product_form_oracle_and_are_bit_symme
 
 def test_no_updates_is_an_empty_list():
     assert bfgs_inverse_updates([], [], []) == [] and prepare_guarded_updates([], [], [], []) == []
+    assert pair_scalar_tensors_many([], [], []) == []
     assert DoubleDamping().prepare_many([], [], []) == []
 
 
@@ -111,6 +113,40 @@ def test_batched_guard_scalars_match_each_pair_alone(device, data, count):
             assert values[3] == float(ref)
         if values[-1]:
             torch.testing.assert_close(u, alone_u, rtol=1e-10, atol=1e-10 * float(alone_u.abs().max()))
+
+
+@given(data=st.data(), count=st.integers(1, 5))
+@hyp()
+def test_batched_pair_checks_match_the_oracle_and_each_pair_alone(device, data, count):
+    """The skip rules' scalars ([finite(s, y), sᵀy, sᵀs, reference]) of a batch of checks: against float64 sums,
+    and the same decisions' inputs as :func:`pair_scalar_tensors` of each pair alone."""
+    problems = _on(device, _problems(data, count, lambda n: pairs(n)))
+    s, y = [p[1] for p in problems], [p[2] for p in problems]
+    refs = [si.norm() if i % 3 == 0 else (None if i % 3 == 1 else 2.5) for i, si in enumerate(s)]
+    batch = UpdateBatch()
+    checks = [batch.add_check(si, yi, ref) for si, yi, ref in zip(s, y, refs)]
+    batch.receive(read_scalars(batch.prepare()))
+    for check, si, yi, ref in zip(checks, s, y, refs):
+        alone = _scalar_values(pair_scalar_tensors(si, yi, ref))
+        assert len(check.values) == len(alone) == (4 if isinstance(ref, torch.Tensor) else 3)
+        assert check.values[0] == alone[0] == 1.0
+        assert check.values[1] == pytest.approx(float(si.double() @ yi.double()), rel=1e-12,
+                                                abs=1e-12 * float(si.norm() * yi.norm()))
+        assert check.values[2] == pytest.approx(float(si.double() @ si.double()), rel=1e-12)
+        assert check.values[1] == pytest.approx(alone[1], rel=1e-12, abs=1e-12 * float(si.norm() * yi.norm()))
+        if isinstance(ref, torch.Tensor):
+            assert check.values[3] == float(ref)
+
+
+def test_a_pairs_check_does_not_depend_on_the_other_rows_of_its_batch(device):
+    """A NaN pair is flagged in its own row; the other pairs' scalars are bit for bit those of a batch without it."""
+    s = [torch.tensor([1.0, 2.0, 3.0], dtype=F64, device=device), torch.tensor([0.5, -1.0], dtype=F64, device=device)]
+    y = [torch.tensor([2.0, 1.0, 0.5], dtype=F64, device=device), torch.tensor([1.0, -3.0], dtype=F64, device=device)]
+    clean = pair_scalar_tensors_many(s, y, [None, None])
+    bad = pair_scalar_tensors_many([torch.full_like(s[0], math.nan), s[1]], y, [None, None])
+    assert _scalar_values(bad[0])[0] == 0.0 and _scalar_values(clean[0])[0] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(clean[1], bad[1]))
+    assert _scalar_values(clean[1]) == [1.0, 3.5, 1.25]
 
 
 def test_non_finite_pairs_and_updates_are_flagged_row_by_row(device):
@@ -196,14 +232,28 @@ def test_the_batch_computes_dampings_then_updates_and_hands_back_each_requests_v
 
     first = batch.add_update(torch.eye(2, dtype=F64, device=device), s, y, reference_norm=s.norm())
     damping = batch.add_damping(DoubleDamping(), s, y, y.clone(), then)
+    check = batch.add_check(s, -y)
     scalars = batch.prepare()
     assert len(seen) == 1 and damping.draft is seen[0]
-    assert len(damping.scalars) == 11 and len(first.scalars) == 5 and len(batch.pending) == 3
-    assert len(scalars) == 5 + 11 + 4  # request by request, in the order they were added
+    assert len(damping.scalars) == 11 and len(first.scalars) == 5 and len(check.scalars) == 3
+    assert len(batch.pending) == 4
+    assert len(scalars) == 5 + 11 + 3 + 4  # request by request, in the order they were added
     values = read_scalars(scalars)
     batch.receive(values)
-    assert first.values == values[:5] and damping.values == values[5:16] and batch.pending[2].values == values[16:]
+    assert first.values == values[:5] and damping.values == values[5:16] and check.values == values[16:19]
+    assert batch.pending[3].values == values[19:]
     assert damping.values[-1] == pytest.approx(float(damping.draft.s1.sum()))
+    assert check.values == [1.0, -4.0, 5.0]  # finite, sᵀy = -(2 + 2), sᵀs
+
+
+def test_a_continuation_may_add_a_check(device):
+    batch = UpdateBatch()
+    s, y = torch.tensor([1.0, 2.0], dtype=F64, device=device), torch.tensor([2.0, 1.0], dtype=F64, device=device)
+    added = []
+    batch.add_damping(DoubleDamping(), s, y, y.clone(), lambda draft: added.append(batch.add_check(draft.s1, draft.y2)) or [])
+    batch.receive(read_scalars(batch.prepare()))
+    (check,) = added
+    assert check.values[1] == pytest.approx(float(check.s @ check.y), rel=1e-14)
 
 
 def test_the_batch_rejects_a_wrong_protocol(device):
@@ -218,6 +268,8 @@ def test_the_batch_rejects_a_wrong_protocol(device):
     late = r"^UpdateBatch: a request added while prepared; add every request before prepare \(a damping's continuation"
     with pytest.raises(RuntimeError, match=late):
         batch.add_update(torch.eye(2, dtype=F64, device=device), s, 2 * s)
+    with pytest.raises(RuntimeError, match=late):
+        batch.add_check(s, 2 * s)
     with pytest.raises(RuntimeError, match=late):
         batch.add_damping(DoubleDamping(), s, s, s, lambda draft: [])
     with pytest.raises(ValueError, match=r"^UpdateBatch\.receive needs the 4 values of prepare's scalars, got 2$"):
@@ -326,12 +378,13 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_batched_work_grows_by_a_few_kernels_per_factor():
-    """The point of the batch: a factor more adds its matrix products, rank-2 update and a few flags, not the
+@pytest.mark.parametrize("cls", [BFGSFactor, LBFGSFactor])
+def test_the_batched_work_grows_by_a_few_kernels_per_factor(cls):
+    """The point of the batch: a factor more adds its matrix products, rank-2 update (BFGS) and a few flags, not the
     ~150 small kernels of its damping and guard computed on their own (ATen ops of the whole preparation)."""
     def ops(layers: int, batched: bool) -> int:
         torch.manual_seed(2)
-        factors = [BFGSFactor(3 + i, DoubleDamping(), pair_decay=0.0, dtype=F64) for i in range(layers)]
+        factors = [cls(3 + i, DoubleDamping(), pair_decay=0.0, dtype=F64) for i in range(layers)]
         pairs_ = [(torch.randn(f.dim, dtype=F64), torch.randn(f.dim, dtype=F64)) for f in factors]
         with _CountOps() as counter:
             batch = UpdateBatch() if batched else None
