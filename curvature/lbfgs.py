@@ -13,8 +13,8 @@ inverse BFGS update to :math:`H_0` with the pairs oldest to newest is
 
 :meth:`CompactLBFGS.apply` multiplies a whole matrix ``V`` (``d × n``) with two thin products,
 two triangular solves and no Python loop over columns or pairs: :math:`O(dmn + m^2 n)`.
-:math:`S^\top Y` and :math:`Y^\top Y` are updated incrementally (one new row and column) when a
-pair enters, and the oldest row and column are dropped when the memory is full.
+:math:`S^\top Y`, :math:`Y^\top Y` and :math:`R` are updated incrementally (one new row and column) when
+a pair enters, and the oldest row and column are dropped when the memory is full.
 """
 
 from __future__ import annotations
@@ -22,12 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-
-def _upper_mask(size: int, like: torch.Tensor) -> torch.Tensor:
-    """The ``size × size`` matrix with ones on and above the diagonal, zeros below, in ``like``'s dtype and device."""
-    idx = torch.arange(size, device=like.device)
-    return (idx[:, None] <= idx[None, :]).to(like.dtype)
 
 
 class CompactLBFGS:
@@ -61,8 +55,7 @@ class CompactLBFGS:
         self.Y = torch.zeros(0, dim, **kw)
         self.SY = torch.zeros(0, 0, **kw)  # (S^T Y)_{ij} = s_i^T y_j
         self.YY = torch.zeros(0, 0, **kw)
-        self.R = torch.zeros(0, 0, **kw)  # triu(S^T Y), cached when a pair enters
-        self._mask = _upper_mask(0, self.SY)  # grown as pairs enter, see _upper_triangle
+        self.R = torch.zeros(0, 0, **kw)  # triu(S^T Y), kept up to date as pairs enter
 
     @property
     def size(self) -> int:
@@ -75,22 +68,14 @@ class CompactLBFGS:
         y = y.to(self.Y).reshape(1, self.dim)
         drop = 1 if self.size == self.memory else 0
         S, Y = torch.cat([self.S[drop:], s]), torch.cat([self.Y[drop:], y])
-        # the kept block of SᵀY and YᵀY, under it the new last row (sᵀy_j; YᵀY's is its last column's mirror, so
-        # YᵀY stays exactly symmetric), then the new last column (s_iᵀy, y_iᵀy, the new pair's included)
+        # the kept block of SᵀY, YᵀY and R = triu(SᵀY), under it the new last row (sᵀy_j; YᵀY's is its last
+        # column's mirror, so YᵀY stays exactly symmetric; R's is zero left of the diagonal), then the new last
+        # column (s_iᵀy, y_iᵀy, the new pair's included; R's is SᵀY's, which lies on and above the diagonal)
         Sy, Yy, sY = S @ y.T, Y @ y.T, s @ Y.T
         self.SY = torch.cat([torch.cat([self.SY[drop:, drop:], sY[:, :-1]]), Sy], 1)
         self.YY = torch.cat([torch.cat([self.YY[drop:, drop:], Yy[:-1].T]), Yy], 1)
+        self.R = torch.cat([torch.cat([self.R[drop:, drop:], sY.new_zeros(1, S.shape[0] - 1)]), Sy], 1)
         self.S, self.Y = S, Y
-        self.R = self._upper_triangle(self.SY)
-
-    def _upper_triangle(self, matrix: torch.Tensor) -> torch.Tensor:
-        """``triu(matrix)`` as ``matrix`` times a cached mask (``torch.triu`` opens a parallel region even for tiny
-        matrices); the mask grows by doubling, up to the memory. ``matrix`` is ``SY``, whose dtype and device
-        are the memory's from construction on (appends and loads convert), so the mask's are too."""
-        size, mask = matrix.shape[0], self._mask
-        if mask.shape[0] < size:
-            self._mask = mask = _upper_mask(min(max(size, 2 * mask.shape[0]), max(size, self.memory)), matrix)
-        return matrix * mask[:size, :size]
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
         """Return ``H @ V`` for ``V`` of shape ``[dim]`` or ``[dim, n]``."""
@@ -129,4 +114,4 @@ class CompactLBFGS:
         self.gamma, self.memory = float(state["gamma"]), int(state["memory"])
         for key in ("S", "Y", "SY", "YY"):
             setattr(self, key, state[key].to(self.S, copy=True))
-        self.R = self._upper_triangle(self.SY)
+        self.R = torch.triu(self.SY)

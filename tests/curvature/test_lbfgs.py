@@ -226,8 +226,8 @@ def test_cached_matrices_have_the_memory_dtype_and_r_is_the_upper_triangle(devic
 
 def test_a_large_memory_costs_nothing_until_pairs_enter(device):
     """Nothing of size memory × memory is allocated up front (a memory of 10⁷ pairs would need 10¹⁴ entries):
-    the cached triangle mask grows with the pairs stored, and R = triu(SᵀY) at every size, also after a
-    load into another dtype."""
+    SᵀY, YᵀY and R grow with the pairs stored, and R = triu(SᵀY) at every size, also after a load into
+    another dtype."""
     lb = CompactLBFGS(3, 10**7, dtype=F64, device=device)
     for k in range(5):
         lb.append(*(v.to(device) for v in _pair(k)))

@@ -313,8 +313,10 @@ def test_requests_of_other_dtypes_and_damping_settings_are_computed_in_their_own
     # step 1 inactive (sᵀy = 0.1 > μ1·yᵀHy with Hy = 0.01·y), step 2 active (sᵀy < μ2‖s‖²) for both μ2
     d1 = batch.add_damping(DoubleDamping(mu2=0.5), s, y, 0.01 * y, lambda draft: [])
     d2 = batch.add_damping(DoubleDamping(mu2=0.9), s, y, 0.01 * y, lambda draft: [])
+    c64, c32 = batch.add_check(s64, 2 * s64), batch.add_check(s32, 3 * s32)
     batch.prepare()
     assert u64.updated.dtype == F64 and u32.updated.dtype == torch.float32
+    assert all(x.dtype == F64 for x in c64.scalars[1:]) and all(x.dtype == torch.float32 for x in c32.scalars[1:])
     torch.testing.assert_close(u32.updated, bfgs_inverse_update(torch.eye(2, dtype=torch.float32, device=device), s32, 3 * s32))
     # each damping used its own μ2: s̃ᵀỹ = μ2‖s̃‖² when step 2 is active
     for pending, mu2 in ((d1, 0.5), (d2, 0.9)):
