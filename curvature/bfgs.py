@@ -165,7 +165,7 @@ class _PairRows:
     def guard_scalars(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per pair: whether it is finite (:func:`~curvature.linalg.finite_flag` of ``s`` and ``y``, row by
         row: conservative, a row sum that overflows also reads False), :math:`s^\\top y` and :math:`s^\\top s`."""
-        return sums_finite(self.S.sum(-1) + self.Y.sum(-1)), self.sy, row_dot(self.S, self.S)
+        return sums_finite(self.S.sum(1) + self.Y.sum(1)), self.sy, row_dot(self.S, self.S)
 
     def split(self, rows: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """Each pair's part of the padded ``rows`` as a column and as a row (views of one flat tensor)."""
@@ -188,7 +188,7 @@ def _rank2_updates(rows: _PairRows, H: Sequence[torch.Tensor]) -> list[torch.Ten
     # then ŝ = 0 and ŵ = w / √2 = 0 (1 stands in for α in the division), so p = q = 0 and H⁺ = H exactly (with
     # any α > 0, H + ppᵀ would round before − qqᵀ took it back). α is not finite only when s = 0 or s, w are
     # not finite, and then neither is the update.
-    alpha = W.abs().amax(-1).sqrt() / S.abs().amax(-1).sqrt()
+    alpha = W.abs().amax(1).sqrt() / S.abs().amax(1).sqrt()
     S_hat = column(alpha * math.sqrt(0.5)) * S
     W_hat = W / column(torch.where(alpha > 0, alpha, 1.0) * math.sqrt(2.0))
     (p_col, p_row), (q_col, q_row) = rows.split(S_hat + W_hat), rows.split(S_hat - W_hat)

@@ -187,9 +187,9 @@ class DoubleDamping:
             Y2 = torch.where(column(active2_t), torch.where(column(interpolate_t), Y_interp, Y_guard), Y)
         # finite_flag of each raw and each damped pair, row by row; all in their own dtypes (bool or floating):
         # read_scalars stacks them exactly, with no cast per scalar
-        columns = [sums_finite(S.sum(-1) + Y.sum(-1)), torch.linalg.vector_norm(S, dim=-1),
-                   torch.linalg.vector_norm(Y, dim=-1), active1_t, theta1_t, ss.sqrt(), active2_t, interpolate_t,
-                   theta2_t, sums_finite(S1.sum(-1) + Y2.sum(-1))]
+        columns = [sums_finite(S.sum(1) + Y.sum(1)), torch.linalg.vector_norm(S, dim=1),
+                   torch.linalg.vector_norm(Y, dim=1), active1_t, theta1_t, ss.sqrt(), active2_t, interpolate_t,
+                   theta2_t, sums_finite(S1.sum(1) + Y2.sum(1))]
         per_pair = zip(s, y, split_rows(S1, dims), split_rows(Y2, dims), zip(*(c.unbind() for c in columns)))
         return [DampingDraft(si, yi, s1, y2, list(scalars)) for si, yi, s1, y2, scalars in per_pair]
 

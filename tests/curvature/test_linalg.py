@@ -539,3 +539,12 @@ def test_sums_finite_is_elementwise_isfinite(device):
     sums = torch.tensor([1.0, math.inf, -math.inf, math.nan, 3e38, -0.0], device=device)
     assert torch.equal(sums_finite(sums), torch.isfinite(sums))
     assert sums_finite(torch.tensor(2.0, device=device)).dim() == 0
+
+
+def test_finite_flag_of_parameters_builds_no_graph(device):
+    """The flag of tensors that require grad is a plain tensor: no autograd graph kept alive by the step's flags."""
+    from curvature.linalg import finite_flag
+
+    w = torch.ones(3, device=device, requires_grad=True)
+    flag = finite_flag(w, 2 * w)
+    assert not flag.requires_grad and flag.grad_fn is None and bool(flag)

@@ -73,7 +73,7 @@ def test_no_updates_is_an_empty_list():
     assert DoubleDamping().prepare_many([], [], []) == []
 
 
-@given(data=st.data(), count=st.integers(2, 5), bad=st.sampled_from(["nan", "inf", "zero", "negative"]))
+@given(data=st.data(), count=st.integers(2, 5), bad=st.sampled_from(["nan", "inf", "zero", "negative", "nan_y"]))
 @hyp()
 def test_a_pairs_update_does_not_depend_on_the_other_rows_of_its_batch(device, data, count, bad):
     """Row isolation: replacing one pair by a non-finite, zero or negative-curvature pair of the same size
@@ -84,8 +84,8 @@ def test_a_pairs_update_does_not_depend_on_the_other_rows_of_its_batch(device, d
     victim = data.draw(st.integers(0, count - 1))
     s2, y2 = list(s), list(y)
     s2[victim] = {"nan": torch.full_like(s[victim], math.nan), "inf": torch.full_like(s[victim], math.inf),
-                  "zero": torch.zeros_like(s[victim]), "negative": -s[victim]}[bad]
-    y2[victim] = y[victim] if bad != "zero" else torch.zeros_like(y[victim])
+                  "zero": torch.zeros_like(s[victim]), "negative": -s[victim], "nan_y": s[victim]}[bad]
+    y2[victim] = {"zero": torch.zeros_like(y[victim]), "nan_y": torch.full_like(y[victim], math.nan)}.get(bad, y[victim])
     before = prepare_guarded_updates(H, s, y, refs)
     after = prepare_guarded_updates(H, s2, y2, refs)
     for i, ((u1, sc1), (u2, sc2)) in enumerate(zip(before, after)):
@@ -188,10 +188,14 @@ def test_a_pairs_damping_does_not_depend_on_the_other_rows_of_its_batch(device, 
     H, s, y = (list(t) for t in zip(*problems))
     Hy = [h @ yi for h, yi in zip(H, y)]
     victim = data.draw(st.integers(0, count - 1))
-    s2 = list(s)
-    s2[victim] = torch.full_like(s[victim], math.nan) if data.draw(st.booleans()) else torch.zeros_like(s[victim])
+    s2, y2 = list(s), list(y)
+    bad = data.draw(st.sampled_from(["nan_s", "zero_s", "nan_y"]))
+    if bad == "nan_y":
+        y2[victim] = torch.full_like(y[victim], math.nan)
+    else:
+        s2[victim] = torch.full_like(s[victim], math.nan) if bad == "nan_s" else torch.zeros_like(s[victim])
     dd = DoubleDamping(variant=variant)
-    for i, (a, b) in enumerate(zip(dd.prepare_many(s, y, Hy), dd.prepare_many(s2, y, Hy))):
+    for i, (a, b) in enumerate(zip(dd.prepare_many(s, y, Hy), dd.prepare_many(s2, y2, Hy))):
         if i != victim:
             assert _nan_equal(a.s1, b.s1) and _nan_equal(a.y2, b.y2)
             assert all(_nan_equal(x, z) for x, z in zip(a.scalars, b.scalars))
@@ -324,30 +328,99 @@ def test_requests_of_other_dtypes_and_damping_settings_are_computed_in_their_own
         assert float(s1 @ y2) == pytest.approx(mu2 * float(s1 @ s1), rel=1e-12)
 
 
-@pytest.mark.parametrize("cls", [BFGSFactor, LBFGSFactor])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_a_secant_factor_decides_and_commits_the_same_in_a_batch(device, cls, variant):
-    """prepare_pair with an UpdateBatch against the factor's own path: same pairs, same H, same counters."""
+class _SplitAlone(BFGSFactor):
+    """A user's factor whose split update computes its own scalars and does not join batches."""
+
+    _incorporates_in_batch = False
+    _incorporate = BFGSFactor._incorporate  # same owner as _prepare_incorporate: the split is used
+
+    def _prepare_incorporate(self, s, y, reference_norm):
+        return super()._prepare_incorporate(s, y, reference_norm)
+
+
+class _Sequential(BFGSFactor):
+    """A user's factor that overrides only ``_incorporate``: no split, its update reads on its own in finish."""
+
+    def _incorporate(self, s, y, reference_norm):
+        return super()._incorporate(s, y, reference_norm)
+
+
+def _pair_steps(device):
+    """Six ordinary pairs (curvature of both signs), one whose reference norm makes the relative curvature
+    threshold fire, one with a NaN in s: (s, y, reference norm)."""
     torch.manual_seed(0)
-    alone, batched = (cls(5, DoubleDamping(variant=variant), dtype=F64, device=device) for _ in range(2))
-    for step in range(6):
+    steps = []
+    for step in range(8):
         s = torch.randn(5, dtype=F64, device=device)
         y = (0.3 if step % 2 else -0.5) * s + 0.2 * torch.randn(5, dtype=F64, device=device)
-        ref = y.norm()
-        scalars, finish = alone.prepare_pair(s, y, ref)
-        expected = finish(read_scalars(scalars))
-        batch = UpdateBatch()
-        scalars, finish = batched.prepare_pair(s, y, ref, updates=batch)
-        assert len(scalars) == 1  # the raw pair's flag; the rest is the batch's
-        extra = batch.prepare()
-        values = read_scalars(scalars + extra)
-        batch.receive(values[1:])
-        got = finish(values[:1])
+        ref = y.norm() * (1e9 if step == 6 else 1.0)
+        if step == 7:
+            s[2] = math.nan
+        steps.append((s, y, ref))
+    return steps
+
+
+def _decide(factor, s, y, ref, batch):
+    """One pair through ``prepare_pair``, with ``batch`` (prepared and read with the pair's scalars) or without."""
+    scalars, finish = factor.prepare_pair(s, y, ref, updates=batch)
+    extra = batch.prepare() if batch is not None else []
+    values = read_scalars(scalars + extra)
+    if batch is not None:
+        batch.receive(values[len(scalars):])
+    return finish(values[:len(scalars)]), len(scalars)
+
+
+@pytest.mark.parametrize("cls", [BFGSFactor, LBFGSFactor, _SplitAlone, _Sequential])
+@pytest.mark.parametrize("damped", ["interpolate", "lm", None])
+def test_a_secant_factor_decides_and_commits_the_same_in_a_batch(device, cls, damped):
+    """prepare_pair with an UpdateBatch against the factor's own path (BFGSFactor alone): same pairs, same H, same
+    counters, for the library's factors and for a user's factor that does not join batches (its own scalars) or
+    does not split; with double damping and without damping; ordinary pairs, a relative-curvature skip and a
+    non-finite raw pair."""
+    make = (lambda c: c(5, DoubleDamping(variant=damped), dtype=F64, device=device)) if damped else (
+        lambda c: c(5, None, dtype=F64, device=device))
+    alone = make(LBFGSFactor if cls is LBFGSFactor else BFGSFactor)
+    batched = make(cls)
+    reasons = []
+    for s, y, ref in _pair_steps(device):
+        expected, _ = _decide(alone, s, y, ref, None)
+        got, own_scalars = _decide(batched, s, y, ref, UpdateBatch())
+        if cls in (BFGSFactor, LBFGSFactor):
+            assert own_scalars == 1  # the raw pair's flag; the damping's and the update's are the batch's
         assert (got.skip_reason, got.step1_active, got.step2_active) == (expected.skip_reason, expected.step1_active,
                                                                           expected.step2_active)
-        torch.testing.assert_close(got.s, expected.s, rtol=1e-12, atol=1e-12)
+        assert got.s is s if got.skip_reason == "non-finite pair" else True
+        torch.testing.assert_close(got.s, expected.s, rtol=1e-12, atol=1e-12, equal_nan=True)
         torch.testing.assert_close(batched.to_dense(), alone.to_dense(), rtol=1e-10, atol=1e-12)
+        reasons.append(got.skip_reason)
     assert batched.counters.as_dict() == alone.counters.as_dict() and batched.updates == alone.updates
+    assert reasons[7] == "non-finite pair" and reasons[6] is not None and "relative curvature" in (reasons[6] or "")
+
+
+def test_an_undamped_factor_adds_its_update_to_the_callers_batch(device):
+    """Without double damping the pair goes straight to the update: it is the caller's batch that holds it."""
+    factor = BFGSFactor(3, None, pair_decay=0.0, dtype=F64, device=device)
+    batch = UpdateBatch()
+    s = torch.tensor([1.0, 2.0, 0.5], dtype=F64, device=device)
+    scalars, finish = factor.prepare_pair(s, 2 * s, updates=batch)
+    assert len(scalars) == 1 and len(batch.pending) == 1 and batch.pending[0].s is s
+    batch.receive(read_scalars(batch.prepare()))
+    assert finish(read_scalars(scalars)).skip_reason is None
+    torch.testing.assert_close(factor.H, bfgs_inverse_update(torch.eye(3, dtype=F64, device=device), s, 2 * s))
+
+
+@pytest.mark.parametrize("cls", [BFGSFactor, LBFGSFactor])
+def test_a_damped_pair_outside_a_batch_is_decided_with_one_read(device, cls):
+    """observe_pair (no caller batch): the damping, the update and their decisions read the host once."""
+    from benchmarks.syncs import SyncCounter
+
+    factor = cls(4, DoubleDamping(), dtype=F64, device=device)
+    s = torch.tensor([1.0, -0.5, 0.25, 2.0], dtype=F64, device=device)
+    for y in (0.5 * s, -0.2 * s + 0.1):  # step 2 inactive, then active
+        with SyncCounter() as counter:
+            pair = factor.observe_pair(s, y, reference_norm=y.norm())
+        assert counter.count == 1 and pair.skip_reason is None, (counter.sites, pair)
+    assert factor.updates == 2
 
 
 def test_a_hessian_action_factor_updates_the_same_in_a_batch(device):
@@ -368,6 +441,16 @@ def test_a_hessian_action_factor_updates_the_same_in_a_batch(device):
     assert finish([]) is None
     torch.testing.assert_close(factors[1].H, factors[0].H, rtol=1e-12, atol=1e-14)
     assert factors[0].updates == factors[1].updates == 1
+
+
+def test_a_hessian_action_factor_without_a_threshold_reads_no_reference_norm(device):
+    factor = HessianActionFactor(3, damping=0.1, curvature_threshold=None, dtype=F64, device=device)
+    factor.observe(torch.eye(3, dtype=F64, device=device))
+    factor.request_inverse(inverter := BatchedInverter())
+    inverter.run()
+    scalars, finish = factor.prepare_action_update(torch.tensor([1.0, 0.5, -1.0], dtype=F64, device=device))
+    assert len(scalars) == 4  # finite(s, y), sᵀy, sᵀs, finite(H⁺): no reference norm
+    assert finish(read_scalars(scalars)) is None and factor.updates == 1
 
 
 class _CountOps(TorchDispatchMode):

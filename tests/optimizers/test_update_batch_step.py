@@ -62,3 +62,32 @@ def test_the_step_hands_every_block_the_same_batch(device, monkeypatch):
     x = torch.randn(16, 6, dtype=F64, device=device)
     opt.step(loss_closure(opt, model, nn.functional.mse_loss, x, x))
     assert len(seen) == len(opt.slots) and isinstance(seen[0], UpdateBatch) and all(u is seen[0] for u in seen)
+
+
+def _prepared_batches(monkeypatch) -> list[int]:
+    """The number of requests of every UpdateBatch prepared from now on, in order."""
+    sizes = []
+    original = UpdateBatch.prepare
+
+    def prepare(self):
+        out = original(self)
+        sizes.append(len(self.pending))
+        return out
+
+    monkeypatch.setattr(UpdateBatch, "prepare", prepare)
+    return sizes
+
+
+@pytest.mark.parametrize("cls", [KBFGS, KBFGSL])
+@pytest.mark.parametrize("batched", [True, False])
+def test_every_factor_request_of_a_step_lands_in_one_batch_per_step_or_per_block(device, monkeypatch, cls, batched):
+    """A step prepares one batch holding every layer's three requests (H_g's damping, then its update or L-BFGS
+    check, and H_a's update); a block that does not join the step's batch prepares one batch of its own with
+    its three, not one per factor."""
+    model, opt = _train(device, cls, batched, steps=1)
+    sizes = _prepared_batches(monkeypatch)
+    x = torch.randn(16, 6, dtype=F64, device=device)
+    opt.step(loss_closure(opt, model, nn.functional.mse_loss, x, x))
+    layers = len(opt.slots)
+    nonempty = [n for n in sizes if n]  # the step's own batch is prepared (empty) when no block joins it
+    assert nonempty == ([3 * layers] if batched else [3] * layers), sizes
