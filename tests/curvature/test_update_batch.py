@@ -339,23 +339,29 @@ class _SplitAlone(BFGSFactor):
 
 
 class _Sequential(BFGSFactor):
-    """A user's factor that overrides only ``_incorporate``: no split, its update reads on its own in finish."""
+    """A user's factor that overrides only ``_incorporate``: no split, its update reads on its own in finish (and
+    it is the override that runs, ``calls`` counts it)."""
+
+    calls = 0
 
     def _incorporate(self, s, y, reference_norm):
+        self.calls += 1
         return super()._incorporate(s, y, reference_norm)
 
 
 def _pair_steps(device):
     """Six ordinary pairs (curvature of both signs), one whose reference norm makes the relative curvature
-    threshold fire, one with a NaN in s: (s, y, reference norm)."""
+    threshold fire, one with a NaN in s, one with a NaN in y: (s, y, reference norm)."""
     torch.manual_seed(0)
     steps = []
-    for step in range(8):
+    for step in range(9):
         s = torch.randn(5, dtype=F64, device=device)
         y = (0.3 if step % 2 else -0.5) * s + 0.2 * torch.randn(5, dtype=F64, device=device)
         ref = y.norm() * (1e9 if step == 6 else 1.0)
         if step == 7:
             s[2] = math.nan
+        if step == 8:
+            y[0] = math.nan
         steps.append((s, y, ref))
     return steps
 
@@ -394,7 +400,10 @@ def test_a_secant_factor_decides_and_commits_the_same_in_a_batch(device, cls, da
         torch.testing.assert_close(batched.to_dense(), alone.to_dense(), rtol=1e-10, atol=1e-12)
         reasons.append(got.skip_reason)
     assert batched.counters.as_dict() == alone.counters.as_dict() and batched.updates == alone.updates
-    assert reasons[7] == "non-finite pair" and reasons[6] is not None and "relative curvature" in (reasons[6] or "")
+    assert reasons[7] == reasons[8] == "non-finite pair" and "relative curvature" in (reasons[6] or "")
+    torch.testing.assert_close(batched.s_avg, alone.s_avg, rtol=1e-12, atol=1e-12)  # no NaN folded into the EMA
+    if cls is _Sequential:  # its own _incorporate made the updates, not the library's split of BFGSFactor's
+        assert batched.calls >= batched.updates > 0
 
 
 def test_an_undamped_factor_adds_its_update_to_the_callers_batch(device):
