@@ -87,12 +87,11 @@ class CompactLBFGS:
         R, g = self.R, self.gamma
         X1 = torch.linalg.solve_triangular(R, self.S @ V2, upper=True)  # R^{-1} S^T V
         D = torch.diagonal(self.SY)
-        # inner = D X1 + γ YᵀY X1 − γ Yᵀ V and out = γV + S top − γ Y X1, each as one GEMM chain accumulating
-        # in place into its first term (addmm_ with alpha; beta for γV) instead of separate products, scalings,
-        # full-size sums or a new result per product
-        inner = (D.unsqueeze(1) * X1).addmm_(self.YY, X1, alpha=g).addmm_(self.Y, V2, alpha=-g)
+        # inner = D X1 + γ YᵀY X1 − γ Yᵀ V and out = γV + S top − γ Y X1, each as one GEMM chain
+        # (addmm with beta/alpha) instead of separate products, scalings and full-size sums
+        inner = torch.addmm(torch.addmm(D.unsqueeze(1) * X1, self.YY, X1, alpha=g), self.Y, V2, alpha=-g)
         top = torch.linalg.solve_triangular(R.T, inner, upper=False)  # R^{-T}[...]
-        out = torch.addmm(V2, self.S.T, top, beta=g).addmm_(self.Y.T, X1, alpha=-g)
+        out = torch.addmm(torch.addmm(V2, self.S.T, top, beta=g), self.Y.T, X1, alpha=-g)
         return out.reshape(self.dim) if vector else out
 
     def to_dense(self) -> torch.Tensor:

@@ -75,11 +75,11 @@ class PendingCheck:
 
 
 class UpdateBatch:
-    """Dampings and guarded inverse-BFGS updates of several factors, computed together (see the module)."""
+    """Dampings, guarded inverse-BFGS updates and pair checks of several factors, computed together (see the module)."""
 
     def __init__(self) -> None:
         self.pending: list[PendingDamping | PendingUpdate | PendingCheck] = []
-        self.state = "open"  # then "preparing" (continuations may add updates), then "prepared"
+        self.state = "open"  # then "preparing" (continuations may add updates and checks), then "prepared"
 
     def add_damping(self, damping: DoubleDamping, s: torch.Tensor, y: torch.Tensor, Hy: torch.Tensor,
                     then: Callable[[DampingDraft], list[torch.Tensor]]) -> PendingDamping:
