@@ -24,6 +24,12 @@ from typing import Any
 import torch
 
 
+def _bordered(block: torch.Tensor, drop: int, row: torch.Tensor, column: torch.Tensor) -> torch.Tensor:
+    """``block`` without its first ``drop`` rows and columns, with ``row`` (``1 × m−1``) below it and ``column``
+    (``m × 1``, its last entry the new corner) to the right: one new pair's row and column of an ``m × m`` matrix."""
+    return torch.cat([torch.cat([block[drop:, drop:], row]), column], 1)
+
+
 class CompactLBFGS:
     """A memory of at most ``memory`` secant pairs of dimension ``dim`` applied in compact form.
 
@@ -68,13 +74,12 @@ class CompactLBFGS:
         y = y.to(self.Y).reshape(1, self.dim)
         drop = 1 if self.size == self.memory else 0
         S, Y = torch.cat([self.S[drop:], s]), torch.cat([self.Y[drop:], y])
-        # the kept block of SᵀY, YᵀY and R = triu(SᵀY), under it the new last row (sᵀy_j; YᵀY's is its last
-        # column's mirror, so YᵀY stays exactly symmetric; R's is zero left of the diagonal), then the new last
-        # column (s_iᵀy, y_iᵀy, the new pair's included; R's is SᵀY's, which lies on and above the diagonal)
+        # new last rows: sᵀy_j (SᵀY), YᵀY's last column mirrored (so YᵀY stays exactly symmetric), zeros left of R's
+        # diagonal; new last columns: s_iᵀy (SᵀY, and R's, which lies on and above the diagonal), y_iᵀy (YᵀY)
         Sy, Yy, sY = S @ y.T, Y @ y.T, s @ Y.T
-        self.SY = torch.cat([torch.cat([self.SY[drop:, drop:], sY[:, :-1]]), Sy], 1)
-        self.YY = torch.cat([torch.cat([self.YY[drop:, drop:], Yy[:-1].T]), Yy], 1)
-        self.R = torch.cat([torch.cat([self.R[drop:, drop:], sY.new_zeros(1, S.shape[0] - 1)]), Sy], 1)
+        self.SY = _bordered(self.SY, drop, sY[:, :-1], Sy)
+        self.YY = _bordered(self.YY, drop, Yy[:-1].T, Yy)
+        self.R = _bordered(self.R, drop, sY.new_zeros(1, S.shape[0] - 1), Sy)
         self.S, self.Y = S, Y
 
     def apply(self, V: torch.Tensor) -> torch.Tensor:
